@@ -1,0 +1,127 @@
+"""The one typed settings object; the only module that reads ``OCLAW_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Any
+
+from engine.errors import ConfigError
+
+_PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "rocm", "migraphx", "dml", "coreml", "azure")
+_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware where the OS tells)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """oclaw configuration; each field is read from ``OCLAW_<FIELD NAME IN CAPITALS>``."""
+
+    model_repository: str = "./models"
+    #: Models loaded at start-up; ``*`` means every model in the repository.
+    preload: tuple[str, ...] = ("*",)
+    #: Models whose failure makes the server not ready; empty means "the preloaded ones".
+    required_models: tuple[str, ...] = ()
+    #: Execution providers in priority order; unavailable ones fall back to ``cpu`` with a warning.
+    providers: tuple[str, ...] = ("cpu",)
+    #: Intra-op threads per session; 0 means the CPUs this process may use.
+    intra_op_threads: int = 0
+    graph_optimization: str = "all"
+    #: Let ORT worker threads spin between runs (lower latency, burns billed CPU while idle).
+    allow_spinning: bool = False
+    #: Run one synthetic inference per model before it is reported ready.
+    warmup: bool = True
+    #: Largest accepted request body, in bytes (413 above it).
+    max_body_bytes: int = 64 * 1024 * 1024
+    #: Largest element count of one declared tensor shape (rejected before allocating).
+    max_tensor_elements: int = 1 << 26
+    #: Concurrent ``session.run`` calls per model (the rest queue).
+    model_concurrency: int = 1
+    #: Models whose warm-up run took less than this run on the event loop instead of a thread.
+    inline_run_us: int = 1000
+    #: Seconds SIGTERM waits for in-flight requests before closing.
+    drain_timeout_s: float = 30.0
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.providers if p not in _PROVIDERS]
+        if unknown:
+            raise ConfigError(f"OCLAW_PROVIDERS: unknown provider(s) {unknown}; known: {_PROVIDERS}")
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise ConfigError(f"OCLAW_GRAPH_OPTIMIZATION must be one of {_OPT_LEVELS}")
+        for name in ("max_body_bytes", "max_tensor_elements", "model_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"OCLAW_{name.upper()} must be >= 1")
+        if self.intra_op_threads < 0:
+            raise ConfigError("OCLAW_INTRA_OP_THREADS must be >= 0")
+
+    @property
+    def threads(self) -> int:
+        """Effective intra-op thread count."""
+        return self.intra_op_threads or available_cpus()
+
+    @property
+    def preload_all(self) -> bool:
+        """True when every model of the repository is preloaded."""
+        return "*" in self.preload
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``OCLAW_*`` variables (unknown ones are kept in ``extra``); keyword overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        known = set()
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            key = f"OCLAW_{f.name.upper()}"
+            known.add(key)
+            if key not in env or f.name in overrides:
+                continue
+            raw = env[key]
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = _bool(raw)
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                elif isinstance(default, tuple):
+                    values[f.name] = tuple(p.lower() for p in _csv(raw)) if f.name == "providers" else _csv(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"{key}={raw!r}: {exc}") from None
+        values.update(overrides)
+        values["extra"] = {k: v for k, v in env.items() if k.startswith("OCLAW_") and k not in known}
+        return cls(**values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read from the environment once."""
+    return Settings.from_env()

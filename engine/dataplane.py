@@ -1,0 +1,88 @@
+"""Protocol-agnostic data plane: body bytes in, body bytes out; shared by every entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from time import perf_counter_ns
+
+from engine.errors import InvalidInput, OclawError
+from engine.model import LoadedModel
+from engine.tensors import InferRequest, decode_request, encode_response
+
+#: Requests whose body is at most this many bytes may run on the caller's thread for cheap models.
+INLINE_BODY_BYTES = 64 * 1024
+
+IMAGE_TYPES = ("image/",)
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """An encoded infer response."""
+
+    body: bytes
+    header_length: int | None
+    rows: int
+
+    @property
+    def content_type(self) -> str:
+        """The MIME type of the body."""
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """Parse ``Inference-Header-Content-Length``."""
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {value!r}") from None
+    if length < 0:
+        raise InvalidInput("Inference-Header-Content-Length must not be negative")
+    return length
+
+
+def build_request(
+    body: bytes, header_length: int | None, content_type: str | None, *, max_elements: int
+) -> InferRequest:
+    """Turn a body and its headers into an InferRequest (V2 JSON, binary, raw tensor or raw image)."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if header_length == 0:
+        return InferRequest(inputs=[], raw=body, raw_kind="tensor", nbytes=len(body))
+    if header_length is None and (ctype.startswith(IMAGE_TYPES) or ctype == "application/octet-stream"):
+        return InferRequest(inputs=[], raw=body, raw_kind="image", nbytes=len(body))
+    if not body:
+        raise InvalidInput("empty request body")
+    return decode_request(body, header_length, max_elements=max_elements)
+
+
+def infer_bytes(
+    model: LoadedModel,
+    body: bytes,
+    header_length: int | None,
+    content_type: str | None,
+    enqueue_ns: int | None = None,
+) -> Encoded:
+    """Decode, infer and encode one request against one model; thread-safe."""
+    started = perf_counter_ns()
+    try:
+        request = build_request(body, header_length, content_type, max_elements=model.settings.max_tensor_elements)
+        if request.raw_kind == "image" and model.image_input is None:
+            raise InvalidInput(
+                f"model {model.name!r} declares no image pre-processing; send a V2 infer request "
+                "(or a raw tensor with Inference-Header-Content-Length: 0)"
+            )
+    except OclawError:
+        model.stats.failure(perf_counter_ns() - started)
+        raise
+    response = model.infer(request, enqueue_ns or started, started)
+    encoded, length = encode_response(response)
+    rows = 1
+    if response.outputs and response.outputs[0].array.ndim:
+        rows = int(response.outputs[0].array.shape[0])
+    return Encoded(encoded, length, rows)
+
+
+def runs_inline(model: LoadedModel, body_size: int) -> bool:
+    """True when a request is cheap enough to run on the event loop instead of a worker thread."""
+    return model.inline and body_size <= INLINE_BODY_BYTES

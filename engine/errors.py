@@ -1,0 +1,57 @@
+"""One error root for oclaw; every error carries the HTTP status it maps to."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class OclawError(Exception):
+    """Root of every error oclaw raises on purpose."""
+
+    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(OclawError):
+    """The request is malformed or does not match the model signature."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class ModelNotFound(OclawError):
+    """Unknown model or version."""
+
+    status = HTTPStatus.NOT_FOUND
+
+
+class PayloadTooLarge(OclawError):
+    """The body or a declared tensor exceeds a configured limit."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class ModelNotReady(OclawError):
+    """The model exists but is loading, failed or unloaded."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class Unsupported(OclawError):
+    """A valid request for a feature oclaw does not offer."""
+
+    status = HTTPStatus.NOT_IMPLEMENTED
+
+
+class ModelLoadError(OclawError):
+    """A model file could not be turned into a session."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class ConfigError(OclawError):
+    """An OCLAW_* setting or a manifest is invalid."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR

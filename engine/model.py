@@ -1,0 +1,329 @@
+"""One loaded model version: its session, signature, warm-up and the infer call."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+
+from engine.config import Settings
+from engine.datatypes import V2_TO_NUMPY, V2_TO_TRITON_CONFIG, ort_datatype
+from engine.errors import InvalidInput, ModelLoadError, OclawError
+from engine.manifest import Manifest, TensorOverride
+from engine.processing import classify, images_to_batch
+from engine.repository import ModelFiles, sha256_file
+from engine.session import create_session
+from engine.stats import ModelStats
+from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
+
+log = logging.getLogger("oclaw.model")
+
+
+class InferenceFailed(OclawError):
+    """The runtime rejected an input that passed signature checks (e.g. an index out of range)."""
+
+    status = InvalidInput.status
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, V2 datatype and shape (``-1`` for a variable dimension) of a model input or output."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """V2 metadata entry."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def _dims(shape: Any) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (shape or ()))
+
+
+def _signature(nodes: Any, overrides: tuple[TensorOverride, ...], what: str) -> tuple[TensorSpec, ...]:
+    by_name = {o.name: o for o in overrides}
+    specs = []
+    for node in nodes:
+        try:
+            datatype = ort_datatype(node.type)
+        except OclawError as exc:
+            raise ModelLoadError(f"{what} {node.name!r}: {exc.message}") from None
+        spec = TensorSpec(node.name, datatype, _dims(node.shape))
+        if (o := by_name.pop(node.name, None)) is not None:
+            spec = TensorSpec(spec.name, o.datatype or spec.datatype, o.shape if o.shape is not None else spec.shape)
+        specs.append(spec)
+    if by_name:
+        raise ModelLoadError(f"manifest names {what}s the model does not have: {sorted(by_name)}")
+    return tuple(specs)
+
+
+class LoadedModel:
+    """A model version with its one session, shared by every thread."""
+
+    def __init__(self, files: ModelFiles, manifest: Manifest, settings: Settings) -> None:
+        self.name = files.name
+        self.version = files.version
+        self.path = files.path
+        self.manifest = manifest
+        self.settings = settings
+        expected = manifest.checksums.get(str(files.version))
+        if expected is not None:
+            actual = self.sha256
+            if actual != expected:
+                raise ModelLoadError(f"{files.path}: sha256 {actual} does not match the manifest's {expected}")
+        start = perf_counter_ns()
+        self.session = create_session(files.path, settings)
+        self.session_ms = (perf_counter_ns() - start) / 1e6
+        self.warmup_ms = 0.0
+        self.inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")
+        self.outputs = _signature(self.session.get_outputs(), manifest.outputs, "output")
+        self._inputs = {s.name: s for s in self.inputs}
+        self._outputs = {s.name: s for s in self.outputs}
+        self._output_names = [s.name for s in self.outputs]
+        self.image_input = self._image_input()
+        self.classification_output = self._classification_output()
+        self.stats = ModelStats()
+        self.executor = ThreadPoolExecutor(settings.model_concurrency, thread_name_prefix=f"oclaw-{self.name}")
+        self.warm_ns: int | None = None
+        self.inline = False
+        self._closed = threading.Event()
+
+    def _image_input(self) -> str | None:
+        pre = self.manifest.preprocess
+        if pre is None:
+            return None
+        name = pre.input or (self.inputs[0].name if len(self.inputs) == 1 else None)
+        if name not in self._inputs:
+            raise ModelLoadError(f"preprocess.input must name one of the inputs {list(self._inputs)}")
+        return name
+
+    def _classification_output(self) -> str | None:
+        cls = self.manifest.classification
+        if cls is None:
+            return None
+        name = cls.output or self.outputs[0].name
+        if name not in self._outputs:
+            raise ModelLoadError(f"postprocess.output must name one of the outputs {list(self._outputs)}")
+        return name
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 of the model file (computed once, on first use)."""
+        return sha256_file(self.path)
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    def metadata(self, versions: list[int]) -> dict[str, Any]:
+        """V2 model metadata."""
+        return {
+            "name": self.name,
+            "versions": [str(v) for v in versions],
+            "platform": self.manifest.platform,
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
+        }
+
+    def config(self) -> dict[str, Any]:
+        """Triton-style model configuration."""
+
+        def entry(s: TensorSpec) -> dict[str, Any]:
+            dims = list(s.shape[1:] if self.manifest.max_batch_size > 0 else s.shape)
+            return {"name": s.name, "data_type": V2_TO_TRITON_CONFIG[s.datatype], "dims": dims}
+
+        cfg: dict[str, Any] = {
+            "name": self.name,
+            "platform": self.manifest.platform,
+            "backend": "onnxruntime",
+            "max_batch_size": self.manifest.max_batch_size,
+            "input": [entry(s) for s in self.inputs],
+            "output": [entry(s) for s in self.outputs],
+            "parameters": {"sha256": {"string_value": self.sha256}},
+        }
+        if self.manifest.labels:
+            cfg["parameters"]["labels"] = {"string_value": str(len(self.manifest.labels))}
+        return cfg
+
+    # -- warm-up ----------------------------------------------------------------------------------
+
+    def synthetic_feed(self) -> dict[str, np.ndarray]:
+        """Zero inputs of the right dtype, variable dimensions set to 1."""
+        feed = {}
+        for s in self.inputs:
+            shape = tuple(1 if d < 0 else d for d in s.shape)
+            if s.datatype == "BYTES":
+                feed[s.name] = np.full(shape, "", dtype=object)
+            else:
+                feed[s.name] = np.zeros(shape, dtype=V2_TO_NUMPY[s.datatype])
+        return feed
+
+    def warm_up(self) -> int:
+        """Run the model once (and the image path once) so the first request pays no first-run cost."""
+        began = perf_counter_ns()
+        feed = self.synthetic_feed()
+        if self.image_input is not None:
+            feed[self.image_input] = self._images(InputTensor(self.image_input, "BYTES", (1,), _tiny_png()))
+        self.session.run(self._output_names, feed)
+        start = perf_counter_ns()
+        self.session.run(self._output_names, feed)
+        self.warm_ns = perf_counter_ns() - start
+        self.inline = self.warm_ns < self.settings.inline_run_us * 1000
+        self.warmup_ms = (perf_counter_ns() - began) / 1e6
+        return self.warm_ns
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def _images(self, t: InputTensor) -> np.ndarray:
+        pre = self.manifest.preprocess
+        assert pre is not None
+        blobs = [b if isinstance(b, bytes) else str(b).encode() for b in t.array.reshape(-1).tolist()]
+        return images_to_batch(blobs, pre, name=t.name, max_pixels=self.settings.max_tensor_elements)
+
+    def _check(self, t: InputTensor) -> np.ndarray:
+        spec = self._inputs.get(t.name)
+        if spec is None:
+            raise InvalidInput(f"model {self.name!r} has no input {t.name!r}; expected inputs: {list(self._inputs)}")
+        if t.datatype != spec.datatype:
+            raise InvalidInput(f"input {t.name!r}: expected datatype {spec.datatype}, got {t.datatype}")
+        if len(t.shape) != len(spec.shape):
+            raise InvalidInput(
+                f"input {t.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), "
+                f"got shape {list(t.shape)}"
+            )
+        for i, (got, want) in enumerate(zip(t.shape, spec.shape, strict=True)):
+            if want >= 0 and got != want:
+                raise InvalidInput(
+                    f"input {t.name!r}: dimension {i} must be {want} (shape {list(spec.shape)}), "
+                    f"got shape {list(t.shape)}"
+                )
+        mbs = self.manifest.max_batch_size
+        if mbs > 0 and t.shape and t.shape[0] > mbs:
+            raise InvalidInput(f"input {t.name!r}: batch of {t.shape[0]} exceeds max_batch_size {mbs}")
+        if t.datatype == "BYTES":
+            flat = [x.decode("utf-8", errors="replace") for x in t.array.reshape(-1).tolist()]
+            arr = np.empty(len(flat), dtype=object)
+            arr[:] = flat
+            return arr.reshape(t.shape)
+        return t.array
+
+    def _raw_tensor(self, raw: bytes) -> np.ndarray:
+        if len(self.inputs) != 1:
+            raise InvalidInput(f"a raw body needs a model with exactly one input; {self.name!r} has {len(self.inputs)}")
+        spec = self.inputs[0]
+        if spec.datatype == "BYTES":
+            arr = np.empty(1, dtype=object)
+            arr[0] = raw.decode("utf-8", errors="replace")
+            return arr.reshape((1,) * max(1, len(spec.shape)))
+        dims = spec.shape[1:] if spec.shape and spec.shape[0] < 0 else spec.shape
+        if any(d < 0 for d in dims):
+            raise InvalidInput(f"a raw body needs fixed dimensions; input {spec.name!r} has shape {list(spec.shape)}")
+        dtype = V2_TO_NUMPY[spec.datatype]
+        need = math.prod(dims) * dtype.itemsize
+        if len(raw) != need:
+            raise InvalidInput(f"raw body of {len(raw)} bytes; input {spec.name!r} {list(spec.shape)} needs {need}")
+        shape = (1, *dims) if len(dims) < len(spec.shape) else dims
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+    def _feed(self, request: InferRequest) -> tuple[dict[str, np.ndarray], bool]:
+        if request.raw is not None:
+            if self.image_input is not None and request.raw_kind != "tensor":
+                img = InputTensor(self.image_input, "BYTES", (1,), np.array([request.raw], dtype=object))
+                return {self.image_input: self._images(img)}, True
+            return {self.inputs[0].name: self._raw_tensor(request.raw)}, False
+        feed: dict[str, np.ndarray] = {}
+        image_mode = False
+        for t in request.inputs:
+            if t.name in feed:
+                raise InvalidInput(f"input {t.name!r} appears twice")
+            if t.name == self.image_input and t.datatype == "BYTES" and self._inputs[t.name].datatype != "BYTES":
+                feed[t.name] = self._images(t)
+                image_mode = True
+            else:
+                feed[t.name] = self._check(t)
+        missing = [n for n in self._inputs if n not in feed]
+        if missing:
+            raise InvalidInput(f"missing input(s) {missing} for model {self.name!r}")
+        return feed, image_mode
+
+    def _plan(self, request: InferRequest, image_mode: bool) -> list[tuple[str, bool, int]]:
+        """(output name, binary, classification k) for each output to return."""
+        if request.outputs is None:
+            binary = request.binary_output or request.raw_kind == "tensor"
+            k = self.manifest.classification.top_k if image_mode and self.manifest.classification else 0
+            return [(n, binary, k if n == self.classification_output else 0) for n in self._output_names]
+        plan = []
+        for out in request.outputs:
+            if out.name not in self._outputs:
+                raise InvalidInput(f"model {self.name!r} has no output {out.name!r}; outputs: {self._output_names}")
+            plan.append((out.name, request.binary_output if out.binary is None else out.binary, out.classification))
+        return plan
+
+    def infer(
+        self, request: InferRequest, enqueue_ns: int | None = None, started_ns: int | None = None
+    ) -> InferResponse:
+        """Validate, run and post-process one request; thread-safe.
+
+        ``enqueue_ns`` is when the request was queued, ``started_ns`` when its decoding began
+        (both ``perf_counter_ns``); decoding counts as compute_input, waiting as queue.
+        """
+        start = started_ns or perf_counter_ns()
+        queue = start - enqueue_ns if enqueue_ns else 0
+        try:
+            feed, image_mode = self._feed(request)
+            plan = self._plan(request, image_mode)
+            t1 = perf_counter_ns()
+            names = [p[0] for p in plan]
+            try:
+                results = self.session.run(names, feed)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
+            t2 = perf_counter_ns()
+            outputs = []
+            for (name, binary, k), result in zip(plan, results, strict=True):
+                arr = result
+                if k:
+                    soft = name == self.classification_output and bool(
+                        self.manifest.classification and self.manifest.classification.softmax
+                    )
+                    arr = classify(arr, k, self.manifest.labels, apply_softmax=soft)
+                outputs.append(OutputTensor(name, arr, binary))
+            response = InferResponse(self.name, str(self.version), outputs, id=request.id)
+        except OclawError:
+            self.stats.failure(perf_counter_ns() - start + queue)
+            raise
+        t3 = perf_counter_ns()
+        first = next(iter(feed.values()))
+        rows = int(first.shape[0]) if first.ndim else 1
+        self.stats.success(
+            rows=rows,
+            queue=queue,
+            compute_input=t1 - start,
+            compute_infer=t2 - t1,
+            compute_output=t3 - t2,
+            total=t3 - start + queue,
+        )
+        return response
+
+    def close(self) -> None:
+        """Stop accepting work; the session is freed when the last in-flight request drops it."""
+        self._closed.set()
+        self.executor.shutdown(wait=False)
+
+
+def _tiny_png() -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (127, 127, 127)).save(buf, format="PNG")
+    arr = np.empty(1, dtype=object)
+    arr[0] = buf.getvalue()
+    return arr

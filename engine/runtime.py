@@ -1,0 +1,76 @@
+"""The process-wide Runtime: settings, repository and pool, built once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from time import perf_counter_ns
+
+from engine.config import Settings, get_settings
+from engine.pool import ModelPool
+from engine.repository import LocalRepository
+
+log = logging.getLogger("oclaw.runtime")
+
+
+class Runtime:
+    """Everything a process serves with; one per process (see get_runtime)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.instance_id = uuid.uuid4().hex[:16]
+        self.repository = LocalRepository(settings.model_repository)
+        self.pool = ModelPool(self.repository, settings)
+        self.preload_ms: float | None = None
+        self._preload_thread: threading.Thread | None = None
+        self._preload_lock = threading.Lock()
+
+    def preload(self) -> None:
+        """Load and warm the preloaded models in this thread (idempotent)."""
+        with self._preload_lock:
+            if self.preload_ms is not None:
+                return
+            start = perf_counter_ns()
+            self.pool.preload()
+            self.preload_ms = (perf_counter_ns() - start) / 1e6
+        log.info("preload done in %.1f ms: %s", self.preload_ms, self.pool.states())
+
+    def start_preload(self) -> None:
+        """Start preloading in a background thread, so imports of the web stack overlap it."""
+        if self._preload_thread is None:
+            self._preload_thread = threading.Thread(target=self.preload, name="oclaw-preload", daemon=True)
+            self._preload_thread.start()
+
+    def wait_preloaded(self) -> None:
+        """Block until preloading is finished (starting it if needed)."""
+        self.start_preload()
+        assert self._preload_thread is not None
+        self._preload_thread.join()
+
+    def close(self) -> None:
+        """Release the models."""
+        self.pool.close()
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime(settings: Settings | None = None) -> Runtime:
+    """The process-wide Runtime, created on first call (settings apply only then)."""
+    global _runtime
+    if _runtime is None:
+        with _lock:
+            if _runtime is None:
+                _runtime = Runtime(settings or get_settings())
+    return _runtime
+
+
+def reset_runtime() -> None:
+    """Drop the process-wide Runtime (tests and reloads)."""
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            _runtime.close()
+        _runtime = None

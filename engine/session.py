@@ -1,0 +1,81 @@
+"""onnxruntime sessions: options, execution providers with CPU fallback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from engine.config import Settings
+from engine.errors import ModelLoadError
+
+log = logging.getLogger("oclaw.session")
+
+#: Short provider names (OCLAW_PROVIDERS) -> onnxruntime provider names.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "azure": "AzureExecutionProvider",
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def resolve_providers(wanted: tuple[str, ...], available: list[str] | None = None) -> list[str]:
+    """Map short names to ORT providers, drop unavailable ones with a warning, always end with CPU."""
+    have = set(ort.get_available_providers() if available is None else available)
+    chosen: list[str] = []
+    for short in wanted:
+        full = PROVIDER_NAMES[short]
+        if full in have:
+            if full not in chosen:
+                chosen.append(full)
+        else:
+            log.warning("execution provider %r is not available here; falling back to CPU", short)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """SessionOptions for one model under these settings."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = settings.threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    return opts
+
+
+def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
+    """Create the one session of a model file; falls back to CPU if an accelerator fails to start."""
+    providers = resolve_providers(settings.providers)
+    opts = session_options(settings)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:
+        if providers == ["CPUExecutionProvider"]:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        log.warning("session with %s failed (%s); retrying on CPU", providers, exc)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc2:
+            raise ModelLoadError(f"{path}: {exc2}") from exc2
+    missing = [p for p in providers if p not in session.get_providers()]
+    if missing:
+        log.warning("%s: providers %s did not start; running on %s", path, missing, session.get_providers())
+    return session

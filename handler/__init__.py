@@ -1,0 +1,1 @@
+"""oclaw entry points: the HTTP app, the server CLI (and, later, the Lambda handler)."""

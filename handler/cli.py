@@ -1,0 +1,53 @@
+"""The ``oclaw`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from time import perf_counter_ns
+
+_T0 = perf_counter_ns()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from engine.config import Settings
+    from engine.errors import ConfigError
+
+    try:
+        overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+        settings = Settings.from_env(**overrides)
+    except ConfigError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not os.path.isdir(settings.model_repository):
+        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+        return 2
+    port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
+
+    from handler.server import serve
+
+    return serve(settings, host=args.host, port=port, started_ns=_T0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``oclaw`` console script."""
+    parser = argparse.ArgumentParser(prog="oclaw", description="Cold-start-optimised ONNX inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model repository over the V2 inference protocol")
+    serve.add_argument("--model-repository", help="repository directory (default: $OCLAW_MODEL_REPOSITORY or ./models)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: $PORT or 8000)")
+    serve.set_defaults(func=_serve)
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __import__("engine").__version__})) or 0)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Run the HTTP app under uvicorn: preload overlapping imports, log the cold start, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+from time import perf_counter_ns
+
+from engine.config import Settings
+from engine.runtime import get_runtime
+
+log = logging.getLogger("oclaw.server")
+
+
+def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
+    """Serve until SIGTERM/SIGINT; in-flight requests finish (up to OCLAW_DRAIN_TIMEOUT_S) before exit."""
+    runtime = get_runtime(settings)
+    runtime.start_preload()  # session creation runs while the web stack imports
+    t_imports = perf_counter_ns()
+    import uvicorn
+
+    from handler.http import create_app
+
+    imports_ms = (perf_counter_ns() - t_imports) / 1e6
+
+    def report() -> None:
+        """One structured cold-start record, logged once the pool is warm and before the port opens."""
+        models = {
+            f"{m.name}/{m.version}": {"session_ms": round(m.session_ms, 1), "warmup_ms": round(m.warmup_ms, 1)}
+            for m in runtime.pool.loaded()
+        }
+        record = {
+            "event": "cold_start",
+            "instance_id": runtime.instance_id,
+            "platform": "server",
+            "web_imports_ms": round(imports_ms, 1),
+            "preload_ms": runtime.preload_ms,
+            "models": models,
+            "ready": runtime.pool.ready(),
+            "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
+        }
+        log.info("%s", json.dumps(record))
+
+    app = create_app(runtime, on_ready=report)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    runtime.close()
+    return 0
