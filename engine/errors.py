@@ -46,9 +46,9 @@ class Unsupported(OclawError):
 
 
 class ModelLoadError(OclawError):
-    """A model file could not be turned into a session."""
+    """A model could not be loaded (bad file, manifest or checksum); 400 like Triton's load API."""
 
-    status = HTTPStatus.INTERNAL_SERVER_ERROR
+    status = HTTPStatus.BAD_REQUEST
 
 
 class ConfigError(OclawError):

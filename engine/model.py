@@ -185,6 +185,9 @@ class LoadedModel:
     def _images(self, t: InputTensor) -> np.ndarray:
         pre = self.manifest.preprocess
         assert pre is not None
+        mbs = self.manifest.max_batch_size
+        if mbs > 0 and t.array.size > mbs:
+            raise InvalidInput(f"input {t.name!r}: {t.array.size} images exceed max_batch_size {mbs}")
         blobs = [b if isinstance(b, bytes) else str(b).encode() for b in t.array.reshape(-1).tolist()]
         return images_to_batch(blobs, pre, name=t.name, max_pixels=self.settings.max_tensor_elements)
 

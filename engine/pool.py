@@ -10,7 +10,7 @@ from time import perf_counter_ns
 from typing import Any
 
 from engine.config import Settings
-from engine.errors import ModelLoadError, ModelNotFound, ModelNotReady, OclawError
+from engine.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, OclawError
 from engine.model import LoadedModel
 from engine.repository import LocalRepository, parse_version, validate_name
 
@@ -98,7 +98,9 @@ class ModelPool:
                 loaded[version] = model
         except OclawError as exc:
             self._settle(entry, State.UNAVAILABLE, exc.message, {}, start)
-            raise
+            if isinstance(exc, ModelNotFound | InvalidInput | ModelLoadError):
+                raise
+            raise ModelLoadError(f"model {name!r} failed to load: {exc.message}") from exc
         except Exception as exc:
             self._settle(entry, State.UNAVAILABLE, f"{type(exc).__name__}: {exc}", {}, start)
             raise ModelLoadError(f"model {name!r} failed to load: {exc}") from exc

@@ -125,6 +125,14 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
     def model_for(name: str, version: str | None) -> LoadedModel:
         return pool.get_nowait(name, version)
 
+    # before /v2/models/{model_name}, which would otherwise match "stats"
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{model_name}/stats")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/stats")
+    async def model_stats(model_name: str | None = None, model_version: str | None = None) -> Response:
+        models = pool.loaded() if model_name is None else [model_for(model_name, model_version)]
+        return json_response({"model_stats": [m.stats.as_dict(m.name, str(m.version)) for m in models]})
+
     @app.get("/v2/models/{model_name}/ready")
     @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
@@ -142,13 +150,6 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
     async def model_config(model_name: str, model_version: str | None = None) -> Response:
         model = model_for(model_name, model_version)
         return json_response(await asyncio.to_thread(model.config))
-
-    @app.get("/v2/models/stats")
-    @app.get("/v2/models/{model_name}/stats")
-    @app.get("/v2/models/{model_name}/versions/{model_version}/stats")
-    async def model_stats(model_name: str | None = None, model_version: str | None = None) -> Response:
-        models = pool.loaded() if model_name is None else [model_for(model_name, model_version)]
-        return json_response({"model_stats": [m.stats.as_dict(m.name, str(m.version)) for m in models]})
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{model_version}/infer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from time import perf_counter_ns
 
 from engine.config import Settings
@@ -53,6 +54,9 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
         server_header=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn drains, then re-raises the captured SIGTERM/SIGINT; a no-op handler turns that into a clean exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     runtime.close()
     return 0

@@ -1,0 +1,146 @@
+"""Shared fixtures: generated model repositories and real uvicorn servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from engine.config import Settings
+from engine.runtime import Runtime
+from handler.http import create_app
+from tests.modelgen import build_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "models"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerThread:
+    """A real uvicorn server running the oclaw app in a thread of this process."""
+
+    runtime: Runtime
+    server: uvicorn.Server
+    thread: threading.Thread
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.runtime.close()
+
+
+def start_server(repo: Path, **overrides: Any) -> ServerThread:
+    """Start uvicorn on a free loopback port with a fresh Runtime; returns once it accepts requests."""
+    settings = Settings.from_env({}, model_repository=str(repo), **overrides)
+    runtime = Runtime(settings)
+    runtime.start_preload()
+    port = free_port()
+    config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning",
+                            access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    return ServerThread(runtime, server, thread, port)
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated test repository (see tests/modelgen.py)."""
+    return build_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
+def server(repo: Path) -> Iterator[ServerThread]:
+    """One server over the generated repository, shared by the session."""
+    srv = start_server(repo, max_body_bytes=8 * 1024 * 1024, max_tensor_elements=1_000_000)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@dataclass
+class ServerProcess:
+    """``oclaw serve`` in a child process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/live", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server not up after {timeout} s:\n{self.output()}")
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def spawn_server(repo: Path | None, tmp_path: Path, *, args: list[str] | None = None,
+                 env: dict[str, str] | None = None, port: int | None = None) -> ServerProcess:
+    """Start ``oclaw serve`` (the console script's module) as a child process."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "handler.cli", "serve"]
+    if repo is not None:
+        cmd += ["--model-repository", str(repo)]
+    cmd += args if args is not None else ["--port", str(port)]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OCLAW_") and k != "PORT"}
+    full_env.update(env or {})
+    log = tmp_path / f"server-{port}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    return ServerProcess(proc, port, log)

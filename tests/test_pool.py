@@ -1,0 +1,172 @@
+"""Repository, manifest and pool behaviour: states, readiness, failures, load/unload over the API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from engine.config import Settings
+from engine.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
+from engine.manifest import load_manifest
+from engine.pool import ModelPool, State
+from engine.repository import LocalRepository, sha256_file, validate_name
+from engine.session import resolve_providers
+from tests.conftest import ServerThread, start_server
+from tests.modelgen import _save, add_constant, mlp
+
+
+@pytest.fixture()
+def mixed_repo(tmp_path: Path) -> Path:
+    """Two good models and one whose file is not ONNX."""
+    _save(add_constant(1.0), tmp_path, "good")
+    _save(mlp(), tmp_path, "mlp")
+    broken = tmp_path / "broken" / "1" / "model.onnx"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"this is not an onnx file")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["a", "resnet-50", "m_1.v2", "A" * 128])
+def test_valid_model_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/../b", "a/b", ".hidden", "-x", "A" * 129, "x y", "é", "a..b"])
+def test_invalid_model_names_are_rejected(name: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid model name"):
+        validate_name(name)
+
+
+def test_repository_lists_versions_and_hashes(tmp_path: Path) -> None:
+    _save(add_constant(1.0), tmp_path, "m", 1)
+    _save(add_constant(2.0), tmp_path, "m", 10)
+    (tmp_path / "m" / "notaversion").mkdir()
+    (tmp_path / "empty").mkdir()
+    repo = LocalRepository(tmp_path)
+    assert repo.models() == ["m"]
+    assert repo.versions("m") == [1, 10]
+    with pytest.raises(ModelNotFound):
+        repo.versions("empty")
+    with pytest.raises(ModelNotFound):
+        repo.files("m", 3)
+    import hashlib
+
+    path = tmp_path / "m" / "10" / "model.onnx"
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "oclaw.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="oclaw.json"):
+        load_manifest(model_dir)
+    (model_dir / "oclaw.json").write_text(json.dumps({"preprocess": {"layout": "CHWN"}}))
+    with pytest.raises(ConfigError, match="layout"):
+        load_manifest(model_dir)
+    (model_dir / "oclaw.json").write_text(json.dumps({"labels": "../../etc/passwd"}))
+    with pytest.raises(ConfigError, match="inside the model directory"):
+        load_manifest(model_dir)
+
+
+def test_a_failed_model_does_not_stop_the_others(mixed_repo: Path) -> None:
+    pool = ModelPool(LocalRepository(mixed_repo), Settings.from_env({}))
+    pool.preload()
+    states = pool.states()
+    assert states["good"]["state"] == "READY" and states["mlp"]["state"] == "READY"
+    assert states["broken"]["state"] == "UNAVAILABLE" and states["broken"]["reason"]
+    assert not pool.ready()  # every preloaded model is required by default
+    with pytest.raises(ModelNotReady, match="broken"):
+        pool.get("broken")
+    assert pool.get("good").version == 1
+
+
+def test_required_models_decide_readiness(mixed_repo: Path) -> None:
+    pool = ModelPool(LocalRepository(mixed_repo), Settings.from_env({"OCLAW_REQUIRED_MODELS": "good,mlp"}))
+    pool.preload()
+    assert pool.ready()
+
+
+def test_checksum_mismatch_fails_the_load(tmp_path: Path) -> None:
+    _save(add_constant(1.0), tmp_path, "m", 1, {"checksums": {"1": "0" * 64}})
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    with pytest.raises(ModelLoadError, match="does not match"):
+        pool.load("m")
+    assert pool.states()["m"]["state"] == State.UNAVAILABLE
+
+
+def test_warm_up_marks_cheap_models_inline(tmp_path: Path) -> None:
+    _save(add_constant(1.0), tmp_path, "m")
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    model = pool.load("m").versions[1]
+    assert model.warm_ns is not None and model.inline
+    never = ModelPool(LocalRepository(tmp_path), Settings.from_env({"OCLAW_INLINE_RUN_US": "0"}))
+    assert not never.load("m").versions[1].inline
+
+
+def test_unavailable_accelerators_fall_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    chosen = resolve_providers(("cuda", "openvino", "cpu"), available=["CPUExecutionProvider"])
+    assert chosen == ["CPUExecutionProvider"]
+    assert "cuda" in caplog.text and "falling back to CPU" in caplog.text
+    assert resolve_providers(("cuda",), available=["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+
+
+def test_settings_read_the_environment_once() -> None:
+    s = Settings.from_env(
+        {"OCLAW_PRELOAD": "a, b", "OCLAW_WARMUP": "false", "OCLAW_MAX_BODY_BYTES": "10", "OCLAW_FUTURE": "x"}
+    )
+    assert s.preload == ("a", "b") and not s.preload_all
+    assert s.warmup is False and s.max_body_bytes == 10
+    assert s.extra == {"OCLAW_FUTURE": "x"}
+    assert s.threads >= 1
+    with pytest.raises(ConfigError, match="OCLAW_MAX_BODY_BYTES"):
+        Settings.from_env({"OCLAW_MAX_BODY_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="OCLAW_GRAPH_OPTIMIZATION"):
+        Settings.from_env({"OCLAW_GRAPH_OPTIMIZATION": "max"})
+
+
+@pytest.fixture()
+def partial_server(mixed_repo: Path) -> Iterator[ServerThread]:
+    srv = start_server(mixed_repo, preload=("good", "broken"))
+    yield srv
+    srv.stop()
+
+
+def test_readiness_index_load_and_unload_over_http(partial_server: ServerThread) -> None:
+    with httpx.Client(base_url=partial_server.url) as c:
+        assert c.get("/v2/health/live").status_code == 200
+        ready = c.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        index = {row["name"]: row for row in c.post("/v2/repository/index").json()}
+        assert index["good"]["state"] == "READY" and index["good"]["version"] == "1"
+        assert index["broken"]["state"] == "UNAVAILABLE" and index["broken"]["reason"]
+        assert index["mlp"]["state"] == ""  # on disk, not preloaded
+        assert [r["name"] for r in c.post("/v2/repository/index", json={"ready": True}).json()] == ["good"]
+
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
+        not_loaded = c.post("/v2/models/mlp/infer", json=body)
+        assert not_loaded.status_code == 503 and "not loaded" in not_loaded.json()["error"]
+        assert c.post("/v2/repository/models/mlp/load").status_code == 200
+        assert c.get("/v2/models/mlp/ready").status_code == 200
+        assert c.post("/v2/models/mlp/infer", json=body).status_code == 200
+
+        failed = c.post("/v2/repository/models/broken/load")
+        assert failed.status_code == 400 and "broken" in failed.json()["error"]
+        assert c.post("/v2/repository/models/nope/load").status_code == 404
+
+        assert c.post("/v2/repository/models/mlp/unload").status_code == 200
+        gone = c.post("/v2/models/mlp/infer", json=body)
+        assert gone.status_code == 503 and "unloaded" in gone.json()["error"]
+        assert c.get("/v2/models/mlp/ready").status_code == 503
+        assert c.post("/v2/repository/models/mlp/load").status_code == 200
+        x = np.full((1, 64), 0.5, dtype=np.float32)
+        again = c.post("/v2/models/mlp/infer", json=body).json()["outputs"][0]
+        assert again["shape"] == [1, 10] and np.isfinite(np.asarray(again["data"])).all() and x.size == 64

@@ -1,0 +1,111 @@
+"""`oclaw serve` as a process: PORT, the cold-start record, readiness, SIGTERM draining."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from engine.tensors import decode_response, encode_request
+from tests.conftest import free_port, spawn_server
+from tests.modelgen import _save, add_constant, slow
+
+
+@pytest.fixture(scope="module")
+def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("slow-repo")
+    _save(slow(), repo, "slow")
+    _save(add_constant(1.0), repo, "plus_one")
+    return repo
+
+
+def cold_start_record(output: str) -> dict[str, object]:
+    for line in output.splitlines():
+        if '"event": "cold_start"' in line:
+            return dict(json.loads(line[line.index("{") :]))
+    raise AssertionError(f"no cold_start record in:\n{output}")
+
+
+@pytest.mark.slow
+def test_port_env_is_honoured_and_cold_start_is_reported(slow_repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    srv = spawn_server(slow_repo, tmp_path, args=[], env={"PORT": str(port)}, port=port)
+    try:
+        srv.wait_ready()
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+        body, length = encode_request({"x": np.ones((2, 4), dtype=np.float32)})
+        resp = httpx.post(
+            f"{srv.url}/v2/models/plus_one/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(length)},
+        )
+        assert resp.status_code == 200, resp.text
+        header = resp.headers.get("inference-header-content-length")
+        out = decode_response(resp.content, int(header) if header else None)
+        np.testing.assert_array_equal(out["y"], np.full((2, 4), 2.0, dtype=np.float32))
+    finally:
+        assert srv.terminate() == 0
+    record = cold_start_record(srv.output())
+    assert record["ready"] is True
+    models = record["models"]
+    assert isinstance(models, dict) and set(models) == {"slow/1", "plus_one/1"}
+    assert all(m["session_ms"] > 0 and m["warmup_ms"] > 0 for m in models.values())
+    assert isinstance(record["total_ms"], float) and record["total_ms"] > 0
+    assert isinstance(record["instance_id"], str) and len(record["instance_id"]) == 16
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests(slow_repo: Path, tmp_path: Path) -> None:
+    srv = spawn_server(slow_repo, tmp_path)
+    srv.wait_ready()
+    x = np.random.default_rng(0).standard_normal((768, 768)).astype(np.float32)
+    body, length = encode_request({"x": x})
+    results: list[httpx.Response] = []
+
+    def call() -> None:
+        with httpx.Client(timeout=60) as c:
+            results.append(
+                c.post(
+                    f"{srv.url}/v2/models/slow/infer",
+                    content=body,
+                    headers={"Inference-Header-Content-Length": str(length)},
+                )
+            )
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    # wait until the server is running the first request, then ask it to stop
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{srv.url}/v2/models/slow/stats").json()["model_stats"][0]
+        if stats["inference_stats"]["success"]["count"] >= 1 or len(results) > 0:
+            break
+        time.sleep(0.01)
+    started = time.monotonic()
+    rc = srv.terminate()
+    for t in callers:
+        t.join(timeout=60)
+    assert rc == 0
+    assert len(results) == 3
+    assert [r.status_code for r in results] == [200, 200, 200]
+    assert time.monotonic() - started < 30
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{srv.url}/v2/health/live", timeout=2)
+
+
+def test_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
+    srv = spawn_server(tmp_path / "nowhere", tmp_path)
+    assert srv.proc.wait(timeout=30) == 2
+    assert "is not a directory" in srv.output()
+
+
+def test_bad_setting_is_a_clear_error(slow_repo: Path, tmp_path: Path) -> None:
+    srv = spawn_server(slow_repo, tmp_path, env={"OCLAW_PROVIDERS": "warp-drive"})
+    assert srv.proc.wait(timeout=30) == 2
+    assert "OCLAW_PROVIDERS" in srv.output()
