@@ -77,8 +77,16 @@ def main() -> int:
     images = {name: png(arr) for name, arr in photos().items()}
 
     with tempfile.TemporaryFile() as log:
-        cmd = [sys.executable, "-m", "handler.cli", "serve", "--model-repository", args.model_repository,
-               "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "handler.cli",
+            "serve",
+            "--model-repository",
+            args.model_repository,
+            "--port",
+            str(port),
+        ]
         print(f"$ oclaw serve --model-repository {args.model_repository} --port {port}")
         spawned = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
@@ -90,8 +98,7 @@ def main() -> int:
                 print(f"model {meta['name']} v{meta['versions'][-1]}: inputs {meta['inputs']}\n")
                 for name, body in images.items():
                     start = time.perf_counter()
-                    resp = client.post(f"/v2/models/{MODEL}/infer", content=body,
-                                       headers={"Content-Type": "image/png"})
+                    resp = client.post(f"/v2/models/{MODEL}/infer", content=body, headers={"Content-Type": "image/png"})
                     ms = (time.perf_counter() - start) * 1000
                     resp.raise_for_status()
                     print(f"{name}: {len(body) // 1024} kB PNG, {ms:.1f} ms")
@@ -112,7 +119,7 @@ def main() -> int:
             log.seek(0)
             for line in log.read().decode(errors="replace").splitlines():
                 if '"event": "cold_start"' in line:
-                    record = json.loads(line[line.index("{"):])
+                    record = json.loads(line[line.index("{") :])
                     print(f"cold start record: {json.dumps(record)}")
             print(f"server stopped on SIGTERM (exit code {code})")
     return 0

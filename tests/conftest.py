@@ -63,8 +63,7 @@ def start_server(repo: Path, **overrides: Any) -> ServerThread:
     runtime = Runtime(settings)
     runtime.start_preload()
     port = free_port()
-    config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning",
-                            access_log=False)
+    config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -130,8 +129,14 @@ class ServerProcess:
         return self.proc.wait(timeout=timeout)
 
 
-def spawn_server(repo: Path | None, tmp_path: Path, *, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, port: int | None = None) -> ServerProcess:
+def spawn_server(
+    repo: Path | None,
+    tmp_path: Path,
+    *,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> ServerProcess:
     """Start ``oclaw serve`` (the console script's module) as a child process."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "handler.cli", "serve"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ V2_TO_ONNX = {
 }
 
 
-def _save(model: onnx.ModelProto, repo: Path, name: str, version: int = 1, manifest: dict[str, Any] | None = None) -> Path:
+def _save(
+    model: onnx.ModelProto, repo: Path, name: str, version: int = 1, manifest: dict[str, Any] | None = None
+) -> Path:
     model.opset_import[0].version = OPSET
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -58,13 +61,19 @@ def add_sub(width: int = 16) -> onnx.ModelProto:
     """Triton's add_sub: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1 (FP32 [batch, width])."""
     shape: list[Any] = ["batch", width]
     graph = helper.make_graph(
-        [helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
-         helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"])],
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
         "add_sub",
-        [helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, shape),
-         helper.make_tensor_value_info("INPUT1", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, shape),
-         helper.make_tensor_value_info("OUTPUT1", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("INPUT1", TensorProto.FLOAT, shape),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("OUTPUT1", TensorProto.FLOAT, shape),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
@@ -74,7 +83,7 @@ def mlp(sizes: tuple[int, ...] = (64, 256, 10), seed: int = 0) -> onnx.ModelProt
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = "x"
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
         bias = (rng.standard_normal(b) * 0.1).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
@@ -85,7 +94,8 @@ def mlp(sizes: tuple[int, ...] = (64, 256, 10), seed: int = 0) -> onnx.ModelProt
             nodes.append(helper.make_node("Relu", [gemm_out], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", sizes[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", sizes[-1]])],
         inits,
@@ -97,7 +107,8 @@ def fixed_shape() -> onnx.ModelProto:
     """y = x * 2 with a fully fixed shape [2, 3] (FP32)."""
     two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "fixed",
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "fixed",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         [two],
@@ -115,7 +126,8 @@ def slow(n: int = 768, repeats: int = 24) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", [prev, "w"], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
         [w],
@@ -129,9 +141,11 @@ def tiny_classifier(classes: int = 3, seed: int = 2) -> onnx.ModelProto:
     w = numpy_helper.from_array(rng.standard_normal((3, classes)).astype(np.float32), "w")
     b = numpy_helper.from_array(np.zeros(classes, dtype=np.float32), "b")
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["p"]),
-         helper.make_node("Flatten", ["p"], ["f"]),
-         helper.make_node("Gemm", ["f", "w", "b"], ["logits"])],
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w", "b"], ["logits"]),
+        ],
         "tiny_classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
@@ -144,7 +158,8 @@ def add_constant(value: float) -> onnx.ModelProto:
     """y = x + value (FP32 [batch, 4]); versions of one model differ by ``value``."""
     c = numpy_helper.from_array(np.array(value, dtype=np.float32), "c")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c"], ["y"])], "add_constant",
+        [helper.make_node("Add", ["x", "c"], ["y"])],
+        "add_constant",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
         [c],
@@ -162,11 +177,22 @@ def build_repository(repo: Path) -> Path:
     _save(fixed_shape(), repo, "fixed")
     _save(add_constant(1.0), repo, "versioned", 1, {"versions": "all"})
     _save(add_constant(2.0), repo, "versioned", 2)
-    _save(tiny_classifier(), repo, "tiny_classifier", 1, {
-        "labels": ["red", "green", "blue"],
-        "preprocess": {"kind": "image", "size": [8, 8], "crop_fraction": 1.0, "mean": [0, 0, 0],
-                       "std": [255, 255, 255]},
-        "postprocess": {"kind": "classification", "top_k": 2},
-        "max_batch_size": 4,
-    })
+    _save(
+        tiny_classifier(),
+        repo,
+        "tiny_classifier",
+        1,
+        {
+            "labels": ["red", "green", "blue"],
+            "preprocess": {
+                "kind": "image",
+                "size": [8, 8],
+                "crop_fraction": 1.0,
+                "mean": [0, 0, 0],
+                "std": [255, 255, 255],
+            },
+            "postprocess": {"kind": "classification", "top_k": 2},
+            "max_batch_size": 4,
+        },
+    )
     return repo

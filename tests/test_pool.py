@@ -64,7 +64,7 @@ def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "oclaw.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="oclaw.json"):
+    with pytest.raises(ConfigError, match=r"oclaw\.json"):
         load_manifest(model_dir)
     (model_dir / "oclaw.json").write_text(json.dumps({"preprocess": {"layout": "CHWN"}}))
     with pytest.raises(ConfigError, match="layout"):
@@ -170,3 +170,15 @@ def test_readiness_index_load_and_unload_over_http(partial_server: ServerThread)
         x = np.full((1, 64), 0.5, dtype=np.float32)
         again = c.post("/v2/models/mlp/infer", json=body).json()["outputs"][0]
         assert again["shape"] == [1, 10] and np.isfinite(np.asarray(again["data"])).all() and x.size == 64
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"), [("200000 100000\n", 2.0), ("150000 100000", 1.5), ("max 100000", None), ("garbage", None)]
+)
+def test_cgroup_cpu_quota_is_read(tmp_path: Path, content: str, expected: float | None) -> None:
+    from engine.config import cgroup_cpu_limit
+
+    path = tmp_path / "cpu.max"
+    path.write_text(content)
+    assert cgroup_cpu_limit(str(path)) == expected
+    assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
