@@ -22,16 +22,19 @@ from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLar
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import loads_json
+from handler import v2
 
 log = logging.getLogger("oclaw.http")
-
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
-HEADER_LENGTH = "inference-header-content-length"
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON response encoded with orjson."""
     return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def reply_response(reply: v2.Reply) -> Response:
+    """A Starlette response for a framework-free Reply."""
+    return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 def error_response(status: int, message: str) -> Response:
@@ -109,16 +112,15 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return json_response({"name": "oclaw", "version": __version__, "extensions": EXTENSIONS})
+        return reply_response(v2.server_metadata())
 
     @app.get("/v2/health/live")
     async def live() -> Response:
-        return json_response({"live": True})
+        return reply_response(v2.live())
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        ok = pool.ready()
-        return json_response({"ready": ok}, 200 if ok else 503)
+        return reply_response(v2.ready(runtime))
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -136,14 +138,12 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
     @app.get("/v2/models/{model_name}/ready")
     @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
-        model_for(model_name, model_version)
-        return json_response({"name": model_name, "ready": True})
+        return reply_response(v2.model_ready(runtime, model_name, model_version))
 
     @app.get("/v2/models/{model_name}")
     @app.get("/v2/models/{model_name}/versions/{model_version}")
     async def model_metadata(model_name: str, model_version: str | None = None) -> Response:
-        model = model_for(model_name, model_version)
-        return json_response(model.metadata(pool.versions(model_name)))
+        return reply_response(v2.model_metadata(runtime, model_name, model_version))
 
     @app.get("/v2/models/{model_name}/config")
     @app.get("/v2/models/{model_name}/versions/{model_version}/config")
@@ -163,7 +163,7 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
             # still loading: wait for it off the event loop (requests never race a cold start to a 503)
             model = await asyncio.to_thread(pool.get, model_name, model_version)
         body = await read_body(request, settings.max_body_bytes)
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
+        header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
         ctype = request.headers.get("content-type")
         if runs_inline(model, len(body)):
             encoded = infer_bytes(model, body, header_length, ctype, enqueue)

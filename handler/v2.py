@@ -1,0 +1,118 @@
+"""Framework-free V2 endpoints shared by the FastAPI app and the Lambda fast path.
+
+Each function takes already-parsed pieces of a request and returns a ``Reply``; errors are raised as
+``OclawError`` and turned into ``{"error": ...}`` by ``error_reply``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import orjson
+
+from engine import __version__
+from engine.dataplane import infer_bytes, parse_header_length
+from engine.errors import OclawError
+from engine.runtime import Runtime
+
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer: status, body bytes and headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
+
+
+def json_reply(content: object, status: int = 200) -> Reply:
+    """A JSON reply encoded with orjson."""
+    return Reply(status, orjson.dumps(content))
+
+
+def error_reply(exc: OclawError) -> Reply:
+    """The V2 error shape for an OclawError."""
+    return json_reply({"error": exc.message}, int(exc.status))
+
+
+def server_metadata() -> Reply:
+    """``GET /v2``."""
+    return json_reply({"name": "oclaw", "version": __version__, "extensions": EXTENSIONS})
+
+
+def live() -> Reply:
+    """``GET /v2/health/live``."""
+    return json_reply({"live": True})
+
+
+def ready(runtime: Runtime) -> Reply:
+    """``GET /v2/health/ready``: 200 when every required model is READY, else 503."""
+    ok = runtime.pool.ready()
+    return json_reply({"ready": ok}, 200 if ok else 503)
+
+
+def model_ready(runtime: Runtime, name: str, version: str | None) -> Reply:
+    """``GET /v2/models/{m}[/versions/{v}]/ready``."""
+    runtime.pool.get_nowait(name, version)
+    return json_reply({"name": name, "ready": True})
+
+
+def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
+    """``GET /v2/models/{m}[/versions/{v}]``."""
+    model = runtime.pool.get_nowait(name, version)
+    return json_reply(model.metadata(runtime.pool.versions(name)))
+
+
+def infer(
+    runtime: Runtime,
+    name: str,
+    version: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    enqueue_ns: int | None = None,
+) -> Reply:
+    """``POST /v2/models/{m}[/versions/{v}]/infer`` on the caller's thread (headers lower-cased)."""
+    model = runtime.pool.get(name, version)
+    encoded = infer_bytes(
+        model, body, parse_header_length(headers.get(HEADER_LENGTH)), headers.get("content-type"), enqueue_ns
+    )
+    out = {"content-type": encoded.content_type}
+    if encoded.header_length is not None:
+        out["inference-header-content-length"] = str(encoded.header_length)
+    return Reply(200, encoded.body, out)
+
+
+_M = r"(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+Handler = Callable[[Runtime, re.Match[str], bytes, Mapping[str, str]], Reply]
+
+#: (method, path pattern, handler) for the routes the Lambda fast path serves without FastAPI.
+ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
+    ("POST", re.compile(rf"/v2/models/{_M}/infer"), lambda rt, m, body, h: infer(rt, m["name"], m["version"], body, h)),
+    ("GET", re.compile(r"/v2/health/live"), lambda rt, m, body, h: live()),
+    ("GET", re.compile(r"/v2/health/ready"), lambda rt, m, body, h: ready(rt)),
+    ("GET", re.compile(r"/v2"), lambda rt, m, body, h: server_metadata()),
+    ("GET", re.compile(rf"/v2/models/{_M}/ready"), lambda rt, m, body, h: model_ready(rt, m["name"], m["version"])),
+    (
+        "GET",
+        re.compile(rf"/v2/models/(?!stats$){_M}"),
+        lambda rt, m, body, h: model_metadata(rt, m["name"], m["version"]),
+    ),
+]
+
+
+def route(runtime: Runtime, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> Reply | None:
+    """Serve a fast-path route, or return None when the path needs the full app."""
+    path = path.rstrip("/") or "/"
+    for verb, pattern, handler in ROUTES:
+        if verb == method and (match := pattern.fullmatch(path)):
+            try:
+                return handler(runtime, match, body, headers)
+            except OclawError as exc:
+                return error_reply(exc)
+    return None
