@@ -71,6 +71,8 @@ class Settings:
     graph_optimization: str = "all"
     #: Let ORT worker threads spin between runs (lower latency, burns billed CPU while idle).
     allow_spinning: bool = False
+    #: Load ``model.prepared.onnx`` (made by ``oclaw prepare``) with optimisations off when compatible.
+    use_prepared: bool = True
     #: Run one synthetic inference per model before it is reported ready.
     warmup: bool = True
     #: Largest accepted request body, in bytes (413 above it).

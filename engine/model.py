@@ -82,7 +82,7 @@ class LoadedModel:
             if actual != expected:
                 raise ModelLoadError(f"{files.path}: sha256 {actual} does not match the manifest's {expected}")
         start = perf_counter_ns()
-        self.session = create_session(files.path, settings)
+        self.session, self.prepared = create_session(files.path, settings)
         self.session_ms = (perf_counter_ns() - start) / 1e6
         self.warmup_ms = 0.0
         self.inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")

@@ -9,6 +9,7 @@ import onnxruntime as ort
 
 from engine.config import Settings
 from engine.errors import ModelLoadError
+from engine.prepare import prepared_path
 
 log = logging.getLogger("oclaw.session")
 
@@ -61,10 +62,31 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     return opts
 
 
-def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
-    """Create the one session of a model file; falls back to CPU if an accelerator fails to start."""
+def choose_model_file(path: Path, settings: Settings, providers: list[str]) -> tuple[Path, bool]:
+    """The file to load (a compatible prepared graph when there is one) and whether it is prepared."""
+    if not settings.use_prepared or providers != ["CPUExecutionProvider"]:
+        return path, False
+    chosen, reason = prepared_path(path)
+    if reason is not None and reason != "not prepared":
+        log.warning("%s: prepared graph not used (%s); optimising at load instead", path, reason)
+    return chosen, chosen != path
+
+
+def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession, bool]:
+    """Create the one session of a model file (and say whether a prepared graph was used).
+
+    Falls back to CPU if an accelerator fails to start, and to the source model if a prepared one fails.
+    """
     providers = resolve_providers(settings.providers)
     opts = session_options(settings)
+    chosen, prepared = choose_model_file(path, settings, providers)
+    if prepared:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(chosen), sess_options=opts, providers=providers), True
+        except Exception as exc:  # noqa: BLE001 - fall back to the source model, never fail on a cache
+            log.warning("%s: prepared graph failed to load (%s); using the source model", chosen, exc)
+            opts = session_options(settings)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:
@@ -78,4 +100,4 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     missing = [p for p in providers if p not in session.get_providers()]
     if missing:
         log.warning("%s: providers %s did not start; running on %s", path, missing, session.get_providers())
-    return session
+    return session, False

@@ -15,6 +15,7 @@ from engine.datatypes import V2_TO_NUMPY, numpy_dtype, v2_datatype
 from engine.errors import InvalidInput, PayloadTooLarge
 
 _LEN = struct.Struct("<I")
+_MAX_DIMS = 32  # numpy 1.x's limit (numpy 2 allows 64)
 JSONValue = Any
 
 
@@ -79,7 +80,7 @@ def loads_json(data: bytes | memoryview) -> JSONValue:
     except orjson.JSONDecodeError as exc:
         try:
             return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidInput(f"malformed JSON: {exc}") from None
 
 
@@ -87,9 +88,13 @@ def element_count(name: str, shape: Any, limit: int) -> tuple[tuple[int, ...], i
     """Validate a declared shape and return it with its element count, before any allocation."""
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"input {name!r}: shape has {len(shape)} dimensions, at most {_MAX_DIMS} are supported")
     count = math.prod(shape)
     if count > limit:
         raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements, more than the limit of {limit}")
+    if count == 0 and math.prod(max(d, 1) for d in shape) > limit:
+        raise InvalidInput(f"input {name!r}: shape {shape} has a dimension beyond the limit of {limit} elements")
     return tuple(shape), count
 
 
@@ -136,7 +141,8 @@ def _from_json(name: str, datatype: str, data: Any, shape: tuple[int, ...], coun
                     raise InvalidInput(f"input {name!r}: BOOL data must hold true/false values")
                 arr = arr.astype(np.bool_, copy=False)
             else:
-                arr = np.array(data, dtype=V2_TO_NUMPY[datatype])
+                with np.errstate(over="ignore"):  # 1e40 as FP32 becomes inf, as a C cast would
+                    arr = np.array(data, dtype=V2_TO_NUMPY[datatype])
         except InvalidInput:
             raise
         except (ValueError, TypeError, OverflowError) as exc:
@@ -215,7 +221,9 @@ def decode_request(body: bytes, header_length: int | None = None, *, max_element
         inputs.append(InputTensor(name, datatype, shape, arr, tparams))
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data follow the inputs unused")
-    binary_output = bool(params.get("binary_data_output", False))
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise InvalidInput("parameters.binary_data_output must be true or false")
     outputs = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
@@ -227,10 +235,12 @@ def decode_request(body: bytes, header_length: int | None = None, *, max_element
                 raise InvalidInput(f"outputs[{i}] needs a string 'name'")
             oparams = _params(item, f"output {item['name']!r}")
             binary_flag = oparams.get("binary_data")
+            if binary_flag is not None and not isinstance(binary_flag, bool):
+                raise InvalidInput(f"output {item['name']!r}: binary_data must be true or false")
             k = oparams.get("classification", 0)
             if type(k) is not int or k < 0:
                 raise InvalidInput(f"output {item['name']!r}: classification must be a non-negative integer")
-            outputs.append(RequestedOutput(item["name"], None if binary_flag is None else bool(binary_flag), k))
+            outputs.append(RequestedOutput(item["name"], binary_flag, k))
     return InferRequest(
         inputs=inputs,
         id=request_id,
@@ -243,11 +253,11 @@ def decode_request(body: bytes, header_length: int | None = None, *, max_element
 
 def _json_data(array: np.ndarray) -> Any:
     flat = array.reshape(-1)
-    if flat.dtype == object:
+    if flat.dtype.kind in "OSU":
         return [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in flat.tolist()]
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
         return _NonFinite(flat.tolist())
-    return np.ascontiguousarray(flat)
+    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
 
 
 class _NonFinite(list[float]):
@@ -255,7 +265,7 @@ class _NonFinite(list[float]):
 
 
 def _binary_bytes(array: np.ndarray) -> bytes:
-    if array.dtype == object:
+    if array.dtype.kind in "OSU":
         parts = []
         for x in array.reshape(-1).tolist():
             b = x if isinstance(x, bytes) else str(x).encode("utf-8")

@@ -34,6 +34,25 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings, host=args.host, port=port, started_ns=_T0)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from engine.config import Settings
+    from engine.errors import OclawError
+    from engine.prepare import prepare_repository
+
+    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+    try:
+        done = prepare_repository(Settings.from_env(**overrides), level=args.level, models=args.models or None)
+    except OclawError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    for row in done:
+        print(json.dumps(row))
+    if not done:
+        print("oclaw: no models found to prepare", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oclaw`` console script."""
     parser = argparse.ArgumentParser(prog="oclaw", description="Cold-start-optimised ONNX inference server.")
@@ -43,6 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: $PORT or 8000)")
     serve.set_defaults(func=_serve)
+    prep = sub.add_parser(
+        "prepare", help="optimise every model's graph ahead of time (run it on the target CPU family)"
+    )
+    prep.add_argument("--model-repository", help="repository directory (default: $OCLAW_MODEL_REPOSITORY or ./models)")
+    prep.add_argument(
+        "--level",
+        choices=("all", "extended"),
+        default="all",
+        help="all: fastest, specific to this CPU family (checked at load); extended: portable",
+    )
+    prep.add_argument("models", nargs="*", help="models to prepare (default: all)")
+    prep.set_defaults(func=_prepare)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __import__("engine").__version__})) or 0)
     args = parser.parse_args(argv)

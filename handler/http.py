@@ -73,6 +73,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise InvalidInput(f"could not inflate the {encoding} body: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"inflated body exceeds the limit of {limit} bytes (OCLAW_MAX_BODY_BYTES)")
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated")
     return out
 
 
@@ -97,7 +99,7 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail))
+        return json_response({"error": str(exc.detail)}, exc.status_code, headers=dict(exc.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:

@@ -27,7 +27,11 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
     def report() -> None:
         """One structured cold-start record, logged once the pool is warm and before the port opens."""
         models = {
-            f"{m.name}/{m.version}": {"session_ms": round(m.session_ms, 1), "warmup_ms": round(m.warmup_ms, 1)}
+            f"{m.name}/{m.version}": {
+                "session_ms": round(m.session_ms, 1),
+                "warmup_ms": round(m.warmup_ms, 1),
+                "prepared": m.prepared,
+            }
             for m in runtime.pool.loaded()
         }
         record = {

@@ -112,9 +112,7 @@ def test_binary_request_layout_is_json_then_tensors_in_order() -> None:
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_encode_request_named_outputs(binary: bool) -> None:
-    body, header_length = encode_request(
-        {"x": np.ones((1, 2), np.float32)}, binary=binary, outputs=["y", "z"]
-    )
+    body, header_length = encode_request({"x": np.ones((1, 2), np.float32)}, binary=binary, outputs=["y", "z"])
     request = decode_request(body, header_length)
     assert request.outputs == [RequestedOutput("y", binary, 0), RequestedOutput("z", binary, 0)]
     assert request.binary_output is False
@@ -156,7 +154,9 @@ def test_request_round_trip_numpy_string_dtypes(array: np.ndarray, binary: bool)
 
 
 def json_request(name: str, datatype: str, shape: list[int], data: Any, **extra: Any) -> bytes:
-    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}], **extra}).encode()
+    return json.dumps(
+        {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}], **extra}
+    ).encode()
 
 
 @pytest.mark.parametrize(
@@ -209,9 +209,7 @@ def test_id_and_parameters_are_kept() -> None:
         {
             "id": "req-42",
             "parameters": params,
-            "inputs": [
-                {"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 2], "parameters": {"note": "hi"}}
-            ],
+            "inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, 2], "parameters": {"note": "hi"}}],
         }
     ).encode()
     request = decode_request(body)
