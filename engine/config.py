@@ -86,6 +86,16 @@ class Settings:
     #: Seconds SIGTERM waits for in-flight requests before closing.
     drain_timeout_s: float = 30.0
     log_level: str = "INFO"
+    #: Largest HTTP body a Lambda function accepts (Lambda's synchronous payload limit is 6 MB).
+    lambda_max_body_bytes: int = 6 * 1024 * 1024
+    #: Milliseconds kept in hand before the Lambda deadline: work that would not finish is refused.
+    lambda_reserve_ms: int = 50
+    #: Prefix stripped from HTTP paths on Lambda (e.g. an API Gateway base-path mapping).
+    api_base_path: str = ""
+    #: How long a fan-out target of the warmer holds its instance, so pings land on distinct instances.
+    warmer_hold_ms: int = 75
+    #: The warmer skips its fan-out when this instance served real traffic this recently.
+    warmer_traffic_window_s: float = 60.0
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

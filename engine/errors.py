@@ -39,6 +39,18 @@ class ModelNotReady(OclawError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class NotEnoughTime(OclawError):
+    """The caller's deadline (e.g. Lambda's remaining time) is too close to finish the work."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class UnsupportedEvent(OclawError):
+    """A Lambda event of a shape oclaw does not handle."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
 class Unsupported(OclawError):
     """A valid request for a feature oclaw does not offer."""
 

@@ -170,7 +170,14 @@ def decode_request(body: bytes, header_length: int | None = None, *, max_element
         head, binary = view[:header_length], view[header_length:]
     else:
         head, binary = memoryview(body), memoryview(b"")
-    doc = loads_json(head)
+    request = decode_document(loads_json(head), binary, max_elements=max_elements)
+    request.nbytes = len(body)
+    return request
+
+
+def decode_document(doc: Any, binary: memoryview | None = None, *, max_elements: int = 1 << 26) -> InferRequest:
+    """Decode an already-parsed V2 request object (plus the binary tensor section, if any)."""
+    binary = binary if binary is not None else memoryview(b"")
     if not isinstance(doc, dict):
         raise InvalidInput(f"the request body must be a JSON object, got {type(doc).__name__}")
     raw_inputs = doc.get("inputs")
@@ -247,7 +254,6 @@ def decode_request(body: bytes, header_length: int | None = None, *, max_element
         parameters=params,
         outputs=outputs,
         binary_output=binary_output,
-        nbytes=len(body),
     )
 
 

@@ -53,6 +53,47 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lambda_invoke(args: argparse.Namespace) -> int:
+    from handler.local_lambda import LocalLambda
+
+    events = []
+    for path in args.events:
+        try:
+            with open(path, "rb") as fh:
+                events.append(json.loads(fh.read()))
+        except (OSError, ValueError) as exc:
+            print(f"oclaw: {path}: {exc}", file=sys.stderr)
+            return 2
+    env = dict(item.split("=", 1) for item in args.env)
+    if args.model_repository:
+        env["OCLAW_MODEL_REPOSITORY"] = args.model_repository
+    fn = LocalLambda(
+        args.handler,
+        env=env,
+        memory_mb=args.memory,
+        timeout_s=args.timeout,
+        snap_start=args.snap_start,
+        log=sys.stderr.buffer,
+    )
+    with fn:
+        try:
+            fn.wait_init()
+        except RuntimeError as exc:
+            print(f"oclaw: {exc}", file=sys.stderr)
+            return 1
+        failed = 0
+        for _ in range(args.repeat):
+            for event in events:
+                result = fn.invoke(event)
+                if result.error is not None:
+                    failed += 1
+                    print(json.dumps(result.error))
+                else:
+                    print((result.payload or b"").decode(errors="replace"))
+                print(result.report_line(), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oclaw`` console script."""
     parser = argparse.ArgumentParser(prog="oclaw", description="Cold-start-optimised ONNX inference server.")
@@ -74,6 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prep.add_argument("models", nargs="*", help="models to prepare (default: all)")
     prep.set_defaults(func=_prepare)
+    lam = sub.add_parser("lambda", help="run the Lambda handler locally, as Lambda does (no Docker)")
+    lam_sub = lam.add_subparsers(dest="lambda_command", required=True)
+    inv = lam_sub.add_parser("invoke", help="INIT once under awslambdaric, then invoke each event; print REPORT lines")
+    inv.add_argument("events", nargs="+", help="JSON files, one event each")
+    inv.add_argument("--model-repository", help="sets OCLAW_MODEL_REPOSITORY for the function")
+    inv.add_argument("--handler", default="handler.aws_lambda.lambda_handler")
+    inv.add_argument("--memory", type=int, default=1024, help="memory size in MB reported (default 1024)")
+    inv.add_argument("--timeout", type=float, default=30.0, help="seconds before an invocation is killed")
+    inv.add_argument("--repeat", type=int, default=1, help="invoke the events this many times")
+    inv.add_argument("--snap-start", action="store_true", help="INIT as SnapStart does (hooks, then restore)")
+    inv.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
+    inv.set_defaults(func=_lambda_invoke)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __import__("engine").__version__})) or 0)
     args = parser.parse_args(argv)

@@ -80,8 +80,12 @@ class InvokeResult:
 class RuntimeAPI:
     """The Runtime API endpoints (invocation, init error, SnapStart restore) on 127.0.0.1."""
 
-    def __init__(self, function_arn: str, timeout_s: float) -> None:
+    def __init__(self, function_arn: str, timeout_s: float, *, hold_restore: bool = False) -> None:
         self.function_arn = function_arn
+        #: Set to let a SnapStart runtime past /restore/next (tests may change files "inside the snapshot" first).
+        self.restore_gate = threading.Event()
+        if not hold_restore:
+            self.restore_gate.set()
         self.timeout_s = timeout_s
         self.pending: queue.Queue[Invocation] = queue.Queue()
         self.by_id: dict[str, Invocation] = {}
@@ -157,6 +161,7 @@ class RuntimeAPI:
                     )
                 elif self.path == f"{API}/restore/next":
                     api.restore_polled.set()
+                    api.restore_gate.wait()
                     api._mark_first_poll()
                     self._send(200)
                 else:
@@ -225,7 +230,8 @@ class LocalLambda:
         function_name: str = "oclaw-local",
         qualifier: str = "$LATEST",
         snap_start: bool = False,
-        log: IO[bytes] | None = None,
+        hold_restore: bool = False,
+        log: IO[bytes] | str | Path | None = None,
         python: str = sys.executable,
     ) -> None:
         self.handler = handler
@@ -234,7 +240,7 @@ class LocalLambda:
         arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"
         if qualifier != "$LATEST":
             arn += f":{qualifier}"
-        self.api = RuntimeAPI(arn, timeout_s)
+        self.api = RuntimeAPI(arn, timeout_s, hold_restore=hold_restore)
         self.env = {
             **os.environ,
             "AWS_LAMBDA_FUNCTION_NAME": function_name,
@@ -246,11 +252,14 @@ class LocalLambda:
             "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", REGION),
             "_HANDLER": handler,
             "AWS_LAMBDA_INITIALIZATION_TYPE": "snap-start" if snap_start else "on-demand",
+            # as on python3.12+ runtimes: /next is polled from a thread, so the main thread handles SIGTERM
+            "AWS_EXECUTION_ENV": "AWS_Lambda_python3.12",
             **(env or {}),
         }
         self.env.pop("AWS_LAMBDA_MAX_CONCURRENCY", None)  # would switch awslambdaric to multi-concurrency mode
         self.cwd = str(cwd) if cwd else None
         self.log = log
+        self._own_log: IO[bytes] | None = None
         self.python = python
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
@@ -261,12 +270,17 @@ class LocalLambda:
         """Start the Runtime API and spawn the runtime process (INIT begins)."""
         self.api.start()
         self.env["AWS_LAMBDA_RUNTIME_API"] = self.api.address
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if isinstance(self.log, str | Path):
+            out = self._own_log = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        elif self.log is not None:
+            out = self.log
         self.spawned_at = time.perf_counter()
         self.proc = subprocess.Popen(
             [self.python, "-m", "awslambdaric", self.handler],
             env=self.env,
             cwd=self.cwd,
-            stdout=self.log if self.log is not None else subprocess.DEVNULL,
+            stdout=out,
             stderr=subprocess.STDOUT,
         )
         return self
@@ -319,9 +333,15 @@ class LocalLambda:
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.kill()
+                self.proc.terminate()  # Lambda's shutdown: SIGTERM, then SIGKILL
+                try:
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
             code = self.proc.wait(timeout=10)
         self.api.stop()
+        if self._own_log is not None:
+            self._own_log.close()
         return code
 
     def __enter__(self) -> LocalLambda:

@@ -1,0 +1,217 @@
+"""AWS Lambda entry point: ``handler.aws_lambda.lambda_handler``, one function for every event.
+
+Importing this module is Lambda's INIT phase: the model pool is loaded and warmed here, once per instance
+(before the snapshot with SnapStart), and one structured cold-start record is printed. Only what an inference
+request needs is imported on this path; FastAPI/Mangum (routes beyond the V2 data plane) and boto3 (warmer
+fan-out) load on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from time import perf_counter_ns
+
+_IMPORT_START = perf_counter_ns()
+
+
+def _process_age_ms() -> float | None:
+    """Milliseconds between this process's start and now (Linux; 10 ms resolution)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        return (time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")) * 1000
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+#: Process start -> this module's first line: the interpreter and the Lambda runtime client starting up.
+_RUNTIME_MS = _process_age_ms()
+
+import contextlib  # noqa: E402 - the timestamp above must come first
+import json  # noqa: E402
+import re  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
+from engine.runtime import Runtime, get_runtime  # noqa: E402
+from engine.tensors import decode_document, encode_response  # noqa: E402
+from handler import lambda_http, v2, warmer  # noqa: E402
+
+ACCEPTED = (
+    "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "
+    'a direct V2 infer request {"model_name": ..., "inputs": [...]}, '
+    'or a warm ping {"oclaw": "warm", "concurrency": N}'
+)
+_INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+@dataclass
+class InstanceState:
+    """What this execution environment remembers between invocations."""
+
+    cold: bool = True
+    invocations: int = 0
+    last_traffic_ns: int | None = None
+    init_type: str = "on-demand"
+
+
+STATE = InstanceState(init_type=os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"))
+
+
+def _init() -> tuple[Runtime, dict[str, Any]]:
+    runtime = get_runtime()
+    imports_ms = (perf_counter_ns() - _IMPORT_START) / 1e6
+    start = perf_counter_ns()
+    runtime.preload()
+    models = runtime.pool.loaded()
+    record: dict[str, Any] = {
+        "event": "cold_start",
+        "platform": "lambda",
+        "instance_id": runtime.instance_id,
+        "init_type": STATE.init_type,
+        "phases_ms": {
+            "runtime": None if _RUNTIME_MS is None else round(_RUNTIME_MS, 1),
+            "imports": round(imports_ms, 1),
+            "repository": round(sum(m.fetch_ms for m in models), 1),
+            "sessions": round(sum(m.session_ms for m in models), 1),
+            "warmup": round(sum(m.warmup_ms for m in models), 1),
+            "preload": round((perf_counter_ns() - start) / 1e6, 1),
+        },
+        "models": {
+            f"{m.name}/{m.version}": {"session_ms": round(m.session_ms, 1), "prepared": m.prepared} for m in models
+        },
+        "init_ms": round((perf_counter_ns() - _IMPORT_START) / 1e6, 1),
+    }
+    if not runtime.pool.ready():
+        # fail INIT (reported to /init/error): an instance that cannot serve must not take traffic
+        raise RuntimeError(f"required models failed to load: {json.dumps(runtime.pool.states())}")
+    print(json.dumps(record), flush=True)
+    return runtime, record
+
+
+RUNTIME, COLD_START = _init()
+_mangum: Any = None
+
+
+def _full_app(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Routes beyond the V2 data plane (repository, statistics, config) through Mangum + FastAPI."""
+    global _mangum
+    if _mangum is None:
+        from mangum import Mangum
+
+        from handler.http import create_app
+
+        # lifespan off: Mangum would re-run it on every invocation (Kludex/mangum#342); the pool is process-wide
+        _mangum = Mangum(
+            create_app(RUNTIME, preload=False),
+            lifespan="off",
+            api_gateway_base_path=RUNTIME.settings.api_base_path or "/",
+        )
+    result: dict[str, Any] = _mangum(event, context)
+    return result
+
+
+def _check_time(context: Any, path: str) -> None:
+    """Refuse work that cannot finish before the Lambda deadline."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining is None:
+        return
+    need = float(RUNTIME.settings.lambda_reserve_ms)
+    if (match := _INFER_PATH.fullmatch(path)) is not None:
+        with contextlib.suppress(OclawError):  # the request itself will report a bad model name
+            need += 2 * RUNTIME.pool.get_nowait(match["name"], match["version"]).estimate_ms()
+    left = remaining()
+    if left < need:
+        raise NotEnoughTime(f"only {left} ms left before the Lambda deadline; this request needs about {need:.0f} ms")
+
+
+def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
+    settings = RUNTIME.settings
+    ev = lambda_http.parse(event, source)
+    path = ev.path
+    if settings.api_base_path and path.startswith(settings.api_base_path):
+        path = path[len(settings.api_base_path) :] or "/"
+    try:
+        body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
+        _check_time(context, path)
+        reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
+    except OclawError as exc:
+        reply = v2.error_reply(exc)
+    if reply is None:
+        return _full_app(event, context)
+    return lambda_http.respond(ev, reply, settings.lambda_max_body_bytes)
+
+
+def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    """A V2 infer request invoked directly (``aws lambda invoke``); answers the V2 response as JSON."""
+    try:
+        name = event.get("model_name")
+        if not isinstance(name, str):
+            raise UnsupportedEvent("a direct invoke needs a string 'model_name'")
+        version = event.get("model_version")
+        _check_time(context, f"/v2/models/{name}/infer")
+        model = RUNTIME.pool.get(name, None if version is None else str(version))
+        doc = {k: v for k, v in event.items() if k not in ("model_name", "model_version")}
+        request = decode_document(doc, max_elements=RUNTIME.settings.max_tensor_elements)
+        request.binary_output = False
+        for out in request.outputs or ():
+            out.binary = False
+        body, _ = encode_response(model.infer(request, perf_counter_ns()))
+        result: dict[str, Any] = json.loads(body)
+        return result
+    except OclawError as exc:
+        return {"error": exc.message, "status": int(exc.status)}
+
+
+def lambda_handler(event: Any, context: Any) -> Any:
+    """Dispatch one Lambda event by its shape."""
+    cold, STATE.cold = STATE.cold, False
+    STATE.invocations += 1
+    if warmer.is_warm_event(event):
+        last = None if STATE.last_traffic_ns is None else (perf_counter_ns() - STATE.last_traffic_ns) / 1e9
+        return warmer.handle(event, context, RUNTIME, cold=cold, last_traffic_s=last)
+    STATE.last_traffic_ns = perf_counter_ns()
+    source = lambda_http.infer(event)
+    if source is not None:
+        return _http(event, context, source)
+    if isinstance(event, dict) and "inputs" in event:
+        return _direct(event, context)
+    raise UnsupportedEvent(f"unsupported event; oclaw accepts {ACCEPTED}")
+
+
+def _register_snapstart_hooks() -> None:
+    """SnapStart: warm before the snapshot; after restore, a new identity, fresh randomness, verified models."""
+    from snapshot_restore_py import register_after_restore, register_before_snapshot
+
+    def before_snapshot() -> None:
+        for model in RUNTIME.pool.loaded():
+            model.ping()
+            _ = model.sha256  # recorded now, verified after restore
+
+    def after_restore() -> None:
+        import random
+        import uuid
+
+        import numpy as np
+
+        RUNTIME.instance_id = uuid.uuid4().hex[:16]
+        random.seed()
+        np.random.seed(int.from_bytes(os.urandom(4), "little"))
+        for model in RUNTIME.pool.loaded():
+            expected = model.sha256
+            model.__dict__.pop("sha256", None)
+            if model.sha256 != expected:
+                raise RuntimeError(f"model {model.name}/{model.version} changed on disk since the snapshot")
+        warmer.reset_client()  # credentials captured in the snapshot are stale
+        STATE.cold = True
+        STATE.init_type = "snap-start-restore"
+        print(json.dumps({"event": "restore", "instance_id": RUNTIME.instance_id}), flush=True)
+
+    register_before_snapshot(before_snapshot)
+    register_after_restore(after_restore)
+
+
+if STATE.init_type == "snap-start":
+    _register_snapstart_hooks()
