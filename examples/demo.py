@@ -6,6 +6,7 @@ Run through ``./scripts/demo.sh`` (it installs what this needs); no cloud accoun
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -67,6 +68,48 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise SystemExit("oclaw serve did not become ready")
 
 
+def function_url_event(body: bytes) -> dict[str, object]:
+    """A Lambda Function URL event carrying a PNG, as Lambda delivers it (base64 body)."""
+    path = f"/v2/models/{MODEL}/infer"
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "image/png", "host": "demo.lambda-url.us-east-1.on.aws"},
+        "requestContext": {"http": {"method": "POST", "path": path, "sourceIp": "127.0.0.1"}, "requestId": "demo"},
+        "body": base64.b64encode(body).decode(),
+        "isBase64Encoded": True,
+    }
+
+
+def lambda_demo(repository: str, coffee: bytes) -> None:
+    """Run the Lambda handler the way Lambda does: awslambdaric against a local Runtime API."""
+    from handler.local_lambda import LocalLambda
+
+    print("\n== the same model as an AWS Lambda function (awslambdaric + local Runtime API, no Docker) ==")
+    with (
+        tempfile.NamedTemporaryFile(suffix=".log") as log,
+        LocalLambda(env={"OCLAW_MODEL_REPOSITORY": repository}, memory_mb=2048, log=log.name) as fn,
+    ):
+        fn.wait_init()
+        for label, event in (
+            ("Function URL, coffee.png", function_url_event(coffee)),
+            ("warm ping", {"oclaw": "warm", "concurrency": 1}),
+        ):
+            result = fn.invoke(event)
+            answer = result.json()
+            if "body" in answer:
+                best = json.loads(answer["body"])["outputs"][0]["data"][0]
+                print(f"{label}: HTTP {answer['statusCode']}, top-1 {best}")
+            else:
+                print(f"{label}: {json.dumps(answer)}")
+            print(f"   {result.report_line()}")
+        for line in Path(log.name).read_text().splitlines():
+            if '"event": "cold_start"' in line:
+                print(f"INIT record: {line}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", default=str(ROOT / "examples" / "models"))
@@ -122,6 +165,7 @@ def main() -> int:
                     record = json.loads(line[line.index("{") :])
                     print(f"cold start record: {json.dumps(record)}")
             print(f"server stopped on SIGTERM (exit code {code})")
+    lambda_demo(args.model_repository, images["coffee"])
     return 0
 
 
