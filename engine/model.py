@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +21,9 @@ from engine.repository import ModelFiles, sha256_file
 from engine.session import create_session
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("oclaw.model")
 
@@ -95,7 +96,6 @@ class LoadedModel:
         self.image_input = self._image_input()
         self.classification_output = self._classification_output()
         self.stats = ModelStats()
-        self.executor = ThreadPoolExecutor(settings.model_concurrency, thread_name_prefix=f"oclaw-{self.name}")
         self.warm_ns: int | None = None
         self.inline = False
         self._closed = threading.Event()
@@ -117,6 +117,13 @@ class LoadedModel:
         if name not in self._outputs:
             raise ModelLoadError(f"postprocess.output must name one of the outputs {list(self._outputs)}")
         return name
+
+    @cached_property
+    def executor(self) -> ThreadPoolExecutor:
+        """The threads that run this model's requests off an event loop (created on first use)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        return ThreadPoolExecutor(self.settings.model_concurrency, thread_name_prefix=f"oclaw-{self.name}")
 
     @cached_property
     def sha256(self) -> str:
@@ -336,10 +343,13 @@ class LoadedModel:
     def close(self) -> None:
         """Stop accepting work; the session is freed when the last in-flight request drops it."""
         self._closed.set()
-        self.executor.shutdown(wait=False)
+        if "executor" in self.__dict__:
+            self.executor.shutdown(wait=False)
 
 
 def _tiny_png() -> np.ndarray:
+    import io
+
     from PIL import Image
 
     buf = io.BytesIO()

@@ -7,10 +7,9 @@ same source file on a compatible CPU; otherwise the source model is loaded norma
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import platform
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter_ns
@@ -39,11 +38,13 @@ def cpu_fingerprint() -> str:
                     break
     except OSError:
         pass
-    return f"{platform.machine()}:" + "+".join(f for f in _ISA_FLAGS if f in flags)
+    return f"{os.uname().machine}:" + "+".join(f for f in _ISA_FLAGS if f in flags)
 
 
 def source_fingerprint(path: Path, edge: int = 1 << 16) -> str:
     """Cheap identity of a model file: size plus sha256 of its first and last 64 KiB (no full read)."""
+    import hashlib
+
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as fh:

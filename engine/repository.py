@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ def parse_version(version: str | int | None) -> int | None:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, streamed."""
+    import hashlib
+
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):

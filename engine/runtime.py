@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import uuid
 from time import perf_counter_ns
 
 from engine.config import Settings, get_settings
@@ -19,7 +19,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.instance_id = uuid.uuid4().hex[:16]
+        self.instance_id = os.urandom(8).hex()
         self.repository = LocalRepository(settings.model_repository)
         self.pool = ModelPool(self.repository, settings)
         self.preload_ms: float | None = None

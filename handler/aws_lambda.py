@@ -192,11 +192,10 @@ def _register_snapstart_hooks() -> None:
 
     def after_restore() -> None:
         import random
-        import uuid
 
         import numpy as np
 
-        RUNTIME.instance_id = uuid.uuid4().hex[:16]
+        RUNTIME.instance_id = os.urandom(8).hex()
         random.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
         for model in RUNTIME.pool.loaded():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.errors import InvalidInput
@@ -42,6 +41,8 @@ def reset_client() -> None:
 
 def fan_out(function_arn: str, count: int, hold_ms: int, correlation_id: str) -> dict[str, Any]:
     """Invoke ``count`` concurrent warm pings on the same function and qualifier; report who answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
     payload = json.dumps(
         {"oclaw": "warm", "target": True, "hold_ms": hold_ms, "correlation_id": correlation_id}
     ).encode()
@@ -113,7 +114,7 @@ def handle(
                 context.invoked_function_arn,
                 concurrency - 1,
                 settings.warmer_hold_ms,
-                str(event.get("correlation_id") or uuid.uuid4()),
+                str(event.get("correlation_id") or os.urandom(8).hex()),
             )
             fan["instance_ids"] = sorted(set(fan["instance_ids"]) | {runtime.instance_id})
             instances = len(fan["instance_ids"])

@@ -1,0 +1,259 @@
+"""Lambda cold start and warm invokes under the genuine awslambdaric + the local Runtime API.
+
+``python -m benchmarks.lambda_cold [--quick] [--out DIR]``: for EfficientNet-Lite0 and a ResNet-50-shaped model,
+process start -> first successful HTTP-event response for the floor (bare onnxruntime script), oclaw (with and
+without prepared graphs) and a naive FastAPI + Mangum handler, measured in the same run; then warm invoke
+latency through awslambdaric for a tiny and the real model beside a bare ``session.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.common import fmt, fmt_ratio, ratio, table, write_json
+from benchmarks.resnet50 import cached_model
+from engine.config import Settings
+from engine.prepare import prepare_repository
+from engine.tensors import encode_request
+from handler.local_lambda import LocalLambda
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def http_event(name: str, x: np.ndarray) -> dict[str, Any]:
+    """An HTTP API (v2) event carrying a V2 binary-extension request, base64-encoded as Lambda delivers it."""
+    body, length = encode_request({"input": x})
+    path = f"/v2/models/{name}/infer"
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {"content-type": "application/octet-stream", "inference-header-content-length": str(length)},
+        "requestContext": {"http": {"method": "POST", "path": path, "sourceIp": "127.0.0.1"}, "requestId": "b"},
+        "body": base64.b64encode(body).decode(),
+        "isBase64Encoded": True,
+    }
+
+
+def floor_once(model: Path) -> dict[str, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.floor", str(model)], stdout=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    total = (time.perf_counter() - start) * 1000
+    proc.wait(timeout=60)
+    return {"first_ms": total, **{k: v for k, v in json.loads(line).items() if k.endswith("_ms")}}
+
+
+def lambda_once(handler: str, env: dict[str, str], event: dict[str, Any], work: Path) -> dict[str, Any]:
+    log = work / "lambda.log"
+    log.unlink(missing_ok=True)
+    with LocalLambda(handler, env=env, cwd=ROOT, log=log, memory_mb=3008) as fn:
+        result = fn.invoke(event, timeout_s=120)  # queued before INIT ends: answered by the first /next
+        first = (time.perf_counter() - fn.spawned_at) * 1000
+        init = (fn.api.first_poll_at - fn.spawned_at) * 1000
+    if result.error is not None or json.loads(result.payload or b"{}").get("statusCode") != 200:
+        raise RuntimeError(f"{handler} failed: {result.error or result.payload[:300] if result.payload else ''}")
+    row: dict[str, Any] = {"init_ms": init, "first_ms": first}
+    for line in log.read_text(errors="replace").splitlines():
+        if '"event": "cold_start"' in line:
+            row["phases"] = json.loads(line)["phases_ms"]
+    return row
+
+
+def summary(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    values = [r[key] for r in runs]
+    return min(values), statistics.median(values)
+
+
+def cold_section(n: int, out: Path, work: Path) -> tuple[list[dict[str, Any]], str]:
+    models = {
+        "efficientnet_lite0": ROOT / "examples" / "models" / "efficientnet_lite0" / "1" / "model.onnx",
+        "resnet50": cached_model(out / "cache"),
+    }
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    results = []
+    rows = []
+    for name, source in models.items():
+        plain = work / f"{name}-plain"
+        prepared = work / f"{name}-prepared"
+        for repo in (plain, prepared):
+            (repo / name / "1").mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, repo / name / "1" / "model.onnx")
+        prepare_repository(Settings.from_env({}, model_repository=str(prepared)))
+        event = http_event(name, x)
+        variants = {
+            "floor": lambda source=source: floor_once(source),
+            "oclaw, prepared": lambda repo=prepared, event=event: lambda_once(
+                "handler.aws_lambda.lambda_handler", {"OCLAW_MODEL_REPOSITORY": str(repo)}, event, work
+            ),
+            "oclaw, not prepared": lambda repo=plain, event=event: lambda_once(
+                "handler.aws_lambda.lambda_handler", {"OCLAW_MODEL_REPOSITORY": str(repo)}, event, work
+            ),
+            "naive FastAPI+Mangum": lambda source=source, event=event: lambda_once(
+                "benchmarks.naive_lambda.handler", {"NAIVE_MODEL": str(source)}, event, work
+            ),
+        }
+        measured: dict[str, list[dict[str, Any]]] = {}
+        for variant, once in variants.items():
+            once()  # page cache warm-up, not counted
+            measured[variant] = [once() for _ in range(n)]
+            print(f"  {name}: {variant} done", file=sys.stderr, flush=True)
+        floor_med = summary(measured["floor"], "first_ms")[1]
+        ours_med = summary(measured["oclaw, prepared"], "first_ms")[1]
+        for variant, runs in measured.items():
+            fmin, fmed = summary(runs, "first_ms")
+            init = summary(runs, "init_ms") if "init_ms" in runs[0] else (None, None)
+            phases = runs[len(runs) // 2].get("phases")
+            results.append(
+                {
+                    "model": name,
+                    "variant": variant,
+                    "first_ms_min": fmin,
+                    "first_ms_median": fmed,
+                    "init_ms_median": init[1],
+                    "phases": phases,
+                    "runs": runs,
+                }
+            )
+            rows.append(
+                [
+                    name,
+                    variant,
+                    fmt(init[1]),
+                    f"{fmt(fmin)} / {fmt(fmed)}",
+                    fmt_ratio(ratio(fmed, floor_med)),
+                    fmt_ratio(ratio(fmed, ours_med)),
+                    " ".join(f"{k} {v:.0f}" for k, v in (phases or {}).items() if v is not None) or "-",
+                ]
+            )
+    text = table(
+        [
+            "model",
+            "variant",
+            "INIT ms (median)",
+            "first response ms (min / median)",
+            "vs floor",
+            "vs oclaw prepared",
+            "oclaw INIT phases ms (median run)",
+        ],
+        rows,
+    )
+    return results, text
+
+
+def warm_section(n: int, work: Path, repo_tiny: Path) -> tuple[list[dict[str, Any]], str]:
+    effnet = ROOT / "examples" / "models"
+    cases = {
+        "tiny (mlp 64-256-10, JSON)": (repo_tiny, "mlp", np.zeros((1, 64), np.float32)),
+        "efficientnet_lite0 (binary)": (
+            effnet,
+            "efficientnet_lite0",
+            np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32),
+        ),
+    }
+    rows, results = [], []
+    for label, (repo, name, x) in cases.items():
+        sess = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x}
+        for _ in range(10):
+            sess.run(None, feed)
+        bare = []
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            sess.run(None, feed)
+            bare.append(time.perf_counter_ns() - t)
+        if name == "mlp":
+            path = "/v2/models/mlp/infer"
+            body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]})
+            event: dict[str, Any] = {
+                "version": "2.0",
+                "routeKey": "$default",
+                "rawPath": path,
+                "rawQueryString": "",
+                "headers": {"content-type": "application/json"},
+                "requestContext": {"http": {"method": "POST", "path": path, "sourceIp": "127.0.0.1"}},
+                "body": body,
+                "isBase64Encoded": False,
+            }
+        else:
+            event = http_event(name, x)
+        wall, billed = [], []
+        with LocalLambda(env={"OCLAW_MODEL_REPOSITORY": str(repo)}, cwd=ROOT, log=work / "warm.log") as fn:
+            fn.wait_init()
+            for _ in range(20):
+                fn.invoke(event)
+            for _ in range(n):
+                t = time.perf_counter_ns()
+                r = fn.invoke(event)
+                wall.append(time.perf_counter_ns() - t)
+                billed.append(r.duration_ms)
+        b50, b99 = np.percentile(bare, [50, 99]) / 1e6
+        w50, w99 = np.percentile(wall, [50, 99]) / 1e6
+        d50 = float(np.percentile(billed, 50))
+        results.append(
+            {
+                "case": label,
+                "bare_p50_ms": b50,
+                "bare_p99_ms": b99,
+                "invoke_p50_ms": w50,
+                "invoke_p99_ms": w99,
+                "duration_p50_ms": d50,
+            }
+        )
+        rows.append(
+            [label, f"{b50:.3f} / {b99:.3f}", f"{w50:.3f} / {w99:.3f}", f"{d50:.3f}", f"{(w50 - b50) * 1000:.0f}"]
+        )
+    text = table(
+        [
+            "model",
+            "bare session.run p50 / p99 ms",
+            "invoke through awslambdaric p50 / p99 ms",
+            "Lambda Duration p50 ms",
+            "overhead p50 µs",
+        ],
+        rows,
+    )
+    return results, text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_cold, n_warm = (2, 100) if args.quick else (5, 300)
+    with tempfile.TemporaryDirectory(prefix="oclaw-lambda-bench-") as tmp:
+        work = Path(tmp)
+        from tests.modelgen import _save, mlp
+
+        _save(mlp(), work / "tiny", "mlp")
+        cold, cold_text = cold_section(n_cold, out, work)
+        print("\n## Lambda cold start: process start -> first HTTP-event response (awslambdaric + local Runtime API)\n")
+        print(cold_text)
+        warm, warm_text = warm_section(n_warm, work, work / "tiny")
+        print("\n## Lambda warm invokes (sequential, through awslambdaric)\n")
+        print(warm_text)
+    write_json(out / "lambda.json", {"cold": cold, "warm": warm})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
