@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -21,6 +22,9 @@ HOST = "127.0.0.1"
 PYTHON = sys.executable
 
 _children: list[subprocess.Popen[bytes]] = []
+#: Where children keep their bytecode (set by the runner): every variant then starts with compiled .pyc
+#: files, as a deployed install would, even where PYTHONDONTWRITEBYTECODE is set; the tree stays untouched.
+PYCACHE_PREFIX: Path | None = None
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -40,6 +44,9 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of every child: ours without OCLAW_* / PORT, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OCLAW_") and k != "PORT"}
     env["PYTHONUNBUFFERED"] = "1"
+    if PYCACHE_PREFIX is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE_PREFIX)
     env.update(extra or {})
     return env
 
@@ -111,9 +118,7 @@ def free_port() -> int:
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
-def http_request(
-    method: str, path: str, port: int, body: bytes = b"", headers: dict[str, str] | None = None
-) -> bytes:
+def http_request(method: str, path: str, port: int, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
     """Raw HTTP/1.1 request bytes (keep-alive), built once and reused."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -196,7 +201,7 @@ def wait_first_infer(
         began = time.perf_counter()
         try:
             with Connection(port, timeout=max(1.0, deadline - began)) as conn:
-                status, _, body = conn.roundtrip(request)
+                status, _, _ = conn.roundtrip(request)
             if status == 200:
                 return time.perf_counter(), attempts
         except (OSError, ResponseError):
@@ -238,15 +243,15 @@ def percentiles(values_ns: Sequence[int] | np.ndarray, qs: Sequence[float] = (50
 
 def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either side is missing or b is zero."""
-    if a is None or b is None or b == 0 or a != a or b != b:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
     return a / b
 
 
 def fmt(value: Any, digits: int = 1) -> str:
     """A table cell."""
-    if value is None or (isinstance(value, float) and value != value):
-        return "–"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -255,7 +260,7 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def fmt_ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}×"
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -269,7 +274,7 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (NaN becomes null)."""
 
     def clean(x: Any) -> Any:
-        if isinstance(x, float) and x != x:
+        if isinstance(x, float) and math.isnan(x):
             return None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.common import fmt, fmt_ratio, ratio, table, write_json
+from benchmarks import common
+from benchmarks.common import child_env, fmt, fmt_ratio, ratio, table, write_json
 from benchmarks.resnet50 import cached_model
 from engine.config import Settings
 from engine.prepare import prepare_repository
@@ -49,9 +50,19 @@ def http_event(name: str, x: np.ndarray) -> dict[str, Any]:
     }
 
 
+def lambda_env(extra: dict[str, str]) -> dict[str, str]:
+    """Environment for a LocalLambda child: the same bytecode cache as every other benchmark child."""
+    env = dict(extra)
+    if common.PYCACHE_PREFIX is not None:
+        env.update({"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(common.PYCACHE_PREFIX)})
+    return env
+
+
 def floor_once(model: Path) -> dict[str, float]:
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.floor", str(model)], stdout=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.floor", str(model)], stdout=subprocess.PIPE, cwd=ROOT, env=child_env()
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     total = (time.perf_counter() - start) * 1000
@@ -62,7 +73,7 @@ def floor_once(model: Path) -> dict[str, float]:
 def lambda_once(handler: str, env: dict[str, str], event: dict[str, Any], work: Path) -> dict[str, Any]:
     log = work / "lambda.log"
     log.unlink(missing_ok=True)
-    with LocalLambda(handler, env=env, cwd=ROOT, log=log, memory_mb=3008) as fn:
+    with LocalLambda(handler, env=lambda_env(env), cwd=ROOT, log=log, memory_mb=3008) as fn:
         result = fn.invoke(event, timeout_s=120)  # queued before INIT ends: answered by the first /next
         first = (time.perf_counter() - fn.spawned_at) * 1000
         init = (fn.api.first_poll_at - fn.spawned_at) * 1000
@@ -194,7 +205,8 @@ def warm_section(n: int, work: Path, repo_tiny: Path) -> tuple[list[dict[str, An
         else:
             event = http_event(name, x)
         wall, billed = [], []
-        with LocalLambda(env={"OCLAW_MODEL_REPOSITORY": str(repo)}, cwd=ROOT, log=work / "warm.log") as fn:
+        env = lambda_env({"OCLAW_MODEL_REPOSITORY": str(repo)})
+        with LocalLambda(env=env, cwd=ROOT, log=work / "warm.log") as fn:
             fn.wait_init()
             for _ in range(20):
                 fn.invoke(event)
@@ -232,6 +244,21 @@ def warm_section(n: int, work: Path, repo_tiny: Path) -> tuple[list[dict[str, An
     return results, text
 
 
+def section(quick: bool, out: Path, work: Path) -> dict[str, Any]:
+    """Both Lambda tables; returns the results and prints the tables."""
+    from tests.modelgen import _save, mlp
+
+    n_cold, n_warm = (2, 100) if quick else (5, 300)
+    _save(mlp(), work / "tiny", "mlp")
+    cold, cold_text = cold_section(n_cold, out, work)
+    print("\n## Lambda cold start: process start -> first HTTP-event response (awslambdaric + local Runtime API)\n")
+    print(cold_text)
+    warm, warm_text = warm_section(n_warm, work, work / "tiny")
+    print("\n## Lambda warm invokes (sequential, through awslambdaric)\n")
+    print(warm_text)
+    return {"cold": cold, "warm": warm}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -239,19 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n_cold, n_warm = (2, 100) if args.quick else (5, 300)
+    common.PYCACHE_PREFIX = out.resolve() / "cache" / "pycache"
     with tempfile.TemporaryDirectory(prefix="oclaw-lambda-bench-") as tmp:
-        work = Path(tmp)
-        from tests.modelgen import _save, mlp
-
-        _save(mlp(), work / "tiny", "mlp")
-        cold, cold_text = cold_section(n_cold, out, work)
-        print("\n## Lambda cold start: process start -> first HTTP-event response (awslambdaric + local Runtime API)\n")
-        print(cold_text)
-        warm, warm_text = warm_section(n_warm, work, work / "tiny")
-        print("\n## Lambda warm invokes (sequential, through awslambdaric)\n")
-        print(warm_text)
-    write_json(out / "lambda.json", {"cold": cold, "warm": warm})
+        results = section(args.quick, out, Path(tmp))
+    write_json(out / "lambda.json", results)
     return 0
 
 

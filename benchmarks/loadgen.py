@@ -58,12 +58,14 @@ class Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._send()
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        try:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._send()
+        except Exception as exc:  # noqa: BLE001
+            self._finish(f"client error: {exc!r}")
 
     def _send(self) -> None:
         assert self.transport is not None
@@ -83,6 +85,12 @@ class Client(asyncio.Protocol):
             self.done.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception as exc:  # noqa: BLE001 - end this connection, report, never hang
+            self._finish(f"client error: {exc!r}")
+
+    def _received(self, data: bytes) -> None:
         self.buf += data
         while True:
             if self.need < 0:
@@ -137,7 +145,7 @@ async def run(port: int, request: bytes, concurrency: int, warmup: float, durati
         futures.append(fut)
     try:
         # every connection finishes at the end of the window (or when its in-flight request returns)
-        await asyncio.wait_for(asyncio.gather(*futures), timeout=warmup + duration + 120)
+        await asyncio.wait_for(asyncio.gather(*futures), timeout=warmup + duration + 60)
     except TimeoutError:
         stats.protocol_errors.append("timed out waiting for the last responses")
     finally:

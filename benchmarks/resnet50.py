@@ -155,9 +155,7 @@ def build(seed: int = SEED) -> object:
     logits = feat @ fc_w.T
     fc_b = (-logits.mean(axis=0)).astype(np.float32)  # centre the logits of the calibration batch
     b.nodes.append(
-        helper.make_node(
-            "Gemm", ["flat", b.init("fc.weight", fc_w), b.init("fc.bias", fc_b)], ["logits"], transB=1
-        )
+        helper.make_node("Gemm", ["flat", b.init("fc.weight", fc_w), b.init("fc.bias", fc_b)], ["logits"], transB=1)
     )
     graph = helper.make_graph(
         b.nodes,
@@ -166,9 +164,7 @@ def build(seed: int = SEED) -> object:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
         b.inits,
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="oclaw-benchmarks"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="oclaw-benchmarks")
     model.ir_version = 8
     model.doc_string = f"{VERSION}; {b.params} parameters"
     onnx.checker.check_model(model)

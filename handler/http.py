@@ -93,6 +93,41 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
 
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
 
+    # -- inference (the hot path) ----------------------------------------------------------------------
+    # A plain Starlette route, registered before every other route: it is matched first (routes are tried
+    # in order) and skips FastAPI's per-request parameter solving; path parameters are read directly.
+
+    async def infer(request: Request) -> Response:
+        enqueue = perf_counter_ns()
+        model_name = request.path_params["model_name"]
+        model_version = request.path_params.get("model_version")
+        try:
+            model = pool.get_nowait(model_name, model_version)
+        except ModelNotFound:
+            raise
+        except OclawError:
+            # still loading: wait for it off the event loop (requests never race a cold start to a 503)
+            model = await asyncio.to_thread(pool.get, model_name, model_version)
+        body = await read_body(request, settings.max_body_bytes)
+        header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
+        ctype = request.headers.get("content-type")
+        if runs_inline(model, len(body)):
+            encoded = infer_bytes(model, body, header_length, ctype, enqueue)
+        else:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(
+                model.executor, infer_bytes, model, body, header_length, ctype, enqueue
+            )
+        headers = None
+        if encoded.header_length is not None:
+            headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
+        return Response(encoded.body, media_type=encoded.content_type, headers=headers)
+
+    app.add_route("/v2/models/{model_name}/infer", infer, methods=["POST"], include_in_schema=False)
+    app.add_route(
+        "/v2/models/{model_name}/versions/{model_version}/infer", infer, methods=["POST"], include_in_schema=False
+    )
+
     @app.exception_handler(OclawError)
     async def _oclaw_error(_: Request, exc: OclawError) -> Response:
         return error_response(int(exc.status), exc.message)
@@ -152,32 +187,6 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
     async def model_config(model_name: str, model_version: str | None = None) -> Response:
         model = model_for(model_name, model_version)
         return json_response(await asyncio.to_thread(model.config))
-
-    @app.post("/v2/models/{model_name}/infer")
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
-    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        enqueue = perf_counter_ns()
-        try:
-            model = pool.get_nowait(model_name, model_version)
-        except ModelNotFound:
-            raise
-        except OclawError:
-            # still loading: wait for it off the event loop (requests never race a cold start to a 503)
-            model = await asyncio.to_thread(pool.get, model_name, model_version)
-        body = await read_body(request, settings.max_body_bytes)
-        header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
-        ctype = request.headers.get("content-type")
-        if runs_inline(model, len(body)):
-            encoded = infer_bytes(model, body, header_length, ctype, enqueue)
-        else:
-            loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(
-                model.executor, infer_bytes, model, body, header_length, ctype, enqueue
-            )
-        headers = None
-        if encoded.header_length is not None:
-            headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
-        return Response(encoded.body, media_type=encoded.content_type, headers=headers)
 
     # -- repository extension ------------------------------------------------------------------------
 
