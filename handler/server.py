@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 from time import perf_counter_ns
+from typing import Any
 
 from engine.config import Settings
 from engine.runtime import get_runtime
@@ -20,7 +22,7 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
     t_imports = perf_counter_ns()
     import uvicorn
 
-    from handler.http import create_app
+    from handler.asgi import ServerApp
 
     imports_ms = (perf_counter_ns() - t_imports) / 1e6
 
@@ -42,11 +44,18 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "preload_ms": runtime.preload_ms,
             "models": models,
             "ready": runtime.pool.ready(),
+            # the full FastAPI app loads on the first non-data-plane request, never on the cold path
+            "fastapi_loaded": "fastapi" in sys.modules,
             "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
         }
         log.info("%s", json.dumps(record))
 
-    app = create_app(runtime, on_ready=report)
+    def full_app() -> Any:
+        from handler.http import create_app
+
+        return create_app(runtime, preload=False)
+
+    app = ServerApp(runtime, full_app, on_ready=report)
 
     config = uvicorn.Config(
         app,

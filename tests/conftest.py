@@ -20,6 +20,7 @@ import uvicorn
 
 from engine.config import Settings
 from engine.runtime import Runtime
+from handler.asgi import ServerApp
 from handler.http import create_app
 from tests.modelgen import build_repository
 
@@ -57,13 +58,17 @@ class ServerThread:
         self.runtime.close()
 
 
-def start_server(repo: Path, **overrides: Any) -> ServerThread:
-    """Start uvicorn on a free loopback port with a fresh Runtime; returns once it accepts requests."""
+def start_server(repo: Path, *, fastapi_only: bool = False, **overrides: Any) -> ServerThread:
+    """Start uvicorn on a free loopback port with a fresh Runtime; returns once it accepts requests.
+
+    The app is what `oclaw serve` runs (data plane + FastAPI on first use), or the FastAPI app alone.
+    """
     settings = Settings.from_env({}, model_repository=str(repo), **overrides)
     runtime = Runtime(settings)
     runtime.start_preload()
     port = free_port()
-    config = uvicorn.Config(create_app(runtime), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    app: Any = create_app(runtime) if fastapi_only else ServerApp(runtime, lambda: create_app(runtime, preload=False))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

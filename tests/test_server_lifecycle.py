@@ -48,10 +48,13 @@ def test_port_env_is_honoured_and_cold_start_is_reported(slow_repo: Path, tmp_pa
         header = resp.headers.get("inference-header-content-length")
         out = decode_response(resp.content, int(header) if header else None)
         np.testing.assert_array_equal(out["y"], np.full((2, 4), 2.0, dtype=np.float32))
+        stats = httpx.get(f"{srv.url}/v2/models/plus_one/stats")  # imports FastAPI on first use
+        assert stats.status_code == 200 and stats.json()["model_stats"][0]["inference_count"] == 2
     finally:
         assert srv.terminate() == 0
     record = cold_start_record(srv.output())
     assert record["ready"] is True
+    assert record["fastapi_loaded"] is False
     models = record["models"]
     assert isinstance(models, dict) and set(models) == {"slow/1", "plus_one/1"}
     assert all(m["session_ms"] > 0 and m["warmup_ms"] > 0 for m in models.values())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from engine.datatypes import V2_TO_NUMPY
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, start_server
 
 
 @pytest.fixture()
@@ -156,3 +159,35 @@ def test_unknown_model_error_reaches_the_client(triton: httpclient.InferenceServ
     with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
         triton.infer("nope", [inp])
     assert not triton.is_model_ready("nope")
+
+
+def test_curl_with_a_json_body(server: ServerThread) -> None:
+    """curl -d sends application/x-www-form-urlencoded; the V2 JSON body must still be understood."""
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is part of the test environment"
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    out = subprocess.run(
+        [curl, "-sS", f"{server.url}/v2/models/versioned/versions/1/infer", "-d", body],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert json.loads(out.stdout)["outputs"][0]["data"] == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_the_fastapi_app_alone_serves_the_same_api(repo: Path) -> None:
+    """The FastAPI app (what Mangum runs, and what `oclaw serve` delegates to) answers infer identically."""
+    srv = start_server(repo, fastapi_only=True)
+    try:
+        client = httpclient.InferenceServerClient(url=srv.host)
+        assert client.is_server_ready() and client.get_model_metadata("add_sub")["name"] == "add_sub"
+        a = np.ones((2, 16), dtype=np.float32)
+        inputs = [httpclient.InferInput("INPUT0", [2, 16], "FP32"), httpclient.InferInput("INPUT1", [2, 16], "FP32")]
+        inputs[0].set_data_from_numpy(a)
+        inputs[1].set_data_from_numpy(a * 3)
+        np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), a * 4)
+        with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
+            client.infer("nope", inputs)
+    finally:
+        srv.stop()

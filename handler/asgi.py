@@ -1,0 +1,176 @@
+"""The server's ASGI app: the V2 data plane answered directly (Starlette only), the full FastAPI app on first use.
+
+Importing FastAPI (and pydantic) costs ~0.3 s, more than loading most models; `oclaw serve` therefore opens its
+port as soon as the models are warm, and the routes beyond the data plane (repository, statistics, config)
+import FastAPI when first called. Both paths share the endpoint code below and in ``handler/v2.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import zlib
+from collections.abc import Callable
+from time import perf_counter_ns
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.dataplane import infer_bytes, parse_header_length, runs_inline
+from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
+from engine.runtime import Runtime
+from handler import v2
+
+log = logging.getLogger("oclaw.http")
+
+INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON response encoded with orjson."""
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def reply_response(reply: v2.Reply) -> Response:
+    """A Starlette response for a framework-free Reply."""
+    return Response(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+def error_response(status: int, message: str) -> Response:
+    """The V2 error shape: non-2xx and ``{"error": message}``."""
+    return json_response({"error": message}, status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing more than ``limit`` bytes (413) and inflating gzip/deflate bodies."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput(f"invalid Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"request body of {declared} bytes exceeds the limit of {limit} bytes (OCLAW_MAX_BODY_BYTES)"
+            )
+        body = await request.body()
+    else:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes (OCLAW_MAX_BODY_BYTES)")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidInput(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"could not inflate the {encoding} body: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"inflated body exceeds the limit of {limit} bytes (OCLAW_MAX_BODY_BYTES)")
+    if not inflater.eof:
+        raise InvalidInput(f"the {encoding} body is truncated")
+    return out
+
+
+async def infer(runtime: Runtime, request: Request, model_name: str, model_version: str | None) -> Response:
+    """``POST /v2/models/{m}[/versions/{v}]/infer``: cheap models inline, the rest on the model's threads."""
+    enqueue = perf_counter_ns()
+    pool = runtime.pool
+    try:
+        model = pool.get_nowait(model_name, model_version)
+    except ModelNotFound:
+        raise
+    except OclawError:
+        # still loading: wait for it off the event loop (requests never race a cold start to a 503)
+        model = await asyncio.to_thread(pool.get, model_name, model_version)
+    body = await read_body(request, runtime.settings.max_body_bytes)
+    header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
+    ctype = request.headers.get("content-type")
+    if runs_inline(model, len(body)):
+        encoded = infer_bytes(model, body, header_length, ctype, enqueue)
+    else:
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(model.executor, infer_bytes, model, body, header_length, ctype, enqueue)
+    headers = None
+    if encoded.header_length is not None:
+        headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
+    return Response(encoded.body, media_type=encoded.content_type, headers=headers)
+
+
+class ServerApp:
+    """ASGI app for ``oclaw serve``: lifespan waits for the warm pool; data plane here, the rest in FastAPI."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        full_app: Callable[[], ASGIApp],
+        *,
+        preload: bool = True,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self._make_full_app = full_app
+        self._full_app: ASGIApp | None = None
+        self._lock = asyncio.Lock()
+        self._preload = preload
+        self._on_ready = on_ready
+
+    async def full_app(self) -> ASGIApp:
+        """The FastAPI app, built (and imported) on first use."""
+        async with self._lock:
+            if self._full_app is None:
+                self._full_app = await asyncio.to_thread(self._make_full_app)
+        return self._full_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] == "http":
+            response = await self._data_plane(scope, receive)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        app = await self.full_app()
+        await app(scope, receive, send)
+
+    async def _data_plane(self, scope: Scope, receive: Receive) -> Response | None:
+        method, path = scope["method"], scope["path"]
+        try:
+            if method == "POST" and (match := INFER_PATH.fullmatch(path)):
+                return await infer(self.runtime, Request(scope, receive), match["name"], match["version"])
+            if method == "GET":
+                reply = v2.route(self.runtime, method, path, b"", {})
+                return None if reply is None else reply_response(reply)
+        except OclawError as exc:
+            return error_response(int(exc.status), exc.message)
+        except Exception as exc:
+            log.exception("unexpected error")
+            return error_response(500, f"internal error: {type(exc).__name__}")
+        return None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self._preload:
+                        await asyncio.to_thread(self.runtime.wait_preloaded)
+                    if self._on_ready is not None:
+                        self._on_ready()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
