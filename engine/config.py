@@ -69,8 +69,9 @@ class Settings:
     #: Intra-op threads per session; 0 means the CPUs this process may use.
     intra_op_threads: int = 0
     graph_optimization: str = "all"
-    #: Let ORT worker threads spin between runs (lower latency, burns billed CPU while idle).
-    allow_spinning: bool = False
+    #: Let ORT worker threads spin briefly between parallel sections (onnxruntime's default: steadier latency;
+    #: off saves CPU on hosts where idle CPU is billed or shared).
+    allow_spinning: bool = True
     #: Load ``model.prepared.onnx`` (made by ``oclaw prepare``) with optimisations off when compatible.
     use_prepared: bool = True
     #: Run one synthetic inference per model before it is reported ready.
