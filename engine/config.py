@@ -97,6 +97,16 @@ class Settings:
     warmer_hold_ms: int = 75
     #: The warmer skips its fan-out when this instance served real traffic this recently.
     warmer_traffic_window_s: float = 60.0
+    #: S3 events: objects under this prefix are inferred (``<prefix><model>/<key>``) ...
+    s3_input_prefix: str = "input/"
+    #: ... and their results written under this one, same relative key plus a suffix.
+    s3_output_prefix: str = "output/"
+    #: Model for every S3 object (default: the first key segment under the input prefix).
+    s3_model: str = ""
+    #: JSON Lines objects are inferred and saved in parts of this many lines (resumable across retries).
+    s3_chunk_lines: int = 1000
+    #: Where SQS results go when a message names no ``reply_to``: ``s3://bucket/prefix`` or a queue URL.
+    sqs_result_destination: str = ""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

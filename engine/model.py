@@ -294,6 +294,37 @@ class LoadedModel:
             plan.append((out.name, request.binary_output if out.binary is None else out.binary, out.classification))
         return plan
 
+    def prepare(self, request: InferRequest) -> tuple[dict[str, np.ndarray], list[tuple[str, bool, int]]]:
+        """Validate and pre-process a request: the session feed and the output plan."""
+        feed, image_mode = self._feed(request)
+        return feed, self._plan(request, image_mode)
+
+    def run_plan(self, feed: dict[str, np.ndarray], plan: list[tuple[str, bool, int]]) -> list[np.ndarray]:
+        """Run the session for the planned outputs."""
+        try:
+            results: list[np.ndarray] = self.session.run([p[0] for p in plan], feed)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
+        return results
+
+    def post_process(self, plan: list[tuple[str, bool, int]], results: list[np.ndarray]) -> list[OutputTensor]:
+        """Classification where asked; one OutputTensor per planned output."""
+        outputs = []
+        for (name, binary, k), result in zip(plan, results, strict=True):
+            arr = result
+            if k:
+                soft = name == self.classification_output and bool(
+                    self.manifest.classification and self.manifest.classification.softmax
+                )
+                arr = classify(arr, k, self.manifest.labels, apply_softmax=soft)
+            outputs.append(OutputTensor(name, arr, binary))
+        return outputs
+
+    @cached_property
+    def batchable(self) -> bool:
+        """True when every input and output has a variable first (batch) dimension."""
+        return all(s.shape and s.shape[0] < 0 for s in (*self.inputs, *self.outputs))
+
     def infer(
         self, request: InferRequest, enqueue_ns: int | None = None, started_ns: int | None = None
     ) -> InferResponse:
@@ -308,21 +339,9 @@ class LoadedModel:
             feed, image_mode = self._feed(request)
             plan = self._plan(request, image_mode)
             t1 = perf_counter_ns()
-            names = [p[0] for p in plan]
-            try:
-                results = self.session.run(names, feed)
-            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-                raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
+            results = self.run_plan(feed, plan)
             t2 = perf_counter_ns()
-            outputs = []
-            for (name, binary, k), result in zip(plan, results, strict=True):
-                arr = result
-                if k:
-                    soft = name == self.classification_output and bool(
-                        self.manifest.classification and self.manifest.classification.softmax
-                    )
-                    arr = classify(arr, k, self.manifest.labels, apply_softmax=soft)
-                outputs.append(OutputTensor(name, arr, binary))
+            outputs = self.post_process(plan, results)
             response = InferResponse(self.name, str(self.version), outputs, id=request.id)
         except OclawError:
             self.stats.failure(perf_counter_ns() - start + queue)

@@ -31,16 +31,18 @@ _RUNTIME_MS = _process_age_ms()
 import contextlib  # noqa: E402 - the timestamp above must come first
 import json  # noqa: E402
 import re  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
-from handler import lambda_http, v2, warmer  # noqa: E402
+from handler import aws_clients, lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
 
 ACCEPTED = (
     "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "
+    "S3 object-created notifications, SQS batches, "
     'a direct V2 infer request {"model_name": ..., "inputs": [...]}, '
     'or a warm ping {"oclaw": "warm", "concurrency": N}'
 )
@@ -113,6 +115,12 @@ def _full_app(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return result
 
 
+def _clock(context: Any) -> Callable[[], float]:
+    """Milliseconds left before the Lambda deadline (unbounded without a Lambda context)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return (lambda: float(remaining())) if remaining is not None else (lambda: float("inf"))
+
+
 def _check_time(context: Any, path: str) -> None:
     """Refuse work that cannot finish before the Lambda deadline."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
@@ -173,6 +181,10 @@ def lambda_handler(event: Any, context: Any) -> Any:
         last = None if STATE.last_traffic_ns is None else (perf_counter_ns() - STATE.last_traffic_ns) / 1e9
         return warmer.handle(event, context, RUNTIME, cold=cold, last_traffic_s=last)
     STATE.last_traffic_ns = perf_counter_ns()
+    if sqs_events.is_sqs_event(event):
+        return sqs_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
+    if s3_events.is_s3_event(event):
+        return s3_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
     source = lambda_http.infer(event)
     if source is not None:
         return _http(event, context, source)
@@ -203,7 +215,7 @@ def _register_snapstart_hooks() -> None:
             model.__dict__.pop("sha256", None)
             if model.sha256 != expected:
                 raise RuntimeError(f"model {model.name}/{model.version} changed on disk since the snapshot")
-        warmer.reset_client()  # credentials captured in the snapshot are stale
+        aws_clients.reset()  # credentials captured in the snapshot are stale
         STATE.cold = True
         STATE.init_type = "snap-start-restore"
         print(json.dumps({"event": "restore", "instance_id": RUNTIME.instance_id}), flush=True)

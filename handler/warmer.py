@@ -10,33 +10,16 @@ from typing import Any
 
 from engine.errors import InvalidInput
 from engine.runtime import Runtime
+from handler import aws_clients
 
 log = logging.getLogger("oclaw.warmer")
 
 MAX_CONCURRENCY = 200
-_client: Any = None
 
 
 def is_warm_event(event: Any) -> bool:
     """``{"oclaw": "warm", ...}`` from an EventBridge schedule (or a fan-out from another instance)."""
     return isinstance(event, dict) and event.get("oclaw") == "warm"
-
-
-def lambda_client() -> Any:
-    """A cached boto3 Lambda client (imported only when a fan-out happens)."""
-    global _client
-    if _client is None:
-        import boto3
-        from botocore.config import Config
-
-        _client = boto3.client("lambda", config=Config(retries={"max_attempts": 2}, read_timeout=30))
-    return _client
-
-
-def reset_client() -> None:
-    """Drop the cached client (its credentials are time-bound; e.g. after a SnapStart restore)."""
-    global _client
-    _client = None
 
 
 def fan_out(function_arn: str, count: int, hold_ms: int, correlation_id: str) -> dict[str, Any]:
@@ -46,7 +29,7 @@ def fan_out(function_arn: str, count: int, hold_ms: int, correlation_id: str) ->
     payload = json.dumps(
         {"oclaw": "warm", "target": True, "hold_ms": hold_ms, "correlation_id": correlation_id}
     ).encode()
-    client = lambda_client()
+    client = aws_clients.client("lambda")
 
     def one(_: int) -> dict[str, Any]:
         resp = client.invoke(FunctionName=function_arn, InvocationType="RequestResponse", Payload=payload)

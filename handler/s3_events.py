@@ -1,0 +1,276 @@
+"""S3 object-created events: read an object, infer it in row batches, write the result whole.
+
+Key layout: ``<input prefix><model>/<path>`` → ``<output prefix><model>/<path><suffix>``. Inputs: ``.jsonl``
+(one V2 infer request per line → one V2 response per line), ``.npy``/``.npz`` tensors (→ ``.npy``/``.npz``),
+images for models with image pre-processing (→ a V2 response as ``.json``). A bad object gets
+``<output key>.error.json`` and never fails the others; a transient AWS error fails the invocation so Lambda
+retries it, and a retry overwrites the same keys. Long JSON Lines objects are saved in parts: when the Lambda
+deadline comes close the work stops, the parts stay, and the retry resumes after the last saved line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from time import perf_counter
+from typing import Any
+from urllib.parse import unquote_plus
+
+import numpy as np
+
+from engine.batching import infer_many
+from engine.datatypes import v2_datatype
+from engine.errors import OclawError
+from engine.model import LoadedModel
+from engine.runtime import Runtime
+from engine.tensors import InferRequest, InferResponse, InputTensor, decode_request, encode_response
+from handler import aws_clients
+
+log = logging.getLogger("oclaw.s3")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+SOURCE_META = "oclaw-source"
+
+
+class BadObject(Exception):
+    """The object cannot be inferred (format, shape, model); reported beside it, never retried."""
+
+
+class Incomplete(Exception):
+    """Stopped before the Lambda deadline; finished parts are saved and the retry resumes after them."""
+
+
+def is_s3_event(event: Any) -> bool:
+    """An S3 notification (or its ``s3:TestEvent``)."""
+    if not isinstance(event, dict):
+        return False
+    if event.get("Event") == "s3:TestEvent":
+        return True
+    records = event.get("Records")
+    if not isinstance(records, list) or not records:
+        return False
+    return all(isinstance(r, dict) and r.get("eventSource") == "aws:s3" for r in records)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One object to infer."""
+
+    bucket: str
+    key: str
+    version: str | None
+    model_name: str
+    out_key: str
+    source: str = ""  # identity of the input (etag + version), recorded on every output
+
+
+@dataclass(frozen=True)
+class Env:
+    """What every step needs: the S3 client, the runtime and the Lambda clock."""
+
+    s3: Any
+    runtime: Runtime
+    remaining_ms: Callable[[], float]
+
+
+def output_key(runtime: Runtime, rel: str) -> str:
+    """The result key for an input key relative to the input prefix."""
+    base = runtime.settings.s3_output_prefix + rel
+    suffix = os.path.splitext(rel)[1].lower()
+    if suffix == ".jsonl":
+        return base + ".out.jsonl"
+    if suffix in (".npy", ".npz"):
+        return base + ".out" + suffix
+    if suffix in IMAGE_SUFFIXES:
+        return base + ".out.json"
+    return base + ".out"
+
+
+def handle(
+    event: dict[str, Any], context: Any, runtime: Runtime, *, remaining_ms: Callable[[], float]
+) -> dict[str, Any]:
+    """Process every record of an S3 event; returns what was written."""
+    if event.get("Event") == "s3:TestEvent":
+        return {"ignored": "s3:TestEvent"}
+    env = Env(aws_clients.client("s3"), runtime, remaining_ms)
+    settings = runtime.settings
+    done: list[dict[str, Any]] = []
+    for record in event["Records"]:
+        obj = record["s3"]["object"]
+        bucket, key = record["s3"]["bucket"]["name"], unquote_plus(obj["key"])  # keys arrive URL-encoded
+        if not key.startswith(settings.s3_input_prefix) or key.endswith("/"):
+            done.append({"key": key, "skipped": "not under the input prefix"})
+            continue
+        rel = key[len(settings.s3_input_prefix) :]
+        job = Job(
+            bucket, key, obj.get("versionId"), settings.s3_model or rel.split("/", 1)[0], output_key(runtime, rel)
+        )
+        try:
+            done.append(_process(env, job))
+        except BadObject as exc:
+            error_key = job.out_key + ".error.json"
+            body = {"error": str(exc), "bucket": bucket, "key": key, "version": job.version, "model": job.model_name}
+            env.s3.put_object(
+                Bucket=bucket, Key=error_key, Body=json.dumps(body).encode(), ContentType="application/json"
+            )
+            log.warning("s3://%s/%s: %s", bucket, key, exc)
+            done.append({"key": key, "error": str(exc), "error_key": error_key})
+    return {"processed": done}
+
+
+def _process(env: Env, job: Job) -> dict[str, Any]:
+    s3 = env.s3
+    args = {"Bucket": job.bucket, "Key": job.key, **({"VersionId": job.version} if job.version else {})}
+    try:
+        obj = s3.get_object(**args)
+    except s3.exceptions.NoSuchKey:
+        raise BadObject("the object no longer exists") from None
+    job = replace(job, source=f"{obj.get('ETag', '').strip(chr(34))}:{obj.get('VersionId') or job.version or ''}")
+    try:
+        head = s3.head_object(Bucket=job.bucket, Key=job.out_key)
+        if head.get("Metadata", {}).get(SOURCE_META) == job.source:
+            return {"key": job.key, "output": job.out_key, "skipped": "already done for this object version"}
+    except s3.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            raise
+    body = obj["Body"].read()
+    try:
+        model = env.runtime.pool.get(job.model_name)
+    except OclawError as exc:
+        raise BadObject(exc.message) from None
+    suffix = os.path.splitext(job.key)[1].lower()
+    if suffix == ".jsonl":
+        return {"key": job.key, "output": job.out_key, "lines": _jsonl(env, model, job, body)}
+    if suffix in (".npy", ".npz"):
+        payload, rows = _tensors(model, body, suffix)
+        _put(s3, job, job.out_key, payload, "application/octet-stream")
+        return {"key": job.key, "output": job.out_key, "rows": rows}
+    if suffix in IMAGE_SUFFIXES:
+        if model.image_input is None:
+            raise BadObject(f"model {model.name!r} declares no image pre-processing")
+        from engine.dataplane import infer_bytes
+
+        try:
+            encoded = infer_bytes(model, body, None, "image/" + suffix[1:])
+        except OclawError as exc:
+            raise BadObject(exc.message) from None
+        _put(s3, job, job.out_key, encoded.body, "application/json")
+        return {"key": job.key, "output": job.out_key, "rows": 1}
+    raise BadObject(f"unsupported object type {suffix or '(none)'}; expected .jsonl, .npy, .npz or an image")
+
+
+def _put(s3: Any, job: Job, key: str, body: bytes, content_type: str) -> None:
+    """One PUT: S3 shows an object whole or not at all."""
+    s3.put_object(Bucket=job.bucket, Key=key, Body=body, ContentType=content_type, Metadata={SOURCE_META: job.source})
+
+
+def _tensors(model: LoadedModel, body: bytes, suffix: str) -> tuple[bytes, int]:
+    try:
+        loaded: Any = np.load(io.BytesIO(body), allow_pickle=False)
+        arrays = {model.inputs[0].name: loaded} if suffix == ".npy" else {k: loaded[k] for k in loaded.files}
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        raise BadObject(f"not a readable {suffix} file: {exc}") from None
+    if suffix == ".npy" and len(model.inputs) != 1:
+        raise BadObject(f"a .npy object needs a single-input model; use .npz named {[s.name for s in model.inputs]}")
+    try:
+        rows = {int(a.shape[0]) for a in arrays.values() if a.ndim}
+        if len(rows) != 1:
+            raise BadObject(f"every array needs the same first (row) dimension, got {sorted(rows)}")
+        total = rows.pop()
+        step = model.manifest.max_batch_size or total or 1
+        requests = [
+            InferRequest(
+                inputs=[
+                    InputTensor(n, v2_datatype(a), a[s : s + step].shape, a[s : s + step]) for n, a in arrays.items()
+                ]
+            )
+            for s in range(0, total, step)
+        ]
+        responses = infer_many(model, requests)
+    except OclawError as exc:
+        raise BadObject(exc.message) from None
+    outputs: dict[str, list[np.ndarray]] = {}
+    for resp in responses:
+        if isinstance(resp, OclawError):
+            raise BadObject(resp.message)
+        for out in resp.outputs:
+            outputs.setdefault(out.name, []).append(out.array)
+    merged = {name: np.concatenate(parts) for name, parts in outputs.items()}
+    buf = io.BytesIO()
+    if suffix == ".npy" and len(merged) == 1:
+        np.save(buf, next(iter(merged.values())), allow_pickle=False)
+    else:
+        np.savez(buf, **merged)  # type: ignore[arg-type]
+    return buf.getvalue(), total
+
+
+def _line_result(lineno: int, result: InferResponse | OclawError) -> bytes:
+    if isinstance(result, OclawError):
+        return json.dumps({"line": lineno, "error": result.message}).encode()
+    for out in result.outputs:
+        out.binary = False
+    body, _ = encode_response(result)
+    return body
+
+
+def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
+    s3, settings = env.s3, env.runtime.settings
+    chunk = settings.s3_chunk_lines
+    lines = [(n + 1, line) for n, line in enumerate(body.split(b"\n")) if line.strip()]
+    parts_prefix = job.out_key + ".parts/"
+    done, parts = _saved_parts(s3, job, parts_prefix)
+    last_chunk_ms = model.estimate_ms() * chunk
+    for start in range(done, len(lines), chunk):
+        need = 1.5 * last_chunk_ms + settings.lambda_reserve_ms + 200
+        if env.remaining_ms() < need:
+            raise Incomplete(
+                f"s3://{job.bucket}/{job.key}: stopped at line {start} of {len(lines)} before the "
+                "Lambda deadline; saved parts stay and the retry resumes there"
+            )
+        began = perf_counter()
+        window = lines[start : start + chunk]
+        requests: list[InferRequest | OclawError] = []
+        for _, text in window:
+            try:
+                requests.append(decode_request(text, max_elements=settings.max_tensor_elements))
+            except OclawError as exc:
+                requests.append(exc)
+        valid = [r for r in requests if isinstance(r, InferRequest)]
+        answers = iter(infer_many(model, valid))
+        results = [next(answers) if isinstance(r, InferRequest) else r for r in requests]
+        part = b"".join(_line_result(n, res) + b"\n" for (n, _), res in zip(window, results, strict=True))
+        part_key = f"{parts_prefix}{start:010d}-{start + len(window):010d}.jsonl"
+        _put(s3, job, part_key, part, "application/x-ndjson")
+        parts.append(part_key)
+        last_chunk_ms = (perf_counter() - began) * 1000
+    chunks = [s3.get_object(Bucket=job.bucket, Key=k)["Body"].read() for k in parts]
+    _put(s3, job, job.out_key, b"".join(chunks), "application/x-ndjson")
+    for k in parts:
+        s3.delete_object(Bucket=job.bucket, Key=k)
+    return len(lines)
+
+
+def _saved_parts(s3: Any, job: Job, prefix: str) -> tuple[int, list[str]]:
+    """Lines already done by an earlier try for this same object version, and their part keys."""
+    keys: list[str] = []
+    token: dict[str, str] = {}
+    while True:
+        page = s3.list_objects_v2(Bucket=job.bucket, Prefix=prefix, **token)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            break
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+    done, kept = 0, []
+    for key in sorted(keys):
+        start, end = (int(x) for x in key[len(prefix) : -len(".jsonl")].split("-"))
+        meta = s3.head_object(Bucket=job.bucket, Key=key).get("Metadata", {})
+        if start != done or meta.get(SOURCE_META) != job.source:
+            s3.delete_object(Bucket=job.bucket, Key=key)  # another version's or out-of-order part
+            continue
+        kept.append(key)
+        done = end
+    return done, kept
