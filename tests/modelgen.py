@@ -175,6 +175,7 @@ def build_repository(repo: Path) -> Path:
     _save(add_sub(), repo, "add_sub")
     _save(mlp(), repo, "mlp")
     _save(fixed_shape(), repo, "fixed")
+    _save(gather(), repo, "gather")
     _save(add_constant(1.0), repo, "versioned", 1, {"versions": "all"})
     _save(add_constant(2.0), repo, "versioned", 2)
     _save(
@@ -196,3 +197,16 @@ def build_repository(repo: Path) -> Path:
         },
     )
     return repo
+
+
+def gather(rows: int = 10, width: int = 4) -> onnx.ModelProto:
+    """y = table[idx]: a valid-looking index out of range fails inside onnxruntime (per-item isolation tests)."""
+    table = numpy_helper.from_array(np.arange(rows * width, dtype=np.float32).reshape(rows, width), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [table],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
