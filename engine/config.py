@@ -105,6 +105,8 @@ class Settings:
     s3_model: str = ""
     #: JSON Lines objects are inferred and saved in parts of this many lines (resumable across retries).
     s3_chunk_lines: int = 1000
+    #: Rows per run when events are batched (0: the manifest's max_batch_size, else 64; 1: one at a time).
+    batch_max_rows: int = 0
     #: Where SQS results go when a message names no ``reply_to``: ``s3://bucket/prefix`` or a queue URL.
     sqs_result_destination: str = ""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

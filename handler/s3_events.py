@@ -240,7 +240,7 @@ def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
             except OclawError as exc:
                 requests.append(exc)
         valid = [r for r in requests if isinstance(r, InferRequest)]
-        answers = iter(infer_many(model, valid))
+        answers = iter(infer_many(model, valid, max_rows=settings.batch_max_rows or None))
         results = [next(answers) if isinstance(r, InferRequest) else r for r in requests]
         part = b"".join(_line_result(n, res) + b"\n" for (n, _), res in zip(window, results, strict=True))
         part_key = f"{parts_prefix}{start:010d}-{start + len(window):010d}.jsonl"

@@ -26,6 +26,9 @@ from handler import aws_clients
 
 log = logging.getLogger("oclaw.sqs")
 
+#: Concurrent result deliveries per batch (standard queues; FIFO batches deliver in order).
+DELIVERY_THREADS = 16
+
 
 def is_sqs_event(event: Any) -> bool:
     """A batch from an SQS event source mapping."""
@@ -86,7 +89,8 @@ def _infer(runtime: Runtime, items: list[Item]) -> None:
                 item.error = exc.message
             continue
         requests = [i.request for i in group if i.request is not None]
-        for item, answer in zip(group, infer_many(model, requests), strict=True):
+        answers = infer_many(model, requests, max_rows=runtime.settings.batch_max_rows or None)
+        for item, answer in zip(group, answers, strict=True):
             if isinstance(answer, OclawError):
                 item.error = answer.message
             else:
@@ -122,6 +126,25 @@ def _deliver(item: Item) -> None:
         raise InvalidInput(f"reply_to {item.destination!r} is neither s3://bucket/prefix nor an SQS queue URL")
 
 
+def _deliver_one(item: Item) -> None:
+    try:
+        _deliver(item)
+    except Exception as exc:  # noqa: BLE001 - a failed delivery fails this record only
+        item.error = f"delivery to {item.destination} failed: {type(exc).__name__}: {exc}"
+
+
+def _deliver_all(items: list[Item]) -> None:
+    """Deliver concurrently (each result is one S3 PUT or one SendMessage; boto3 clients are thread-safe)."""
+    if len(items) <= 1:
+        for item in items:
+            _deliver_one(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(DELIVERY_THREADS, len(items)), thread_name_prefix="oclaw-sqs") as pool:
+        list(pool.map(_deliver_one, items))
+
+
 def handle(
     event: dict[str, Any], context: Any, runtime: Runtime, *, remaining_ms: Callable[[], float]
 ) -> dict[str, Any]:
@@ -134,17 +157,17 @@ def handle(
         # not enough time: hand every record back untouched (they become visible again), lose none
         return {"batchItemFailures": [{"itemIdentifier": i.message_id} for i in items]}
     _infer(runtime, items)
+    fifo = any(item.group is not None for item in items)
+    if not fifo:
+        _deliver_all([i for i in items if i.error is None])
     failed_groups: set[str] = set()
     failures = []
     for item in items:
         if item.group is not None and item.group in failed_groups:
             failures.append(item.message_id)  # FIFO: nothing after a failure in its group may complete
             continue
-        if item.error is None:
-            try:
-                _deliver(item)
-            except Exception as exc:  # noqa: BLE001 - a failed delivery fails this record only
-                item.error = f"delivery to {item.destination} failed: {type(exc).__name__}: {exc}"
+        if fifo and item.error is None:
+            _deliver_one(item)  # in order, so a failed delivery stops the rest of its group
         if item.error is not None:
             log.warning("SQS message %s failed: %s", item.message_id, item.error)
             failures.append(item.message_id)

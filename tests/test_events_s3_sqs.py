@@ -384,13 +384,29 @@ def test_poison_message_reaches_the_dlq_after_max_receive_count(aws: dict[str, A
 
 def test_s3_and_sqs_events_through_awslambdaric(aws: dict[str, Any], repo: Path, tmp_path: Path) -> None:
     put(aws, "input/add_sub/ric.jsonl", jsonl([add_sub_line(i) for i in range(12)]))
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 64), np.float32))
+    put(aws, "input/mlp/ric.npy", buf.getvalue())
+    buf = io.BytesIO()
+    np.savez(buf, INPUT0=np.ones((2, 16), np.float32), INPUT1=np.ones((2, 16), np.float32))
+    put(aws, "input/add_sub/ric.npz", buf.getvalue())
+    img = io.BytesIO()
+    Image.new("RGB", (12, 8), (200, 10, 10)).save(img, format="PNG")
+    put(aws, "input/tiny_classifier/ric.png", img.getvalue())
     env = {"OCLAW_MODEL_REPOSITORY": str(repo), "AWS_ENDPOINT_URL": aws["url"], **AWS_ENV}
     with LocalLambda(env=env, cwd=ROOT, log=tmp_path / "log") as fn:
         fn.wait_init()
-        s3_result = fn.invoke(s3_event("input/add_sub/ric.jsonl"))
+        event = s3_event(
+            "input/add_sub/ric.jsonl", "input/mlp/ric.npy", "input/add_sub/ric.npz", "input/tiny_classifier/ric.png"
+        )
+        s3_result = fn.invoke(event)
         assert s3_result.error is None, s3_result.error
+        assert len(s3_result.json()["processed"]) == 4
         records = [sqs_record("x1", request_body(1, f"s3://{BUCKET}/ric")), sqs_record("x2", "nope")]
         sqs_result = fn.invoke({"Records": records})
         assert sqs_result.json() == {"batchItemFailures": [{"itemIdentifier": "x2"}]}
     check_jsonl_output(get(aws, "output/add_sub/ric.jsonl.out.jsonl"), list(range(12)))
+    assert np.load(io.BytesIO(get(aws, "output/mlp/ric.npy.out.npy"))).shape == (3, 10)
+    np.testing.assert_array_equal(np.load(io.BytesIO(get(aws, "output/add_sub/ric.npz.out.npz")))["OUTPUT0"], 2.0)
+    assert json.loads(get(aws, "output/tiny_classifier/ric.png.out.json"))["outputs"][0]["shape"] == [1, 2]
     assert keys(aws, "ric/") == ["ric/x1.json"]
