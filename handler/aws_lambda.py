@@ -42,7 +42,7 @@ from handler import aws_clients, lambda_http, s3_events, sqs_events, v2, warmer 
 
 ACCEPTED = (
     "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "
-    "S3 object-created notifications, SQS batches, "
+    'S3 object-created notifications, SQS batches, batch jobs {"oclaw": "batch", "bucket", "keys"}, '
     'a direct V2 infer request {"model_name": ..., "inputs": [...]}, '
     'or a warm ping {"oclaw": "warm", "concurrency": N}'
 )
@@ -183,7 +183,7 @@ def lambda_handler(event: Any, context: Any) -> Any:
     STATE.last_traffic_ns = perf_counter_ns()
     if sqs_events.is_sqs_event(event):
         return sqs_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
-    if s3_events.is_s3_event(event):
+    if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
         return s3_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
     source = lambda_http.infer(event)
     if source is not None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.batching import infer_many
 from engine.datatypes import v2_datatype
-from engine.errors import OclawError
+from engine.errors import InvalidInput, OclawError
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, InputTensor, decode_request, encode_response
@@ -90,25 +90,40 @@ def output_key(runtime: Runtime, rel: str) -> str:
     return base + ".out"
 
 
+def is_batch_job(event: Any) -> bool:
+    """``{"oclaw": "batch", "bucket": ..., "keys": [...]}``: the template's Distributed Map over an S3 prefix."""
+    return isinstance(event, dict) and event.get("oclaw") == "batch"
+
+
+def objects(event: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(bucket, key, version) of every object an S3 notification or a batch-job event names."""
+    if is_batch_job(event):
+        bucket, keys = event.get("bucket"), event.get("keys")
+        if not isinstance(bucket, str) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise InvalidInput('a batch-job event needs "bucket" (a string) and "keys" (a list of strings)')
+        return [(bucket, key, None) for key in keys]  # keys from ListObjectsV2 are not URL-encoded
+    return [
+        (r["s3"]["bucket"]["name"], unquote_plus(r["s3"]["object"]["key"]), r["s3"]["object"].get("versionId"))
+        for r in event["Records"]  # notification keys arrive URL-encoded
+    ]
+
+
 def handle(
     event: dict[str, Any], context: Any, runtime: Runtime, *, remaining_ms: Callable[[], float]
 ) -> dict[str, Any]:
-    """Process every record of an S3 event; returns what was written."""
+    """Process every object of an S3 event (or batch-job event); returns what was written."""
     if event.get("Event") == "s3:TestEvent":
         return {"ignored": "s3:TestEvent"}
     env = Env(aws_clients.client("s3"), runtime, remaining_ms)
     settings = runtime.settings
     done: list[dict[str, Any]] = []
-    for record in event["Records"]:
-        obj = record["s3"]["object"]
-        bucket, key = record["s3"]["bucket"]["name"], unquote_plus(obj["key"])  # keys arrive URL-encoded
+    for bucket, key, version in objects(event):
         if not key.startswith(settings.s3_input_prefix) or key.endswith("/"):
             done.append({"key": key, "skipped": "not under the input prefix"})
             continue
         rel = key[len(settings.s3_input_prefix) :]
-        job = Job(
-            bucket, key, obj.get("versionId"), settings.s3_model or rel.split("/", 1)[0], output_key(runtime, rel)
-        )
+        model_name = settings.s3_model or rel.split("/", 1)[0]
+        job = Job(bucket, key, version, model_name, output_key(runtime, rel))
         try:
             done.append(_process(env, job))
         except BadObject as exc:

@@ -410,3 +410,15 @@ def test_s3_and_sqs_events_through_awslambdaric(aws: dict[str, Any], repo: Path,
     np.testing.assert_array_equal(np.load(io.BytesIO(get(aws, "output/add_sub/ric.npz.out.npz")))["OUTPUT0"], 2.0)
     assert json.loads(get(aws, "output/tiny_classifier/ric.png.out.json"))["outputs"][0]["shape"] == [1, 2]
     assert keys(aws, "ric/") == ["ric/x1.json"]
+
+
+def test_distributed_map_batch_job_event_uses_raw_keys(aws: dict[str, Any], runtime: Runtime) -> None:
+    """The template's Distributed Map sends ListObjectsV2 keys as they are (not URL-encoded)."""
+    put(aws, "input/add_sub/a+b c.jsonl", jsonl([add_sub_line(5)]))
+    put(aws, "input/add_sub/plain.jsonl", jsonl([add_sub_line(6)]))
+    event = {"oclaw": "batch", "bucket": BUCKET, "keys": ["input/add_sub/a+b c.jsonl", "input/add_sub/plain.jsonl"]}
+    result = s3_events.handle(event, None, runtime, remaining_ms=forever)
+    assert [p["lines"] for p in result["processed"]] == [1, 1]
+    check_jsonl_output(get(aws, "output/add_sub/a+b c.jsonl.out.jsonl"), [5])
+    with pytest.raises(s3_events.InvalidInput, match="batch-job event"):
+        s3_events.handle({"oclaw": "batch", "bucket": BUCKET, "keys": "x"}, None, runtime, remaining_ms=forever)
