@@ -161,7 +161,7 @@ def _process(env: Env, job: Job) -> dict[str, Any]:
     if suffix == ".jsonl":
         return {"key": job.key, "output": job.out_key, "lines": _jsonl(env, model, job, body)}
     if suffix in (".npy", ".npz"):
-        payload, rows = _tensors(model, body, suffix)
+        payload, rows = _tensors(model, body, suffix, env.runtime.settings.batch_max_rows)
         _put(s3, job, job.out_key, payload, "application/octet-stream")
         return {"key": job.key, "output": job.out_key, "rows": rows}
     if suffix in IMAGE_SUFFIXES:
@@ -183,7 +183,7 @@ def _put(s3: Any, job: Job, key: str, body: bytes, content_type: str) -> None:
     s3.put_object(Bucket=job.bucket, Key=key, Body=body, ContentType=content_type, Metadata={SOURCE_META: job.source})
 
 
-def _tensors(model: LoadedModel, body: bytes, suffix: str) -> tuple[bytes, int]:
+def _tensors(model: LoadedModel, body: bytes, suffix: str, max_rows: int) -> tuple[bytes, int]:
     try:
         loaded: Any = np.load(io.BytesIO(body), allow_pickle=False)
         arrays = {model.inputs[0].name: loaded} if suffix == ".npy" else {k: loaded[k] for k in loaded.files}
@@ -196,7 +196,7 @@ def _tensors(model: LoadedModel, body: bytes, suffix: str) -> tuple[bytes, int]:
         if len(rows) != 1:
             raise BadObject(f"every array needs the same first (row) dimension, got {sorted(rows)}")
         total = rows.pop()
-        step = model.manifest.max_batch_size or total or 1
+        step = max_rows or model.manifest.max_batch_size or total or 1
         requests = [
             InferRequest(
                 inputs=[
@@ -205,7 +205,7 @@ def _tensors(model: LoadedModel, body: bytes, suffix: str) -> tuple[bytes, int]:
             )
             for s in range(0, total, step)
         ]
-        responses = infer_many(model, requests)
+        responses = infer_many(model, requests, max_rows=max_rows or None)
     except OclawError as exc:
         raise BadObject(exc.message) from None
     outputs: dict[str, list[np.ndarray]] = {}
