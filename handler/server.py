@@ -6,13 +6,19 @@ import json
 import logging
 import signal
 import sys
+import threading
 from time import perf_counter_ns
 from typing import Any
 
 from engine.config import Settings
-from engine.runtime import get_runtime
+from engine.runtime import Runtime, get_runtime
 
 log = logging.getLogger("oclaw.server")
+
+
+def _hash_models(runtime: Runtime) -> None:
+    for model in runtime.pool.loaded():
+        log.info("model %s/%s sha256 %s", model.name, model.version, model.sha256)
 
 
 def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
@@ -49,6 +55,8 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
         }
         log.info("%s", json.dumps(record))
+        # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
+        threading.Thread(target=_hash_models, args=(runtime,), name="oclaw-sha256", daemon=True).start()
 
     def full_app() -> Any:
         from handler.http import create_app

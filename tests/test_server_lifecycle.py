@@ -52,6 +52,7 @@ def test_port_env_is_honoured_and_cold_start_is_reported(slow_repo: Path, tmp_pa
         assert stats.status_code == 200 and stats.json()["model_stats"][0]["inference_count"] == 2
     finally:
         assert srv.terminate() == 0
+    assert "model slow/1 sha256 " in srv.output()  # recorded in the background after ready
     record = cold_start_record(srv.output())
     assert record["ready"] is True
     assert record["fastapi_loaded"] is False
