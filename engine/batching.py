@@ -95,8 +95,11 @@ def _run_batch(model: LoadedModel, batch: list[_Item], results: list[Result | No
     for n, item in enumerate(batch):
         sliced = [out[offsets[n] : offsets[n + 1]] for out in outputs]
         tensors: list[OutputTensor] = model.post_process(plan, sliced)
-        results[item.index] = InferResponse(model.name, str(model.version), tensors, id=item.request.id)
         done = perf_counter_ns()
+        compute = (start - item.started if n == 0 else 0) + infer_parts[n] + done - computed
+        results[item.index] = InferResponse(
+            model.name, str(model.version), tensors, id=item.request.id, rows=item.rows, compute_ns=compute
+        )
         model.stats.success(
             rows=item.rows,
             queue=0,

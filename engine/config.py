@@ -109,6 +109,21 @@ class Settings:
     batch_max_rows: int = 0
     #: Where SQS results go when a message names no ``reply_to``: ``s3://bucket/prefix`` or a queue URL.
     sqs_result_destination: str = ""
+    #: Metering sinks, comma-separated: ``log``, ``jsonl:PATH``, ``callback:module:function``, ``none``.
+    metering_sinks: tuple[str, ...] = ("log",)
+    #: Request header naming the tenant when no authenticated principal does.
+    tenant_header: str = "x-tenant-id"
+    #: Records a failing sink could not take are kept here and re-sent on a later flush.
+    metering_spool: str = "/tmp/oclaw-metering-spool.jsonl"
+    #: Price overrides in USD (negative: the built-in list price for the platform).
+    price_gb_second: float = -1.0
+    price_vcpu_second: float = -1.0
+    price_gib_second: float = -1.0
+    price_request: float = -1.0
+    #: Cloud Run: the instance's vCPUs and memory, and its billing mode (``request`` or ``instance``).
+    cloudrun_vcpu: float = 1.0
+    cloudrun_memory_gib: float = 0.5
+    cloudrun_billing: str = "request"
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

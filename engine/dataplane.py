@@ -22,6 +22,8 @@ class Encoded:
     body: bytes
     header_length: int | None
     rows: int
+    queue_ns: int = 0
+    compute_ns: int = 0
 
     @property
     def content_type(self) -> str:
@@ -77,10 +79,7 @@ def infer_bytes(
         raise
     response = model.infer(request, enqueue_ns or started, started)
     encoded, length = encode_response(response)
-    rows = 1
-    if response.outputs and response.outputs[0].array.ndim:
-        rows = int(response.outputs[0].array.shape[0])
-    return Encoded(encoded, length, rows)
+    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started)
 
 
 def runs_inline(model: LoadedModel, body_size: int) -> bool:

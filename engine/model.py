@@ -349,6 +349,7 @@ class LoadedModel:
         t3 = perf_counter_ns()
         first = next(iter(feed.values()))
         rows = int(first.shape[0]) if first.ndim else 1
+        response.rows, response.queue_ns, response.compute_ns = rows, queue, t3 - start
         self.stats.success(
             rows=rows,
             queue=queue,

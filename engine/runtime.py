@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import cached_property
 from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 from engine.config import Settings, get_settings
 from engine.pool import ModelPool
 from engine.repository import LocalRepository
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.metering import Meter
 
 log = logging.getLogger("oclaw.runtime")
 
@@ -25,6 +30,15 @@ class Runtime:
         self.preload_ms: float | None = None
         self._preload_thread: threading.Thread | None = None
         self._preload_lock = threading.Lock()
+        #: The first request this process serves paid its cold start.
+        self.cold = True
+
+    @cached_property
+    def meter(self) -> Meter:
+        """Per-request metering for this process (sinks from OCLAW_METERING_SINKS)."""
+        from engine.metering import Meter
+
+        return Meter(self.settings, self.instance_id)
 
     def preload(self) -> None:
         """Load and warm the preloaded models in this thread (idempotent)."""

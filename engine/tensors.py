@@ -71,6 +71,10 @@ class InferResponse:
     outputs: list[OutputTensor]
     id: str | None = None
     parameters: dict[str, JSONValue] = field(default_factory=dict)
+    #: Rows (batch items) served, time queued and time computing (decode + run + post-process), in ns.
+    rows: int = 1
+    queue_ns: int = 0
+    compute_ns: int = 0
 
 
 def loads_json(data: bytes | memoryview) -> JSONValue:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import zlib
 from collections.abc import Callable
@@ -100,9 +101,19 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
     else:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(model.executor, infer_bytes, model, body, header_length, ctype, enqueue)
-    headers = None
+    headers = v2.meter(
+        runtime,
+        encoded,
+        model=model.name,
+        version=str(model.version),
+        request_id=request.headers.get("x-request-id") or os.urandom(8).hex(),
+        tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
+        bytes_in=len(body),
+        total_ms=(perf_counter_ns() - enqueue) / 1e6,
+        source="http",
+    )
     if encoded.header_length is not None:
-        headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
+        headers["Inference-Header-Content-Length"] = str(encoded.header_length)
     return Response(encoded.body, media_type=encoded.content_type, headers=headers)
 
 

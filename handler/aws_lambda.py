@@ -35,7 +35,9 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
+from engine.dataplane import Encoded  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
+from engine.model import LoadedModel  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
 from handler import aws_clients, lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
@@ -53,8 +55,8 @@ _INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^
 class InstanceState:
     """What this execution environment remembers between invocations."""
 
-    cold: bool = True
     invocations: int = 0
+    invocation_start_ns: int = 0
     last_traffic_ns: int | None = None
     init_type: str = "on-demand"
 
@@ -94,6 +96,8 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
 
 
 RUNTIME, COLD_START = _init()
+#: What Lambda bills for INIT (process start to the end of this module's import), carried by the first request.
+INIT_MS = float(COLD_START["phases_ms"]["runtime"] or 0) + float(COLD_START["init_ms"])
 _mangum: Any = None
 
 
@@ -141,10 +145,29 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
     path = ev.path
     if settings.api_base_path and path.startswith(settings.api_base_path):
         path = path[len(settings.api_base_path) :] or "/"
+    reply: v2.Reply | None
     try:
         body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
         _check_time(context, path)
-        reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
+        if ev.method == "POST" and (match := _INFER_PATH.fullmatch(path)):
+
+            def served(model: LoadedModel, encoded: Encoded) -> dict[str, str]:
+                return v2.meter(
+                    RUNTIME,
+                    encoded,
+                    model=model.name,
+                    version=str(model.version),
+                    request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
+                    tenant=tenant_of(event, ev.headers, context),
+                    bytes_in=len(body),
+                    total_ms=elapsed_ms(),
+                    init_ms=INIT_MS,
+                    source="lambda-http",
+                )
+
+            reply = v2.infer(RUNTIME, match["name"], match["version"], body, ev.headers, on_served=served)
+        else:
+            reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
     except OclawError as exc:
         reply = v2.error_reply(exc)
     if reply is None:
@@ -166,17 +189,61 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         request.binary_output = False
         for out in request.outputs or ():
             out.binary = False
-        body, _ = encode_response(model.infer(request, perf_counter_ns()))
+        response = model.infer(request, perf_counter_ns())
+        body, _ = encode_response(response)
         result: dict[str, Any] = json.loads(body)
+        encoded = Encoded(body, None, response.rows, response.queue_ns, response.compute_ns)
+        v2.meter(
+            RUNTIME,
+            encoded,
+            model=model.name,
+            version=str(model.version),
+            request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
+            tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
+            bytes_in=len(json.dumps(event)),
+            total_ms=elapsed_ms(),
+            init_ms=INIT_MS,
+            source="lambda-direct",
+        )
         return result
     except OclawError as exc:
         return {"error": exc.message, "status": int(exc.status)}
 
 
 def lambda_handler(event: Any, context: Any) -> Any:
-    """Dispatch one Lambda event by its shape."""
-    cold, STATE.cold = STATE.cold, False
+    """Dispatch one Lambda event by its shape; metering records are flushed before returning (Lambda freezes)."""
     STATE.invocations += 1
+    STATE.invocation_start_ns = perf_counter_ns()
+    try:
+        return _dispatch(event, context)
+    finally:
+        RUNTIME.cold = False
+        RUNTIME.meter.flush()
+
+
+def elapsed_ms() -> float:
+    """Milliseconds since this invocation began."""
+    return (perf_counter_ns() - STATE.invocation_start_ns) / 1e6
+
+
+def tenant_of(event: dict[str, Any], headers: dict[str, str], context: Any) -> str:
+    """The authenticated principal, else the tenant header, else Lambda's tenant id, else "anonymous"."""
+    request_context = event.get("requestContext") or {}
+    auth = request_context.get("authorizer") or {}
+    candidates = (
+        (auth.get("lambda") or {}).get("tenant"),
+        ((auth.get("jwt") or {}).get("claims") or {}).get("sub"),
+        (auth.get("iam") or {}).get("userArn"),
+        auth.get("principalId"),
+        headers.get(RUNTIME.settings.tenant_header),
+        headers.get("x-amz-tenant-id"),
+        getattr(context, "tenant_id", None),
+    )
+    return next((str(c) for c in candidates if c), "anonymous")
+
+
+def _dispatch(event: Any, context: Any) -> Any:
+    cold = RUNTIME.cold
     if warmer.is_warm_event(event):
         last = None if STATE.last_traffic_ns is None else (perf_counter_ns() - STATE.last_traffic_ns) / 1e9
         return warmer.handle(event, context, RUNTIME, cold=cold, last_traffic_s=last)
@@ -216,7 +283,7 @@ def _register_snapstart_hooks() -> None:
             if model.sha256 != expected:
                 raise RuntimeError(f"model {model.name}/{model.version} changed on disk since the snapshot")
         aws_clients.reset()  # credentials captured in the snapshot are stale
-        STATE.cold = True
+        RUNTIME.cold = True
         STATE.init_type = "snap-start-restore"
         print(json.dumps({"event": "restore", "instance_id": RUNTIME.instance_id}), flush=True)
 

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from time import perf_counter_ns
+from typing import Any
 
 _T0 = perf_counter_ns()
 
@@ -94,6 +95,54 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _metering_records(path: str) -> list[dict[str, Any]]:
+    """Metering records in a file: the jsonl sink's lines, or log lines that carry one JSON record each."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            start = line.find("{")
+            if start < 0:
+                continue
+            try:
+                record = json.loads(line[start:])
+            except ValueError:
+                continue  # other log lines
+            if isinstance(record, dict) and record.get("event", "metering") == "metering" and "cost_usd" in record:
+                records.append(record)
+    return records
+
+
+def _usage(args: argparse.Namespace) -> int:
+    import csv
+
+    from engine.metering import USAGE_FIELDS, aggregate
+
+    records = []
+    for path in args.files:
+        try:
+            records += _metering_records(path)
+        except OSError as exc:
+            print(f"oclaw: {exc}", file=sys.stderr)
+            return 2
+    by = [field.strip() for field in args.by.split(",") if field.strip()]
+    rows = aggregate(records, by)
+    columns = [*by, *USAGE_FIELDS]
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        cells = [
+            f"{row[c]:.6f}" if c == "cost_usd" else f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+            for c in columns
+        ]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oclaw`` console script."""
     parser = argparse.ArgumentParser(prog="oclaw", description="Cold-start-optimised ONNX inference server.")
@@ -127,6 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     inv.add_argument("--snap-start", action="store_true", help="INIT as SnapStart does (hooks, then restore)")
     inv.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
     inv.set_defaults(func=_lambda_invoke)
+    usage = sub.add_parser("usage", help="aggregate metering records (JSON Lines or log lines) into a table or CSV")
+    usage.add_argument("files", nargs="+", help="files of metering records (jsonl sink output, or logs)")
+    usage.add_argument(
+        "--by", default="tenant,model,day", help="fields to group by (tenant, model, day, platform, ...)"
+    )
+    usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    usage.set_defaults(func=_usage)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __import__("engine").__version__})) or 0)
     args = parser.parse_args(argv)

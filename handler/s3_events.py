@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Any
@@ -161,8 +161,11 @@ def _process(env: Env, job: Job) -> dict[str, Any]:
     if suffix == ".jsonl":
         return {"key": job.key, "output": job.out_key, "lines": _jsonl(env, model, job, body)}
     if suffix in (".npy", ".npz"):
+        began = perf_counter()
         payload, rows = _tensors(model, body, suffix, env.runtime.settings.batch_max_rows)
         _put(s3, job, job.out_key, payload, "application/octet-stream")
+        total = (perf_counter() - began) * 1000
+        _meter_object(env.runtime, job, rows=rows, bytes_in=len(body), bytes_out=len(payload), total_ms=total)
         return {"key": job.key, "output": job.out_key, "rows": rows}
     if suffix in IMAGE_SUFFIXES:
         if model.image_input is None:
@@ -174,8 +177,63 @@ def _process(env: Env, job: Job) -> dict[str, Any]:
         except OclawError as exc:
             raise BadObject(exc.message) from None
         _put(s3, job, job.out_key, encoded.body, "application/json")
+        _meter_object(
+            env.runtime, job, rows=1, bytes_in=len(body), bytes_out=len(encoded.body), total_ms=encoded.compute_ns / 1e6
+        )
         return {"key": job.key, "output": job.out_key, "rows": 1}
     raise BadObject(f"unsupported object type {suffix or '(none)'}; expected .jsonl, .npy, .npz or an image")
+
+
+def _meter(
+    runtime: Runtime,
+    job: Job,
+    *,
+    ids: list[str],
+    results: Sequence[InferResponse | OclawError],
+    bytes_in: list[int],
+    bytes_out: list[int],
+    total_ms: float,
+    source: str,
+) -> None:
+    """One record per served item (a JSONL line, or a whole tensor/image object)."""
+    meter = runtime.meter
+    if not meter.enabled or not ids:
+        return
+    ok = [r for r in results if isinstance(r, InferResponse)]
+    version = ok[0].model_version if ok else ""
+    meter.submit(
+        meter.records(
+            request_ids=ids,
+            tenants=["anonymous"] * len(ids),
+            model=job.model_name,
+            version=version,
+            items=[r.rows if isinstance(r, InferResponse) else 1 for r in results],
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            statuses=[200 if isinstance(r, InferResponse) else 400 for r in results],
+            queue_ms=[0.0] * len(ids),
+            compute_ms=sum(r.compute_ns for r in ok) / 1e6,
+            total_ms=total_ms,
+            cold=runtime.cold,
+            source=source,
+        )
+    )
+    runtime.cold = False
+
+
+def _meter_object(runtime: Runtime, job: Job, *, rows: int, bytes_in: int, bytes_out: int, total_ms: float) -> None:
+    model = runtime.pool.get_nowait(job.model_name)
+    response = InferResponse(model.name, str(model.version), [], rows=rows, compute_ns=int(total_ms * 1e6))
+    _meter(
+        runtime,
+        job,
+        ids=[job.key],
+        results=[response],
+        bytes_in=[bytes_in],
+        bytes_out=[bytes_out],
+        total_ms=total_ms,
+        source="s3",
+    )
 
 
 def _put(s3: Any, job: Job, key: str, body: bytes, content_type: str) -> None:
@@ -257,11 +315,22 @@ def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
         valid = [r for r in requests if isinstance(r, InferRequest)]
         answers = iter(infer_many(model, valid, max_rows=settings.batch_max_rows or None))
         results = [next(answers) if isinstance(r, InferRequest) else r for r in requests]
-        part = b"".join(_line_result(n, res) + b"\n" for (n, _), res in zip(window, results, strict=True))
+        lines_out = [_line_result(n, res) for (n, _), res in zip(window, results, strict=True)]
+        part = b"".join(line + b"\n" for line in lines_out)
         part_key = f"{parts_prefix}{start:010d}-{start + len(window):010d}.jsonl"
         _put(s3, job, part_key, part, "application/x-ndjson")
         parts.append(part_key)
         last_chunk_ms = (perf_counter() - began) * 1000
+        _meter(
+            env.runtime,
+            job,
+            ids=[f"{job.key}#{n}" for n, _ in window],
+            results=results,
+            bytes_in=[len(t) for _, t in window],
+            bytes_out=[len(x) for x in lines_out],
+            total_ms=last_chunk_ms,
+            source="s3-line",
+        )
     chunks = [s3.get_object(Bucket=job.bucket, Key=k)["Body"].read() for k in parts]
     _put(s3, job, job.out_key, b"".join(chunks), "application/x-ndjson")
     for k in parts:

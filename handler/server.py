@@ -55,6 +55,7 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
         }
         log.info("%s", json.dumps(record))
+        runtime.meter.start_flusher()
         # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
         threading.Thread(target=_hash_models, args=(runtime,), name="oclaw-sha256", daemon=True).start()
 
@@ -79,5 +80,6 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
+    runtime.meter.close()
     runtime.close()
     return 0

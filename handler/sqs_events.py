@@ -47,12 +47,18 @@ class Item:
     model: tuple[str, str | None] | None = None
     request: InferRequest | None = None
     destination: str = ""
+    tenant: str = "anonymous"
+    rows: int = 1
+    compute_ns: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
     error: str | None = None
     result: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def _parse(record: dict[str, Any], default_destination: str, max_elements: int) -> Item:
     item = Item(record["messageId"], record.get("attributes", {}).get("MessageGroupId"))
+    item.bytes_in = len(record.get("body") or "")
     try:
         body = json.loads(record.get("body") or "")
     except ValueError as exc:
@@ -62,6 +68,7 @@ def _parse(record: dict[str, Any], default_destination: str, max_elements: int) 
         item.error = "the message body must be a JSON object with a string 'model_name'"
         return item
     version = body.get("model_version")
+    item.tenant = str(body.get("tenant") or "anonymous")
     item.model = (body["model_name"], None if version is None else str(version))
     item.destination = str(body.get("reply_to") or default_destination)
     if not item.destination:
@@ -95,6 +102,7 @@ def _infer(runtime: Runtime, items: list[Item]) -> None:
                 item.error = answer.message
             else:
                 item.result = _document(answer)
+                item.rows, item.compute_ns = answer.rows, answer.compute_ns
 
 
 def _document(response: InferResponse) -> dict[str, Any]:
@@ -173,8 +181,41 @@ def handle(
             failures.append(item.message_id)
             if item.group is not None:
                 failed_groups.add(item.group)
+    _meter(runtime, items, failures, (perf_counter() - started) * 1000)
     log.info("SQS batch: %d records, %d failed, %.1f ms", len(items), len(failures), (perf_counter() - started) * 1000)
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
+
+
+def _meter(runtime: Runtime, items: list[Item], failures: list[str], total_ms: float) -> None:
+    """One record per message; the invocation's time is split by rows across models, then within each."""
+    meter = runtime.meter
+    if not meter.enabled:
+        return
+    from engine.metering import split_evenly
+
+    groups: dict[tuple[str, str | None], list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.model or ("", None), []).append(item)
+    shares = split_evenly(total_ms, [sum(i.rows for i in g) for g in groups.values()])
+    failed = set(failures)
+    for ((name, version), group), share in zip(groups.items(), shares, strict=True):
+        records = meter.records(
+            request_ids=[i.message_id for i in group],
+            tenants=[i.tenant for i in group],
+            model=name,
+            version=version or "",
+            items=[i.rows for i in group],
+            bytes_in=[i.bytes_in for i in group],
+            bytes_out=[len(json.dumps(i.result)) if i.result else 0 for i in group],
+            statuses=[400 if i.message_id in failed else 200 for i in group],
+            queue_ms=[0.0] * len(group),
+            compute_ms=sum(i.compute_ns for i in group) / 1e6,
+            total_ms=share,
+            cold=runtime.cold,
+            source="sqs",
+        )
+        runtime.cold = False
+        meter.submit(records)
 
 
 def _known(runtime: Runtime, item: Item) -> bool:

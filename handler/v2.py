@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from engine import __version__
-from engine.dataplane import infer_bytes, parse_header_length
+from engine.dataplane import Encoded, infer_bytes, parse_header_length
 from engine.errors import OclawError
+from engine.model import LoadedModel
 from engine.runtime import Runtime
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
@@ -68,6 +69,50 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
     return json_reply(model.metadata(runtime.pool.versions(name)))
 
 
+def meter(
+    runtime: Runtime,
+    encoded: Encoded,
+    *,
+    model: str,
+    version: str,
+    request_id: str,
+    tenant: str,
+    bytes_in: int,
+    total_ms: float,
+    source: str,
+    init_ms: float = 0.0,
+) -> dict[str, str]:
+    """Queue the metering record of one served request; returns its figures as response headers."""
+    cold, runtime.cold = runtime.cold, False
+    meter = runtime.meter
+    if not meter.enabled:
+        return {}
+    (record,) = meter.records(
+        request_ids=[request_id],
+        tenants=[tenant],
+        model=model,
+        version=version,
+        items=[encoded.rows],
+        bytes_in=[bytes_in],
+        bytes_out=[len(encoded.body)],
+        statuses=[200],
+        queue_ms=[encoded.queue_ns / 1e6],
+        compute_ms=encoded.compute_ns / 1e6,
+        total_ms=total_ms,
+        init_ms=init_ms if cold else 0.0,
+        cold=cold,
+        source=source,
+    )
+    meter.submit([record])
+    return {
+        "oclaw-compute-ms": f"{record.compute_ms:.3f}",
+        "oclaw-billed-ms": f"{record.billed_ms:g}",
+        "oclaw-cold": "true" if record.cold else "false",
+        "oclaw-cost-usd": f"{record.cost_usd:.12f}",
+        "oclaw-request-id": request_id,
+    }
+
+
 def infer(
     runtime: Runtime,
     name: str,
@@ -76,8 +121,12 @@ def infer(
     headers: Mapping[str, str],
     *,
     enqueue_ns: int | None = None,
+    on_served: Callable[[LoadedModel, Encoded], dict[str, str]] | None = None,
 ) -> Reply:
-    """``POST /v2/models/{m}[/versions/{v}]/infer`` on the caller's thread (headers lower-cased)."""
+    """``POST /v2/models/{m}[/versions/{v}]/infer`` on the caller's thread (headers lower-cased).
+
+    ``on_served`` meters the request and returns extra response headers.
+    """
     model = runtime.pool.get(name, version)
     encoded = infer_bytes(
         model, body, parse_header_length(headers.get(HEADER_LENGTH)), headers.get("content-type"), enqueue_ns
@@ -85,6 +134,8 @@ def infer(
     out = {"content-type": encoded.content_type}
     if encoded.header_length is not None:
         out["inference-header-content-length"] = str(encoded.header_length)
+    if on_served is not None:
+        out.update(on_served(model, encoded))
     return Reply(200, encoded.body, out)
 
 

@@ -1,0 +1,335 @@
+"""Per-request metering: one record per inference request, a cost model, and sinks behind a small Protocol.
+
+Lambda bills each invocation's duration rounded up to 1 ms times its memory, plus a per-request charge, and
+(since 2025-08-01) its INIT phase too: the request that paid a cold start carries the INIT time. When one
+invocation or one run serves many items, compute and billed time are split by rows so the parts add up exactly.
+Cloud Run bills vCPU-seconds and GiB-seconds of the instance (request-based: while requests are in flight).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.config import Settings
+
+log = logging.getLogger("oclaw.metering")
+
+
+@dataclass(frozen=True)
+class Price:
+    """List prices in USD."""
+
+    gb_second: float = 0.0
+    vcpu_second: float = 0.0
+    gib_second: float = 0.0
+    request: float = 0.0
+    source: str = ""
+
+
+#: Public list prices (USD), as published by AWS and Google in 2025; override with OCLAW_PRICE_*.
+PRICES: dict[str, Price] = {
+    "lambda-x86_64": Price(gb_second=0.0000166667, request=0.20 / 1e6, source="AWS Lambda, us-east-1, x86_64, 2025"),
+    "lambda-arm64": Price(gb_second=0.0000133334, request=0.20 / 1e6, source="AWS Lambda, us-east-1, arm64, 2025"),
+    "cloudrun-request": Price(
+        vcpu_second=0.000024,
+        gib_second=0.0000025,
+        request=0.40 / 1e6,
+        source="Cloud Run, tier 1, request-based billing, 2025",
+    ),
+    "cloudrun-instance": Price(
+        vcpu_second=0.000018, gib_second=0.000002, source="Cloud Run, tier 1, instance-based billing, 2025"
+    ),
+    "local": Price(source="local: no charge"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeteringRecord:
+    """What one inference request cost, and whom to bill."""
+
+    request_id: str
+    time: str
+    tenant: str
+    model: str
+    version: str
+    platform: str
+    instance_id: str
+    cold: bool
+    items: int
+    bytes_in: int
+    bytes_out: int
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    billed_ms: float
+    gb_seconds: float
+    vcpu_seconds: float
+    gib_seconds: float
+    cost_usd: float
+    status: int
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+class Sink(Protocol):
+    """Where metering records go; ``emit`` may raise, oclaw retries and spools."""
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        """Take a batch of records."""
+
+
+class LogSink:
+    """One structured JSON log line per record (CloudWatch Logs on Lambda, stdout on Cloud Run)."""
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        for record in records:
+            log.info("%s", json.dumps({"event": "metering", **record.as_dict()}))
+
+
+class JsonlSink:
+    """Appends records to a JSON Lines file (local use; `oclaw usage FILE` reads it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r.as_dict()) + "\n" for r in records)
+
+
+class CallbackSink:
+    """Calls ``module:function(records)``."""
+
+    def __init__(self, target: str) -> None:
+        import importlib
+
+        module, _, name = target.partition(":")
+        self.fn: Callable[[Sequence[MeteringRecord]], None] = getattr(importlib.import_module(module), name)
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        self.fn(records)
+
+
+def make_sink(spec: str) -> Sink | None:
+    """A sink from its OCLAW_METERING_SINKS entry."""
+    kind, _, arg = spec.partition(":")
+    if kind == "log":
+        return LogSink()
+    if kind == "jsonl" and arg:
+        return JsonlSink(arg)
+    if kind == "callback" and arg:
+        return CallbackSink(arg)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown metering sink {spec!r}; expected log, jsonl:PATH, callback:module:function or none")
+
+
+def detect_platform() -> str:
+    """lambda, cloudrun or local."""
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        return "lambda"
+    if os.environ.get("K_SERVICE"):
+        return "cloudrun"
+    return "local"
+
+
+def split_evenly(total: float, weights: Sequence[int], unit: float = 1e-3) -> list[float]:
+    """Split ``total`` by ``weights`` in steps of ``unit`` so the parts add up exactly to ``total``."""
+    steps = round(total / unit)
+    whole = sum(weights) or 1
+    parts = [steps * w // whole for w in weights]
+    parts[-1] += steps - sum(parts)
+    return [p * unit for p in parts]
+
+
+class Meter:
+    """Builds records (with cost) and sends them to the sinks; failures are retried, then spooled."""
+
+    def __init__(self, settings: Settings, instance_id: str, *, platform_name: str | None = None) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.platform = platform_name or detect_platform()
+        self.sinks = [s for s in (make_sink(spec) for spec in settings.metering_sinks) if s is not None]
+        self.price = self._price()
+        self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
+        self.failures = 0
+        self.spooled = 0
+        self._pending: list[MeteringRecord] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    @property
+    def enabled(self) -> bool:
+        """False when no sink is configured (records are then not even built)."""
+        return bool(self.sinks)
+
+    def _price(self) -> Price:
+        if self.platform == "lambda":
+            arch = "arm64" if os.uname().machine in ("aarch64", "arm64") else "x86_64"
+            base = PRICES[f"lambda-{arch}"]
+        elif self.platform == "cloudrun":
+            base = PRICES["cloudrun-instance" if self.settings.cloudrun_billing == "instance" else "cloudrun-request"]
+        else:
+            base = PRICES["local"]
+        s = self.settings
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("gb_second", s.price_gb_second),
+                ("vcpu_second", s.price_vcpu_second),
+                ("gib_second", s.price_gib_second),
+                ("request", s.price_request),
+            )
+            if v >= 0
+        }
+        return replace(base, **overrides) if overrides else base
+
+    def bill(self, billed_ms: float, requests: float = 1.0) -> tuple[float, float, float, float]:
+        """(GB-s, vCPU-s, GiB-s, USD) for a billed duration and a share of requests."""
+        seconds = billed_ms / 1000
+        if self.platform == "lambda":
+            gb_s = seconds * self.memory_mb / 1024
+            return gb_s, 0.0, 0.0, gb_s * self.price.gb_second + requests * self.price.request
+        vcpu_s = seconds * self.settings.cloudrun_vcpu
+        gib_s = seconds * self.settings.cloudrun_memory_gib
+        cost = vcpu_s * self.price.vcpu_second + gib_s * self.price.gib_second + requests * self.price.request
+        return 0.0, vcpu_s, gib_s, cost
+
+    def records(
+        self,
+        *,
+        request_ids: Sequence[str],
+        tenants: Sequence[str],
+        model: str,
+        version: str,
+        items: Sequence[int],
+        bytes_in: Sequence[int],
+        bytes_out: Sequence[int],
+        statuses: Sequence[int],
+        queue_ms: Sequence[float],
+        compute_ms: float,
+        total_ms: float,
+        init_ms: float = 0.0,
+        cold: bool = False,
+        source: str,
+    ) -> list[MeteringRecord]:
+        """Records for requests served together: compute and billed time split by items, adding up exactly.
+
+        ``total_ms`` is the duration billed for all of them (an invocation, or a request on a server);
+        ``init_ms`` is a cold start's INIT, billed on Lambda and carried by the first request.
+        """
+        weights = [max(1, n) for n in items]
+        billed_total = math.ceil(total_ms) + (math.ceil(init_ms) if self.platform == "lambda" else 0)
+        compute = split_evenly(compute_ms, weights)
+        billed = split_evenly(float(billed_total), weights)
+        totals = split_evenly(total_ms, weights)
+        request_share = [1.0 / len(weights)] * len(weights)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out = []
+        for i, rid in enumerate(request_ids):
+            gb_s, vcpu_s, gib_s, cost = self.bill(billed[i], request_share[i])
+            out.append(
+                MeteringRecord(
+                    request_id=rid,
+                    time=now,
+                    tenant=tenants[i],
+                    model=model,
+                    version=version,
+                    platform=self.platform,
+                    instance_id=self.instance_id,
+                    cold=cold and i == 0,
+                    items=items[i],
+                    bytes_in=bytes_in[i],
+                    bytes_out=bytes_out[i],
+                    queue_ms=round(queue_ms[i], 3),
+                    compute_ms=round(compute[i], 3),
+                    total_ms=round(totals[i], 3),
+                    billed_ms=round(billed[i], 3),
+                    gb_seconds=gb_s,
+                    vcpu_seconds=vcpu_s,
+                    gib_seconds=gib_s,
+                    cost_usd=cost,
+                    status=statuses[i],
+                    source=source,
+                )
+            )
+        return out
+
+    def start_flusher(self, interval_s: float = 1.0) -> None:
+        """Flush in a background thread (servers; Lambda flushes before each invocation returns)."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.flush()
+
+        threading.Thread(target=loop, name="oclaw-metering", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the flusher and send what is left."""
+        self._stop.set()
+        self.flush()
+
+    def submit(self, records: Sequence[MeteringRecord]) -> None:
+        """Queue records for the next flush."""
+        with self._lock:
+            self._pending.extend(records)
+
+    def flush(self) -> None:
+        """Send queued records (and what a sink refused earlier) to every sink; never raises, loses nothing.
+
+        A sink that fails three times gets its batch written to its own spool file, re-sent on a later flush,
+        so a failing sink never makes the healthy ones see a record twice.
+        """
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for index, sink in enumerate(self.sinks):
+            spool = Path(f"{self.settings.metering_spool}.{index}")
+            records = (self._read_spool(spool) if spool.is_file() else []) + batch
+            if not records:
+                continue
+            for attempt in range(3):
+                try:
+                    sink.emit(records)
+                    break
+                except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
+                    self.failures += 1
+                    if attempt == 2:
+                        log.warning("metering sink %s failed 3 times (%s); spooled", type(sink).__name__, exc)
+                        with spool.open("a", encoding="utf-8") as fh:
+                            fh.writelines(json.dumps(r.as_dict()) + "\n" for r in records)
+                        self.spooled += len(records)
+
+    @staticmethod
+    def _read_spool(spool: Path) -> list[MeteringRecord]:
+        taken = spool.with_name(spool.name + ".sending")
+        spool.replace(taken)
+        records = [MeteringRecord(**json.loads(line)) for line in taken.read_text().splitlines() if line.strip()]
+        taken.unlink()
+        return records
+
+
+USAGE_FIELDS = ("requests", "items", "compute_ms", "billed_ms", "gb_seconds", "vcpu_seconds", "gib_seconds", "cost_usd")
+
+
+def aggregate(records: Sequence[dict[str, Any]], by: Sequence[str]) -> list[dict[str, Any]]:
+    """Sum metering records by some of tenant / model / day / platform / status."""
+    totals: dict[tuple[str, ...], dict[str, Any]] = {}
+    for record in records:
+        key = tuple(str(record["time"][:10] if field == "day" else record.get(field, "")) for field in by)
+        row = totals.setdefault(key, {**dict(zip(by, key, strict=True)), **dict.fromkeys(USAGE_FIELDS, 0)})
+        row["requests"] += 1
+        for name in USAGE_FIELDS[1:]:
+            row[name] += record.get(name, 0)
+    return [totals[k] for k in sorted(totals)]

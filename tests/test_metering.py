@@ -1,0 +1,214 @@
+"""Metering: exact bills, parts that add up, sinks that fail without losing records, every serving path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.config import Settings
+from engine.metering import PRICES, Meter, MeteringRecord, aggregate, split_evenly
+from handler.local_lambda import LocalLambda
+from tests.conftest import ROOT, start_server
+
+EVENTS = Path(__file__).parent / "events"
+CALLS: list[int] = []
+
+
+def flaky_sink(records: Sequence[MeteringRecord]) -> None:
+    """A callback sink that is down while CALLS holds a negative number."""
+    if CALLS and CALLS[-1] < 0:
+        CALLS.append(-1)
+        raise ConnectionError("sink down")
+    CALLS.append(len(records))
+
+
+def meter(tmp_path: Path, platform: str, **overrides: Any) -> Meter:
+    settings = Settings.from_env({}, metering_spool=str(tmp_path / "spool.jsonl"), **overrides)
+    return Meter(settings, "inst", platform_name=platform)
+
+
+def one(
+    m: Meter, *, total_ms: float, compute_ms: float = 1.0, init_ms: float = 0.0, cold: bool = False
+) -> MeteringRecord:
+    (record,) = m.records(
+        request_ids=["r"],
+        tenants=["t"],
+        model="m",
+        version="1",
+        items=[1],
+        bytes_in=[10],
+        bytes_out=[20],
+        statuses=[200],
+        queue_ms=[0.0],
+        compute_ms=compute_ms,
+        total_ms=total_ms,
+        init_ms=init_ms,
+        cold=cold,
+        source="test",
+    )
+    return record
+
+
+def test_lambda_bill_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "2048")
+    m = meter(tmp_path, "lambda")
+    price = PRICES["lambda-x86_64"]
+    warm = one(m, total_ms=99.2)
+    assert warm.billed_ms == 100  # rounded up to the millisecond
+    assert warm.gb_seconds == pytest.approx(0.1 * 2)
+    assert warm.cost_usd == pytest.approx(0.2 * price.gb_second + price.request, rel=1e-12)
+    cold = one(m, total_ms=10.0, init_ms=250.5, cold=True)
+    assert cold.billed_ms == 10 + 251 and cold.cold  # INIT is billed and carried by the request that paid it
+    overridden = one(meter(tmp_path, "lambda", price_gb_second=1.0, price_request=0.0), total_ms=1000)
+    assert overridden.cost_usd == pytest.approx(2.0)
+
+
+def test_cloud_run_bill_is_exact(tmp_path: Path) -> None:
+    m = meter(tmp_path, "cloudrun", cloudrun_vcpu=2.0, cloudrun_memory_gib=4.0)
+    record = one(m, total_ms=1499.5)
+    price = PRICES["cloudrun-request"]
+    assert record.billed_ms == 1500 and record.vcpu_seconds == pytest.approx(3.0)
+    assert record.gib_seconds == pytest.approx(6.0) and record.gb_seconds == 0
+    assert record.cost_usd == pytest.approx(3 * price.vcpu_second + 6 * price.gib_second + price.request, rel=1e-12)
+    assert one(meter(tmp_path, "local"), total_ms=5).cost_usd == 0
+
+
+@pytest.mark.parametrize(("total", "weights"), [(101.7, [1, 5, 2]), (0.9, [3, 3, 3]), (12345.678, [1] * 7)])
+def test_parts_add_up_to_the_whole(tmp_path: Path, total: float, weights: list[int]) -> None:
+    assert sum(split_evenly(total, weights)) == pytest.approx(total, abs=1e-9)
+    m = meter(tmp_path, "cloudrun")
+    n = len(weights)
+    records = m.records(
+        request_ids=[str(i) for i in range(n)],
+        tenants=["t"] * n,
+        model="m",
+        version="1",
+        items=weights,
+        bytes_in=[1] * n,
+        bytes_out=[1] * n,
+        statuses=[200] * n,
+        queue_ms=[0.0] * n,
+        compute_ms=total / 2,
+        total_ms=total,
+        source="test",
+    )
+    assert sum(r.billed_ms for r in records) == pytest.approx(float(-(-total // 1)), abs=1e-9)
+    assert sum(r.compute_ms for r in records) == pytest.approx(total / 2, abs=1e-6)
+    assert sum(r.total_ms for r in records) == pytest.approx(total, abs=1e-6)
+    assert records[0].items == weights[0]
+
+
+def test_a_failing_sink_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "records.jsonl"
+    m = meter(tmp_path, "local", metering_sinks=(f"jsonl:{out}", "callback:tests.test_metering:flaky_sink"))
+    CALLS[:] = [-1]  # the callback sink is down
+    m.submit([one(m, total_ms=1) for _ in range(3)])
+    m.flush()
+    assert m.failures == 3 and m.spooled == 3
+    assert len(out.read_text().splitlines()) == 3  # the healthy sink got them once
+    CALLS[:] = []  # back up
+    m.submit([one(m, total_ms=1)])
+    m.flush()
+    assert CALLS == [4]  # the 3 spooled + the new one
+    assert len(out.read_text().splitlines()) == 4  # not 7: the healthy sink never sees a record twice
+    assert not list(tmp_path.glob("spool.jsonl*"))
+    with pytest.raises(ValueError, match="unknown metering sink"):
+        meter(tmp_path, "local", metering_sinks=("carrier-pigeon",))
+
+
+def test_server_requests_carry_their_figures_and_records(repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "server.jsonl"
+    srv = start_server(repo, metering_sinks=(f"jsonl:{out}",))
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0.0] * 8}]}
+        first = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-tenant-id": "acme"})
+        second = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body)
+        assert first.headers["oclaw-cold"] == "true" and second.headers["oclaw-cold"] == "false"
+        assert float(first.headers["oclaw-compute-ms"]) > 0 and float(first.headers["oclaw-billed-ms"]) >= 1
+        srv.runtime.meter.flush()
+    finally:
+        srv.stop()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tenant"], r["model"], r["items"], r["status"], r["source"]) for r in records] == [
+        ("acme", "versioned", 2, 200, "http"),
+        ("anonymous", "versioned", 2, 200, "http"),
+    ]
+    assert records[0]["request_id"] == first.headers["oclaw-request-id"]
+    assert records[0]["bytes_in"] > 0 and records[0]["bytes_out"] == len(first.content)
+
+
+def test_lambda_paths_meter_every_request(repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lambda.jsonl"
+    env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": f"jsonl:{out}"}
+    http = json.loads((EVENTS / "apigw_v2_infer.json").read_text())
+    http["requestContext"]["authorizer"] = {"jwt": {"claims": {"sub": "tenant-42"}, "scopes": []}}
+    direct = json.loads((EVENTS / "direct_infer.json").read_text())
+    sqs = {
+        "Records": [
+            {
+                "messageId": f"m{i}",
+                "eventSource": "aws:sqs",
+                "attributes": {},
+                "body": json.dumps({**direct, "tenant": "batchco", "reply_to": "s3://nowhere/x"}),
+            }
+            for i in range(3)
+        ]
+    }
+    with LocalLambda(env=env, cwd=ROOT, memory_mb=1024, log=tmp_path / "log") as fn:
+        fn.wait_init()
+        r1 = fn.invoke(http).json()
+        r2 = fn.invoke(direct)
+        fn.invoke(sqs)  # delivery fails (no S3 here): every record is metered, with its status
+    assert r1["headers"]["oclaw-cold"] == "true"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_source = {r["source"]: r for r in records}
+    assert by_source["lambda-http"]["tenant"] == "tenant-42" and by_source["lambda-http"]["cold"] is True
+    assert by_source["lambda-http"]["billed_ms"] > by_source["lambda-direct"]["billed_ms"]  # INIT was billed
+    assert by_source["lambda-direct"]["request_id"] == r2.request_id
+    assert by_source["lambda-http"]["gb_seconds"] == pytest.approx(by_source["lambda-http"]["billed_ms"] / 1000)
+    sqs_records = [r for r in records if r["source"] == "sqs"]
+    assert [r["request_id"] for r in sqs_records] == ["m0", "m1", "m2"]
+    assert {r["tenant"] for r in sqs_records} == {"batchco"} and {r["status"] for r in sqs_records} == {400}
+
+
+def test_usage_aggregates_records(tmp_path: Path) -> None:
+    m = meter(tmp_path, "local")
+    lines = []
+    for tenant, model in (("a", "m1"), ("a", "m1"), ("b", "m2")):
+        (record,) = m.records(
+            request_ids=["r"],
+            tenants=[tenant],
+            model=model,
+            version="1",
+            items=[2],
+            bytes_in=[1],
+            bytes_out=[1],
+            statuses=[200],
+            queue_ms=[0.0],
+            compute_ms=1.5,
+            total_ms=3.2,
+            source="test",
+        )
+        lines.append(json.dumps({"event": "metering", **record.as_dict()}))
+    (tmp_path / "records.log").write_text("INFO starting\n" + "\n".join(f"INFO {x}" for x in lines) + "\n")
+    rows = aggregate([json.loads(x) for x in lines], ["tenant"])
+    assert [(r["tenant"], r["requests"], r["items"], r["billed_ms"]) for r in rows] == [
+        ("a", 2, 4, 8.0),
+        ("b", 1, 2, 4.0),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "handler.cli", "usage", str(tmp_path / "records.log"), "--by", "tenant,model", "--csv"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert out.stdout.splitlines()[0].startswith("tenant,model,requests,items")
+    assert out.stdout.splitlines()[1].startswith("a,m1,2,4")
