@@ -162,9 +162,9 @@ def cold_server(
     port = common.free_port()
     request = common.infer_request(port, model, *body)
     log_path = work / f"{kind}-{model}-{port}.log"
-    if kind == "oclaw":
+    if kind.startswith("oclaw"):
         args = [PYTHON, "-m", "handler.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
-        env = None
+        env = {"OCLAW_METERING_SINKS": "none"} if kind == "oclaw-nometer" else None
     else:
         args = [PYTHON, "-m", "benchmarks.naive_app", "--port", str(port)]
         env = {"NAIVE_MODEL": str(model_file)}
@@ -436,9 +436,9 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = common.free_port()
     log_path = work / f"{kind}-{tag}-{port}.log"
-    if kind == "oclaw":
+    if kind.startswith("oclaw"):
         args = [PYTHON, "-m", "handler.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
-        env = None
+        env = {"OCLAW_METERING_SINKS": "none"} if kind == "oclaw-nometer" else None
     else:
         args = [PYTHON, "-m", "benchmarks.naive_app", "--port", str(port)]
         env = {"NAIVE_MODEL": str(model_file)}
@@ -448,7 +448,7 @@ def start_server(
     finally:
         fh.close()
     try:
-        common.wait_port(proc, port, "/v2/health/ready" if kind == "oclaw" else "/docs")
+        common.wait_port(proc, port, "/v2/health/ready" if kind.startswith("oclaw") else "/docs")
     except RuntimeError as exc:
         common.stop(proc)
         raise RuntimeError(f"{kind} did not start: {exc}\n{common.tail(log_path)}") from None
@@ -489,13 +489,17 @@ def section_overhead(plan: Plan, work: Path) -> dict[str, Any]:
     series: dict[str, list[int]] = {}
     non200: dict[str, dict[int, int]] = {}
     try:
-        for kind in ("oclaw", "naive"):
+        for kind in ("oclaw", "naive", "oclaw-nometer"):
             servers[kind] = start_server(kind, repo, model_file, work, "add_sub")
         requests = {
             "b_oclaw_json": (servers["oclaw"][1], common.infer_request(servers["oclaw"][1], "add_sub", *json_body)),
             "c_oclaw_binary": (servers["oclaw"][1], common.infer_request(servers["oclaw"][1], "add_sub", *bin_body)),
             "d_naive_json": (servers["naive"][1], common.infer_request(servers["naive"][1], "add_sub", *json_body)),
             "e_naive_binary": (servers["naive"][1], common.infer_request(servers["naive"][1], "add_sub", *bin_body)),
+            "f_oclaw_json_nometer": (
+                servers["oclaw-nometer"][1],
+                common.infer_request(servers["oclaw-nometer"][1], "add_sub", *json_body),
+            ),
         }
         keys = ["a_session_run", *requests]
         series = {k: [] for k in keys}
@@ -548,6 +552,7 @@ OVERHEAD_LABELS = {
     "c_oclaw_binary": "(c) oclaw, V2 binary",
     "d_naive_json": "(d) naive app, V2 JSON (context)",
     "e_naive_binary": "(e) naive app, binary in / JSON out (context)",
+    "f_oclaw_json_nometer": "(f) oclaw, V2 JSON, metering off (OCLAW_METERING_SINKS=none)",
 }
 
 
@@ -574,6 +579,10 @@ def print_overhead(res: dict[str, Any]) -> None:
         f"\nnaive/oclaw p50, JSON: {fmt_ratio(ratio(o['d_naive_json']['p50_us'], o['b_oclaw_json']['p50_us']))}; "
         f"binary: {fmt_ratio(ratio(o['e_naive_binary']['p50_us'], o['c_oclaw_binary']['p50_us']))}"
     )
+    if "f_oclaw_json_nometer" in o:
+        cost = o["b_oclaw_json"]["p50_us"] - o["f_oclaw_json_nometer"]["p50_us"]
+        share = cost / o["f_oclaw_json_nometer"]["p50_us"] * 100
+        print(f"metering on (log sink) vs off, p50: {cost:+.1f} µs per request ({share:+.1f} % of the request)")
 
 
 # -- section 3: throughput ------------------------------------------------------------------------------------

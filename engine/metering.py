@@ -12,12 +12,15 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
+
+import orjson
 
 from engine.config import Settings
 
@@ -52,7 +55,7 @@ PRICES: dict[str, Price] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MeteringRecord:
     """What one inference request cost, and whom to bill."""
 
@@ -80,7 +83,11 @@ class MeteringRecord:
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def json(self) -> bytes:
+        """One JSON object (orjson serialises slotted dataclasses natively)."""
+        return orjson.dumps(self)
 
 
 class Sink(Protocol):
@@ -91,11 +98,15 @@ class Sink(Protocol):
 
 
 class LogSink:
-    """One structured JSON log line per record (CloudWatch Logs on Lambda, stdout on Cloud Run)."""
+    """One JSON line per record on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        for record in records:
-            log.info("%s", json.dumps({"event": "metering", **record.as_dict()}))
+        out = self.stream or sys.stdout
+        out.write("".join('{"event":"metering",' + r.json().decode()[1:] + "\n" for r in records))
+        out.flush()
 
 
 class JsonlSink:
@@ -105,8 +116,8 @@ class JsonlSink:
         self.path = Path(path)
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r.as_dict()) + "\n" for r in records)
+        with self.path.open("ab") as fh:
+            fh.write(b"".join(r.json() + b"\n" for r in records))
 
 
 class CallbackSink:
@@ -134,6 +145,17 @@ def make_sink(spec: str) -> Sink | None:
     if kind == "none":
         return None
     raise ValueError(f"unknown metering sink {spec!r}; expected log, jsonl:PATH, callback:module:function or none")
+
+
+_clock: list[Any] = [0, ""]
+
+
+def _now() -> str:
+    """UTC time to the second, formatted once per second."""
+    second = int(time.time())
+    if _clock[0] != second:
+        _clock[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
+    return str(_clock[1])
 
 
 def detect_platform() -> str:
@@ -230,16 +252,19 @@ class Meter:
         ``total_ms`` is the duration billed for all of them (an invocation, or a request on a server);
         ``init_ms`` is a cold start's INIT, billed on Lambda and carried by the first request.
         """
-        weights = [max(1, n) for n in items]
         billed_total = math.ceil(total_ms) + (math.ceil(init_ms) if self.platform == "lambda" else 0)
-        compute = split_evenly(compute_ms, weights)
-        billed = split_evenly(float(billed_total), weights)
-        totals = split_evenly(total_ms, weights)
-        request_share = [1.0 / len(weights)] * len(weights)
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if len(request_ids) == 1:  # the common case: nothing to split
+            compute, billed, totals = [compute_ms], [float(billed_total)], [total_ms]
+        else:
+            weights = [max(1, n) for n in items]
+            compute = split_evenly(compute_ms, weights)
+            billed = split_evenly(float(billed_total), weights)
+            totals = split_evenly(total_ms, weights)
+        request_share = 1.0 / len(request_ids)
+        now = _now()
         out = []
         for i, rid in enumerate(request_ids):
-            gb_s, vcpu_s, gib_s, cost = self.bill(billed[i], request_share[i])
+            gb_s, vcpu_s, gib_s, cost = self.bill(billed[i], request_share)
             out.append(
                 MeteringRecord(
                     request_id=rid,
@@ -307,8 +332,8 @@ class Meter:
                     self.failures += 1
                     if attempt == 2:
                         log.warning("metering sink %s failed 3 times (%s); spooled", type(sink).__name__, exc)
-                        with spool.open("a", encoding="utf-8") as fh:
-                            fh.writelines(json.dumps(r.as_dict()) + "\n" for r in records)
+                        with spool.open("ab") as fh:
+                            fh.write(b"".join(r.json() + b"\n" for r in records))
                         self.spooled += len(records)
 
     @staticmethod
