@@ -23,9 +23,10 @@ import numpy as np
 from moto.server import ThreadedMotoServer
 
 from benchmarks.common import table
+from engine import aws as aws_clients
 from engine.config import Settings
 from engine.runtime import Runtime
-from handler import aws_clients, s3_events, sqs_events
+from handler import s3_events, sqs_events
 from tests.modelgen import _save, add_sub, mlp
 
 BUCKET = "bench"

@@ -12,13 +12,12 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -90,63 +89,6 @@ class MeteringRecord:
         return orjson.dumps(self)
 
 
-class Sink(Protocol):
-    """Where metering records go; ``emit`` may raise, oclaw retries and spools."""
-
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        """Take a batch of records."""
-
-
-class LogSink:
-    """One JSON line per record on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream
-
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        out = self.stream or sys.stdout
-        out.write("".join('{"event":"metering",' + r.json().decode()[1:] + "\n" for r in records))
-        out.flush()
-
-
-class JsonlSink:
-    """Appends records to a JSON Lines file (local use; `oclaw usage FILE` reads it)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        with self.path.open("ab") as fh:
-            fh.write(b"".join(r.json() + b"\n" for r in records))
-
-
-class CallbackSink:
-    """Calls ``module:function(records)``."""
-
-    def __init__(self, target: str) -> None:
-        import importlib
-
-        module, _, name = target.partition(":")
-        self.fn: Callable[[Sequence[MeteringRecord]], None] = getattr(importlib.import_module(module), name)
-
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        self.fn(records)
-
-
-def make_sink(spec: str) -> Sink | None:
-    """A sink from its OCLAW_METERING_SINKS entry."""
-    kind, _, arg = spec.partition(":")
-    if kind == "log":
-        return LogSink()
-    if kind == "jsonl" and arg:
-        return JsonlSink(arg)
-    if kind == "callback" and arg:
-        return CallbackSink(arg)
-    if kind == "none":
-        return None
-    raise ValueError(f"unknown metering sink {spec!r}; expected log, jsonl:PATH, callback:module:function or none")
-
-
 _clock: list[Any] = [0, ""]
 
 
@@ -183,6 +125,8 @@ class Meter:
         self.settings = settings
         self.instance_id = instance_id
         self.platform = platform_name or detect_platform()
+        from engine.sinks import make_sink
+
         self.sinks = [s for s in (make_sink(spec) for spec in settings.metering_sinks) if s is not None]
         self.price = self._price()
         self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
@@ -330,6 +274,7 @@ class Meter:
                     break
                 except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
                     self.failures += 1
+                    records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
                     if attempt == 2:
                         log.warning("metering sink %s failed 3 times (%s); spooled", type(sink).__name__, exc)
                         with spool.open("ab") as fh:

@@ -35,12 +35,13 @@ from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
+from engine import aws as aws_clients  # noqa: E402
 from engine.dataplane import Encoded  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
 from engine.model import LoadedModel  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
-from handler import aws_clients, lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
+from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
 
 ACCEPTED = (
     "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "

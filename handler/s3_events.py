@@ -22,13 +22,13 @@ from urllib.parse import unquote_plus
 
 import numpy as np
 
+from engine import aws as aws_clients
 from engine.batching import infer_many
 from engine.datatypes import v2_datatype
 from engine.errors import InvalidInput, OclawError
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, InputTensor, decode_request, encode_response
-from handler import aws_clients
 
 log = logging.getLogger("oclaw.s3")
 

@@ -18,11 +18,11 @@ from time import perf_counter
 from typing import Any
 from urllib.parse import urlparse
 
+from engine import aws as aws_clients
 from engine.batching import infer_many
 from engine.errors import InvalidInput, OclawError
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, decode_document, encode_response
-from handler import aws_clients
 
 log = logging.getLogger("oclaw.sqs")
 

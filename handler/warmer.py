@@ -8,9 +8,9 @@ import os
 import time
 from typing import Any
 
+from engine import aws as aws_clients
 from engine.errors import InvalidInput
 from engine.runtime import Runtime
-from handler import aws_clients
 
 log = logging.getLogger("oclaw.warmer")
 

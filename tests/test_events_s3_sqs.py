@@ -17,9 +17,10 @@ from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from engine import aws as aws_clients
 from engine.config import Settings
 from engine.runtime import Runtime
-from handler import aws_clients, s3_events, sqs_events
+from handler import s3_events, sqs_events
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT
 

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
 from engine.config import Settings
 from engine.metering import PRICES, Meter, MeteringRecord, aggregate, split_evenly
+from engine.sinks import PartialFailure
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT, start_server
 
@@ -212,3 +213,134 @@ def test_usage_aggregates_records(tmp_path: Path) -> None:
     )
     assert out.stdout.splitlines()[0].startswith("tenant,model,requests,items")
     assert out.stdout.splitlines()[1].startswith("a,m1,2,4")
+
+
+class RefusesOnce:
+    """A sink whose batch API refuses the even-numbered records once (what SQS/Kinesis batch calls can do)."""
+
+    seen: ClassVar[list[str]] = []
+    refused: ClassVar[set[str]] = set()
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        failed = [r for r in records if int(r.request_id) % 2 == 0 and r.request_id not in self.refused]
+        self.refused.update(r.request_id for r in failed)
+        self.seen.extend(r.request_id for r in records if r not in failed)
+        if failed:
+            raise PartialFailure(f"refused {len(failed)}", failed)
+
+
+def test_only_refused_records_are_retried(tmp_path: Path) -> None:
+    m = meter(tmp_path, "local", metering_sinks=("class:tests.test_metering:RefusesOnce",))
+    records = m.records(
+        request_ids=[str(i) for i in range(6)],
+        tenants=["t"] * 6,
+        model="m",
+        version="1",
+        items=[1] * 6,
+        bytes_in=[1] * 6,
+        bytes_out=[1] * 6,
+        statuses=[200] * 6,
+        queue_ms=[0.0] * 6,
+        compute_ms=6,
+        total_ms=6,
+        source="test",
+    )
+    m.submit(records)
+    m.flush()
+    assert sorted(RefusesOnce.seen, key=int) == [str(i) for i in range(6)]  # each exactly once
+    assert m.failures == 1 and m.spooled == 0
+
+
+def test_queue_sinks_deliver_batches_over_real_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from engine import aws
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "x",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": url,
+        }.items():
+            monkeypatch.setenv(key, value)
+        aws.reset()
+        sqs = boto3.client("sqs")
+        queue = sqs.create_queue(QueueName="metering")["QueueUrl"]
+        kinesis = boto3.client("kinesis")
+        kinesis.create_stream(StreamName="metering", ShardCount=1)
+        m = meter(tmp_path, "local", metering_sinks=(f"sqs:{queue}", "kinesis:metering"))
+        n = 23  # three SQS batches (10 a call)
+        m.submit(
+            m.records(
+                request_ids=[f"r{i}" for i in range(n)],
+                tenants=["t"] * n,
+                model="m",
+                version="1",
+                items=[1] * n,
+                bytes_in=[1] * n,
+                bytes_out=[1] * n,
+                statuses=[200] * n,
+                queue_ms=[0.0] * n,
+                compute_ms=1,
+                total_ms=n,
+                source="test",
+            )
+        )
+        m.flush()
+        assert m.failures == 0
+        got: list[str] = []
+        while batch := sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", []):
+            got += [json.loads(msg["Body"])["request_id"] for msg in batch]
+            for msg in batch:
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=msg["ReceiptHandle"])
+        assert sorted(got) == sorted(f"r{i}" for i in range(n))
+        shard = kinesis.describe_stream(StreamName="metering")["StreamDescription"]["Shards"][0]["ShardId"]
+        iterator = kinesis.get_shard_iterator(StreamName="metering", ShardId=shard, ShardIteratorType="TRIM_HORIZON")[
+            "ShardIterator"
+        ]
+        data = kinesis.get_records(ShardIterator=iterator)["Records"]
+        assert sorted(json.loads(r["Data"])["request_id"] for r in data) == sorted(f"r{i}" for i in range(n))
+    finally:
+        aws.reset()
+        server.stop()
+
+
+def test_emf_lines_follow_the_embedded_metric_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = meter(tmp_path, "local", metering_sinks=("emf",))
+    for model, status in (("m1", 200), ("m1", 400), ("m2", 200)):
+        (record,) = m.records(
+            request_ids=["r"],
+            tenants=["t"],
+            model=model,
+            version="1",
+            items=[3],
+            bytes_in=[1],
+            bytes_out=[1],
+            statuses=[status],
+            queue_ms=[0.0],
+            compute_ms=2.0,
+            total_ms=4.0,
+            source="test",
+        )
+        m.submit([record])
+    m.flush()
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(blobs) == 2
+    for blob in blobs:  # https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/CloudWatch_Embedded_Metric_Format_Specification.html
+        meta = blob["_aws"]
+        assert isinstance(meta["Timestamp"], int)
+        (directive,) = meta["CloudWatchMetrics"]
+        assert directive["Namespace"] == "oclaw"
+        assert all(all(isinstance(blob[d], str) for d in dims) for dims in directive["Dimensions"])
+        assert len(directive["Metrics"]) <= 100 and all(len(d) <= 30 for d in directive["Dimensions"])
+        for metric in directive["Metrics"]:
+            value = blob[metric["Name"]]
+            assert all(isinstance(v, int | float) for v in (value if isinstance(value, list) else [value]))
+    m1 = next(b for b in blobs if b["model"] == "m1")
+    assert m1["Requests"] == [2.0] and m1["Failures"] == [1.0] and m1["Items"] == [6.0] and m1["ComputeMs"] == [4.0]

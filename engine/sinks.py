@@ -1,0 +1,164 @@
+"""Where metering records go: a small Protocol and the built-in sinks, chosen by OCLAW_METERING_SINKS."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from engine.metering import MeteringRecord
+
+
+class PartialFailure(Exception):
+    """A batch API took some records and refused others; only ``failed`` is retried (no duplicates)."""
+
+    def __init__(self, message: str, failed: list[MeteringRecord]) -> None:
+        super().__init__(message)
+        self.failed = failed
+
+
+class Sink(Protocol):
+    """Where metering records go; ``emit`` may raise, oclaw retries and spools."""
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        """Take a batch of records."""
+
+
+class LogSink:
+    """One JSON line per record on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        out = self.stream or sys.stdout
+        out.write("".join('{"event":"metering",' + r.json().decode()[1:] + "\n" for r in records))
+        out.flush()
+
+
+class JsonlSink:
+    """Appends records to a JSON Lines file (local use; `oclaw usage FILE` reads it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        with self.path.open("ab") as fh:
+            fh.write(b"".join(r.json() + b"\n" for r in records))
+
+
+class CallbackSink:
+    """Calls ``module:function(records)``."""
+
+    def __init__(self, target: str) -> None:
+        module, _, name = target.partition(":")
+        self.fn: Callable[[Sequence[MeteringRecord]], None] = getattr(importlib.import_module(module), name)
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        self.fn(records)
+
+
+SINKS = (
+    "log, emf, jsonl:PATH, sqs:QUEUE_URL, kinesis:STREAM, firehose:STREAM, callback:module:function, "
+    "class:module:Class or none"
+)
+
+
+def _class_sink(arg: str) -> Sink:
+    module, _, name = arg.partition(":")
+    factory: Callable[[], Sink] = getattr(importlib.import_module(module), name)
+    return factory()
+
+
+#: OCLAW_METERING_SINKS entries: ``kind`` or ``kind:argument``.
+FACTORIES: dict[str, Callable[[str], Sink | None]] = {
+    "log": lambda _: LogSink(),
+    "emf": lambda arg: EmfSink(arg or "oclaw"),
+    "jsonl": JsonlSink,
+    "sqs": lambda arg: QueueSink("sqs", arg),
+    "kinesis": lambda arg: QueueSink("kinesis", arg),
+    "firehose": lambda arg: QueueSink("firehose", arg),
+    "callback": CallbackSink,
+    "class": _class_sink,
+    "none": lambda _: None,
+}
+NEEDS_ARGUMENT = frozenset({"jsonl", "sqs", "kinesis", "firehose", "callback", "class"})
+
+
+def make_sink(spec: str) -> Sink | None:
+    """A sink from its OCLAW_METERING_SINKS entry."""
+    kind, _, arg = spec.partition(":")
+    if kind not in FACTORIES or (kind in NEEDS_ARGUMENT and not arg):
+        raise ValueError(
+            f"unknown metering sink {spec!r}; expected log, emf, jsonl:PATH, sqs:QUEUE_URL, kinesis:STREAM, "
+            "firehose:STREAM, callback:module:function, class:module:Class or none"
+        )
+    return FACTORIES[kind](arg)
+
+
+class QueueSink:
+    """Batched writes to SQS (10 a call), Kinesis Data Streams or Firehose (500 a call), with boto3."""
+
+    LIMITS: ClassVar[dict[str, int]] = {"sqs": 10, "kinesis": 500, "firehose": 500}
+
+    def __init__(self, service: str, target: str) -> None:
+        self.service, self.target = service, target
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        from engine import aws as aws_clients  # boto3 only when this sink is used
+
+        client = aws_clients.client(self.service)
+        step = self.LIMITS[self.service]
+        failed: list[MeteringRecord] = []
+        for start in range(0, len(records), step):
+            chunk = list(records[start : start + step])
+            failed += [chunk[i] for i in self._send(client, chunk)]
+        if failed:
+            raise PartialFailure(f"{self.service} refused {len(failed)} of {len(records)} records", failed)
+
+    def _send(self, client: Any, chunk: list[MeteringRecord]) -> list[int]:
+        """Send one batch; return the indexes the service refused."""
+        if self.service == "sqs":
+            entries: list[dict[str, Any]] = [
+                {"Id": str(i), "MessageBody": r.json().decode()} for i, r in enumerate(chunk)
+            ]
+            resp = client.send_message_batch(QueueUrl=self.target, Entries=entries)
+            return [int(f["Id"]) for f in resp.get("Failed", [])]
+        if self.service == "kinesis":
+            entries = [{"Data": r.json(), "PartitionKey": r.tenant or "anonymous"} for r in chunk]
+            resp = client.put_records(StreamName=self.target, Records=entries)
+            return [i for i, e in enumerate(resp["Records"]) if e.get("ErrorCode")]
+        resp = client.put_record_batch(
+            DeliveryStreamName=self.target, Records=[{"Data": r.json() + b"\n"} for r in chunk]
+        )
+        return [i for i, e in enumerate(resp["RequestResponses"]) if e.get("ErrorCode")]
+
+
+class EmfSink:
+    """CloudWatch metrics as Embedded Metric Format log lines (Powertools Metrics; no network call).
+
+    Per flush and model: request, item and failure counts and the sums of compute ms, billed ms and cost.
+    Tenants are not dimensions (their cardinality would multiply the metric cost).
+    """
+
+    def __init__(self, namespace: str = "oclaw") -> None:
+        self.namespace = namespace
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        from aws_lambda_powertools.metrics import Metrics, MetricUnit
+
+        by_model: dict[str, list[MeteringRecord]] = {}
+        for r in records:
+            by_model.setdefault(r.model or "-", []).append(r)
+        for model, group in by_model.items():
+            metrics = Metrics(namespace=self.namespace, service="oclaw")
+            metrics.add_dimension(name="model", value=model)
+            metrics.add_metric(name="Requests", unit=MetricUnit.Count, value=len(group))
+            metrics.add_metric(name="Items", unit=MetricUnit.Count, value=sum(r.items for r in group))
+            metrics.add_metric(name="Failures", unit=MetricUnit.Count, value=sum(r.status >= 400 for r in group))
+            metrics.add_metric(name="ComputeMs", unit=MetricUnit.Milliseconds, value=sum(r.compute_ms for r in group))
+            metrics.add_metric(name="BilledMs", unit=MetricUnit.Milliseconds, value=sum(r.billed_ms for r in group))
+            metrics.add_metric(name="CostUSD", unit=MetricUnit.NoUnit, value=sum(r.cost_usd for r in group))
+            metrics.flush_metrics()
