@@ -164,7 +164,7 @@ def cold_server(
     log_path = work / f"{kind}-{model}-{port}.log"
     if kind.startswith("oclaw"):
         args = [PYTHON, "-m", "handler.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
-        env = {"OCLAW_METERING_SINKS": "none"} if kind == "oclaw-nometer" else None
+        env = {"OCLAW_METERING_SINKS": "none", "OCLAW_METRICS": "false"} if kind == "oclaw-nometer" else None
     else:
         args = [PYTHON, "-m", "benchmarks.naive_app", "--port", str(port)]
         env = {"NAIVE_MODEL": str(model_file)}
@@ -438,7 +438,7 @@ def start_server(
     log_path = work / f"{kind}-{tag}-{port}.log"
     if kind.startswith("oclaw"):
         args = [PYTHON, "-m", "handler.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
-        env = {"OCLAW_METERING_SINKS": "none"} if kind == "oclaw-nometer" else None
+        env = {"OCLAW_METERING_SINKS": "none", "OCLAW_METRICS": "false"} if kind == "oclaw-nometer" else None
     else:
         args = [PYTHON, "-m", "benchmarks.naive_app", "--port", str(port)]
         env = {"NAIVE_MODEL": str(model_file)}
@@ -552,7 +552,7 @@ OVERHEAD_LABELS = {
     "c_oclaw_binary": "(c) oclaw, V2 binary",
     "d_naive_json": "(d) naive app, V2 JSON (context)",
     "e_naive_binary": "(e) naive app, binary in / JSON out (context)",
-    "f_oclaw_json_nometer": "(f) oclaw, V2 JSON, metering off (OCLAW_METERING_SINKS=none)",
+    "f_oclaw_json_nometer": "(f) oclaw, V2 JSON, metering and metrics off",
 }
 
 
@@ -582,7 +582,7 @@ def print_overhead(res: dict[str, Any]) -> None:
     if "f_oclaw_json_nometer" in o:
         cost = o["b_oclaw_json"]["p50_us"] - o["f_oclaw_json_nometer"]["p50_us"]
         share = cost / o["f_oclaw_json_nometer"]["p50_us"] * 100
-        print(f"metering on (log sink) vs off, p50: {cost:+.1f} µs per request ({share:+.1f} % of the request)")
+        print(f"metering (log sink) + Prometheus on vs off, p50: {cost:+.1f} µs a request ({share:+.1f} %)")
 
 
 # -- section 3: throughput ------------------------------------------------------------------------------------

@@ -111,6 +111,8 @@ class Settings:
     sqs_result_destination: str = ""
     #: Metering sinks, comma-separated: ``log``, ``jsonl:PATH``, ``callback:module:function``, ``none``.
     metering_sinks: tuple[str, ...] = ("log",)
+    #: Prometheus metrics at /metrics on `oclaw serve`.
+    metrics: bool = True
     #: Request header naming the tenant when no authenticated principal does.
     tenant_header: str = "x-tenant-id"
     #: Records a failing sink could not take are kept here and re-sent on a later flush.

@@ -85,6 +85,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def infer(runtime: Runtime, request: Request, model_name: str, model_version: str | None) -> Response:
     """``POST /v2/models/{m}[/versions/{v}]/infer``: cheap models inline, the rest on the model's threads."""
     enqueue = perf_counter_ns()
+    try:
+        return await _infer(runtime, request, model_name, model_version, enqueue)
+    except OclawError as exc:
+        v2.meter_failure(
+            runtime,
+            model=model_name,
+            version=model_version or "",
+            status=int(exc.status),
+            tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
+            total_ms=(perf_counter_ns() - enqueue) / 1e6,
+            source="http",
+        )
+        raise
+
+
+async def _infer(
+    runtime: Runtime, request: Request, model_name: str, model_version: str | None, enqueue: int
+) -> Response:
     pool = runtime.pool
     try:
         model = pool.get_nowait(model_name, model_version)
@@ -134,6 +152,8 @@ class ServerApp:
         self._lock = asyncio.Lock()
         self._preload = preload
         self._on_ready = on_ready
+        self.in_flight = 0
+        self.prometheus: Any = None
 
     async def full_app(self) -> ASGIApp:
         """The FastAPI app, built (and imported) on first use."""
@@ -147,7 +167,11 @@ class ServerApp:
             await self._lifespan(receive, send)
             return
         if scope["type"] == "http":
-            response = await self._data_plane(scope, receive)
+            self.in_flight += 1
+            try:
+                response = await self._data_plane(scope, receive)
+            finally:
+                self.in_flight -= 1
             if response is not None:
                 await response(scope, receive, send)
                 return
@@ -159,6 +183,10 @@ class ServerApp:
         try:
             if method == "POST" and (match := INFER_PATH.fullmatch(path)):
                 return await infer(self.runtime, Request(scope, receive), match["name"], match["version"])
+            if method == "GET" and path == "/metrics" and self.prometheus is not None:
+                await asyncio.to_thread(self.runtime.meter.flush)
+                body = self.prometheus.exposition()
+                return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
             if method == "GET":
                 reply = v2.route(self.runtime, method, path, b"", {})
                 return None if reply is None else reply_response(reply)
@@ -169,6 +197,18 @@ class ServerApp:
             return error_response(500, f"internal error: {type(exc).__name__}")
         return None
 
+    def _start_metrics(self) -> None:
+        """Prometheus metrics at /metrics, fed by the metering records (needs the prometheus-client package)."""
+        if not self.runtime.settings.metrics:
+            return
+        try:
+            from engine.metrics import PrometheusSink
+        except ImportError:  # pragma: no cover - prometheus-client is a core dependency
+            log.warning("prometheus-client is not installed: no /metrics")
+            return
+        self.prometheus = PrometheusSink(self.runtime, lambda: self.in_flight)
+        self.runtime.meter.sinks.append(self.prometheus)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -176,6 +216,7 @@ class ServerApp:
                 try:
                     if self._preload:
                         await asyncio.to_thread(self.runtime.wait_preloaded)
+                    self._start_metrics()
                     if self._on_ready is not None:
                         self._on_ready()
                 except Exception as exc:  # noqa: BLE001 - reported to the server, which exits

@@ -6,6 +6,7 @@ Each function takes already-parsed pieces of a request and returns a ``Reply``; 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,31 @@ def meter(
         "oclaw-cost-usd": f"{record.cost_usd:.12f}",
         "oclaw-request-id": request_id,
     }
+
+
+def meter_failure(
+    runtime: Runtime, *, model: str, version: str, status: int, tenant: str, total_ms: float, source: str
+) -> None:
+    """Queue the metering record of a request that failed (it is billed too)."""
+    meter = runtime.meter
+    if not meter.enabled:
+        return
+    meter.submit(
+        meter.records(
+            request_ids=[os.urandom(8).hex()],
+            tenants=[tenant],
+            model=model,
+            version=version,
+            items=[0],
+            bytes_in=[0],
+            bytes_out=[0],
+            statuses=[status],
+            queue_ms=[0.0],
+            compute_ms=0.0,
+            total_ms=total_ms,
+            source=source,
+        )
+    )
 
 
 def infer(

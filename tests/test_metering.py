@@ -344,3 +344,34 @@ def test_emf_lines_follow_the_embedded_metric_format(tmp_path: Path, capsys: pyt
             assert all(isinstance(v, int | float) for v in (value if isinstance(value, list) else [value]))
     m1 = next(b for b in blobs if b["model"] == "m1")
     assert m1["Requests"] == [2.0] and m1["Failures"] == [1.0] and m1["Items"] == [6.0] and m1["ComputeMs"] == [4.0]
+
+
+def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv = start_server(repo, metering_sinks=("none",))
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 4], "data": [0.0] * 12}]}
+        for _ in range(4):
+            assert httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body).status_code == 200
+        bad = httpx.post(f"{srv.url}/v2/models/versioned/infer", json={"inputs": []})
+        assert bad.status_code == 400
+        text = httpx.get(f"{srv.url}/metrics").text
+    finally:
+        srv.stop()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = (("model", "versioned"), ("status", "200"), ("version", "2"))
+    assert samples[("oclaw_requests_total", ok)] == 4
+    assert samples[("oclaw_requests_total", (("model", "versioned"), ("status", "400"), ("version", "")))] == 1
+    assert samples[("oclaw_inference_items_total", (("model", "versioned"), ("version", "2")))] == 12
+    hist = (("model", "versioned"), ("version", "2"))
+    assert samples[("oclaw_request_duration_seconds_count", hist)] == 4
+    assert samples[("oclaw_batch_size_bucket", (("le", "4.0"), *hist))] == 4  # three rows each
+    assert samples[("oclaw_cold_starts_total", ())] == 1
+    assert samples[("oclaw_model_ready", (("model", "versioned"),))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 10e6
+    assert ("oclaw_in_flight_requests", ()) in samples

@@ -1,0 +1,76 @@
+"""Core server metrics in Prometheus form, fed by the metering records (no extra work per request)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from engine.metering import MeteringRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.runtime import Runtime
+
+#: Latency buckets in seconds, from sub-millisecond tiny models to multi-second batches.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class PrometheusSink:
+    """A metering sink that keeps Prometheus counters and histograms; ``exposition()`` renders them."""
+
+    def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds
+        PlatformCollector(registry=self.registry)
+        labels = ("model", "version")
+        r = self.registry
+        self.requests = Counter("oclaw_requests", "Inference requests served", (*labels, "status"), registry=r)
+        self.items = Counter("oclaw_inference_items", "Rows (batch items) inferred", labels, registry=r)
+        self.latency = Histogram(
+            "oclaw_request_duration_seconds", "Request time inside the server", labels, buckets=BUCKETS, registry=r
+        )
+        self.queue = Histogram(
+            "oclaw_queue_duration_seconds", "Time queued before compute", labels, buckets=BUCKETS, registry=r
+        )
+        self.compute = Histogram(
+            "oclaw_compute_duration_seconds", "Decode + run + post-process", labels, buckets=BUCKETS, registry=r
+        )
+        self.batch = Histogram(
+            "oclaw_batch_size", "Rows per request", labels, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.cost = Counter("oclaw_billed_cost_usd", "Estimated cost of the requests served", ("model",), registry=r)
+        self.billed = Counter("oclaw_billed_seconds", "Billed time of the requests served", ("model",), registry=r)
+        self.cold_starts = Counter("oclaw_cold_starts", "Requests that paid a cold start", registry=r)
+        Gauge("oclaw_in_flight_requests", "Requests being served now", registry=r).set_function(
+            lambda: float(in_flight())
+        )
+        load = Gauge("oclaw_model_load_seconds", "Load + warm-up time per model", ("model",), registry=r)
+        size = Gauge("oclaw_model_file_bytes", "Model file size (weights held in memory)", labels, registry=r)
+        ready = Gauge("oclaw_model_ready", "1 when the model can serve", ("model",), registry=r)
+        for name, state in runtime.pool.states().items():
+            load.labels(name).set(state["load_ms"] / 1000)
+            ready.labels(name).set(1.0 if state["state"] == "READY" else 0.0)
+        for model in runtime.pool.loaded():
+            size.labels(model.name, str(model.version)).set(model.path.stat().st_size)
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        for rec in records:
+            key = (rec.model, rec.version)
+            self.requests.labels(*key, str(rec.status)).inc()
+            if rec.status < 400:
+                self.items.labels(*key).inc(rec.items)
+                self.latency.labels(*key).observe(rec.total_ms / 1000)
+                self.queue.labels(*key).observe(rec.queue_ms / 1000)
+                self.compute.labels(*key).observe(rec.compute_ms / 1000)
+                self.batch.labels(*key).observe(rec.items)
+            self.cost.labels(rec.model).inc(rec.cost_usd)
+            self.billed.labels(rec.model).inc(rec.billed_ms / 1000)
+            if rec.cold:
+                self.cold_starts.inc()
+
+    def exposition(self) -> bytes:
+        """The text exposition format."""
+        return bytes(generate_latest(self.registry))
