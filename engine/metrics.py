@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.platform_collector import PlatformCollector
@@ -23,6 +23,7 @@ class PrometheusSink:
 
     def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
+        self._cache: dict[tuple[str, str, int], tuple[Any, ...]] = {}
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds
         PlatformCollector(registry=self.registry)
         labels = ("model", "version")
@@ -56,18 +57,37 @@ class PrometheusSink:
         for model in runtime.pool.loaded():
             size.labels(model.name, str(model.version)).set(model.path.stat().st_size)
 
+    def _children(self, model: str, version: str, status: int) -> tuple[Any, ...]:
+        key = (model, version, status)
+        children = self._cache.get(key)
+        if children is None:  # labels() lookups cost more than the updates: resolve them once per series
+            m = (model, version)
+            children = self._cache[key] = (
+                self.requests.labels(*m, str(status)),
+                self.items.labels(*m),
+                self.latency.labels(*m),
+                self.queue.labels(*m),
+                self.compute.labels(*m),
+                self.batch.labels(*m),
+                self.cost.labels(model),
+                self.billed.labels(model),
+            )
+        return children
+
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         for rec in records:
-            key = (rec.model, rec.version)
-            self.requests.labels(*key, str(rec.status)).inc()
+            requests, items, latency, queue, compute, batch, cost, billed = self._children(
+                rec.model, rec.version, rec.status
+            )
+            requests.inc()
             if rec.status < 400:
-                self.items.labels(*key).inc(rec.items)
-                self.latency.labels(*key).observe(rec.total_ms / 1000)
-                self.queue.labels(*key).observe(rec.queue_ms / 1000)
-                self.compute.labels(*key).observe(rec.compute_ms / 1000)
-                self.batch.labels(*key).observe(rec.items)
-            self.cost.labels(rec.model).inc(rec.cost_usd)
-            self.billed.labels(rec.model).inc(rec.billed_ms / 1000)
+                items.inc(rec.items)
+                latency.observe(rec.total_ms / 1000)
+                queue.observe(rec.queue_ms / 1000)
+                compute.observe(rec.compute_ms / 1000)
+                batch.observe(rec.items)
+            cost.inc(rec.cost_usd)
+            billed.inc(rec.billed_ms / 1000)
             if rec.cold:
                 self.cold_starts.inc()
 
