@@ -163,3 +163,32 @@ def test_typos_that_linters_miss_are_caught(path: tuple[str, ...], value: Any, p
 
 def test_template_file_exists_at_the_documented_path() -> None:
     assert Path(TEMPLATE).is_file() and "handler.aws_lambda.lambda_handler" in TEMPLATE.read_text()
+
+
+def test_alarms_dashboard_and_memory_metric() -> None:
+    cfn = translate(sam_template())
+    alarms = {k: v["Properties"] for k, v in of_type(cfn, "AWS::CloudWatch::Alarm").items()}
+    assert set(alarms) == {"LatencyAlarm", "ErrorsAlarm", "ThrottlesAlarm", "MemoryAlarm", "DeadLetterAlarm"}
+    assert alarms["LatencyAlarm"]["Threshold"] == 50 and alarms["LatencyAlarm"]["Statistic"] == "Average"
+    assert alarms["ErrorsAlarm"]["Period"] * alarms["ErrorsAlarm"]["EvaluationPeriods"] == 60
+    assert alarms["MemoryAlarm"]["Threshold"] == 90
+    assert alarms["DeadLetterAlarm"]["Dimensions"][0]["Value"] == {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}
+    assert all(a["AlarmActions"] == [{"Ref": "AlarmTopic"}] for a in alarms.values())
+    body = cfn["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    widgets = json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]
+    assert len(widgets) == 4
+    env = cfn["Resources"]["InferenceFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["OCLAW_METERING_SINKS"] == "log,emf"
+
+
+def test_memory_metric_filter_reads_the_report_line() -> None:
+    from handler.local_lambda import InvokeResult
+
+    (metric_filter,) = of_type(translate(sam_template()), "AWS::Logs::MetricFilter").values()
+    props = metric_filter["Properties"]
+    fields = [f.strip() for f in props["FilterPattern"].strip("[]").split(",")]
+    report = InvokeResult("req-1", b"{}", None, 12.34, 250.0, 1024, 321).report_line()
+    tokens = report.split()
+    assert tokens[0] == "REPORT" and fields[0] == 'report="REPORT"'
+    value_field = props["MetricTransformations"][0]["MetricValue"].lstrip("$")
+    assert tokens[fields.index(value_field)] == "321"  # the Max Memory Used figure
