@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Latency buckets in seconds, from sub-millisecond tiny models to multi-second batches.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def memory_limit(path: str = "/sys/fs/cgroup/memory.max") -> float:
+    """The cgroup v2 memory limit in bytes, else the machine's memory."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+        if text != "max":
+            return float(text)
+    except (OSError, ValueError):
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 class PrometheusSink:
@@ -51,6 +64,7 @@ class PrometheusSink:
         load = Gauge("oclaw_model_load_seconds", "Load + warm-up time per model", ("model",), registry=r)
         size = Gauge("oclaw_model_file_bytes", "Model file size (weights held in memory)", labels, registry=r)
         ready = Gauge("oclaw_model_ready", "1 when the model can serve", ("model",), registry=r)
+        Gauge("oclaw_memory_limit_bytes", "Memory this process may use (cgroup limit)", registry=r).set(memory_limit())
         for name, state in runtime.pool.states().items():
             load.labels(name).set(state["load_ms"] / 1000)
             ready.labels(name).set(1.0 if state["state"] == "READY" else 0.0)
