@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, OclawError
 from engine.model import LoadedModel
-from engine.tensors import InferRequest, decode_request, encode_response
+from engine.tensors import InferRequest, InferResponse, decode_request, encode_response
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.metering import MeteringRecord
 
 #: Requests whose body is at most this many bytes may run on the caller's thread for cheap models.
 INLINE_BODY_BYTES = 64 * 1024
@@ -24,6 +29,8 @@ class Encoded:
     rows: int
     queue_ns: int = 0
     compute_ns: int = 0
+    #: The request's metering record, when a recorder was given (not yet submitted).
+    record: MeteringRecord | None = None
 
     @property
     def content_type(self) -> str:
@@ -64,8 +71,14 @@ def infer_bytes(
     header_length: int | None,
     content_type: str | None,
     enqueue_ns: int | None = None,
+    *,
+    recorder: Callable[[LoadedModel, InferResponse], MeteringRecord | None] | None = None,
 ) -> Encoded:
-    """Decode, infer and encode one request against one model; thread-safe."""
+    """Decode, infer and encode one request against one model; thread-safe.
+
+    ``recorder`` builds the request's metering record; a request whose ``parameters`` ask for
+    ``"metering": true`` gets the record in its response ``parameters`` too.
+    """
     started = perf_counter_ns()
     try:
         request = build_request(body, header_length, content_type, max_elements=model.settings.max_tensor_elements)
@@ -78,8 +91,13 @@ def infer_bytes(
         model.stats.failure(perf_counter_ns() - started)
         raise
     response = model.infer(request, enqueue_ns or started, started)
+    record = recorder(model, response) if recorder is not None else None
+    if record is not None and request.parameters.get("metering") is True:
+        response.parameters["metering"] = record.as_dict()
     encoded, length = encode_response(response)
-    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started)
+    if record is not None:
+        record.bytes_out = len(encoded)
+    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, record)
 
 
 def runs_inline(model: LoadedModel, body_size: int) -> bool:

@@ -8,6 +8,7 @@ import FastAPI when first called. Both paths share the endpoint code below and i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -114,22 +115,22 @@ async def _infer(
     body = await read_body(request, runtime.settings.max_body_bytes)
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
     ctype = request.headers.get("content-type")
-    if runs_inline(model, len(body)):
-        encoded = infer_bytes(model, body, header_length, ctype, enqueue)
-    else:
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(model.executor, infer_bytes, model, body, header_length, ctype, enqueue)
-    headers = v2.meter(
+    record = v2.recorder(
         runtime,
-        encoded,
-        model=model.name,
-        version=str(model.version),
         request_id=request.headers.get("x-request-id") or os.urandom(8).hex(),
         tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
         bytes_in=len(body),
-        total_ms=(perf_counter_ns() - enqueue) / 1e6,
         source="http",
+        enqueue_ns=enqueue,
     )
+    if runs_inline(model, len(body)):
+        encoded = infer_bytes(model, body, header_length, ctype, enqueue, recorder=record)
+    else:
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            model.executor, functools.partial(infer_bytes, recorder=record), model, body, header_length, ctype, enqueue
+        )
+    headers = v2.finish(runtime, encoded.record)
     if encoded.header_length is not None:
         headers["Inference-Header-Content-Length"] = str(encoded.header_length)
     return Response(encoded.body, media_type=encoded.content_type, headers=headers)

@@ -36,9 +36,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from engine import aws as aws_clients  # noqa: E402
-from engine.dataplane import Encoded  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
-from engine.model import LoadedModel  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
 from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
@@ -151,22 +149,16 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
         _check_time(context, path)
         if ev.method == "POST" and (match := _INFER_PATH.fullmatch(path)):
-
-            def served(model: LoadedModel, encoded: Encoded) -> dict[str, str]:
-                return v2.meter(
-                    RUNTIME,
-                    encoded,
-                    model=model.name,
-                    version=str(model.version),
-                    request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
-                    tenant=tenant_of(event, ev.headers, context),
-                    bytes_in=len(body),
-                    total_ms=elapsed_ms(),
-                    init_ms=INIT_MS,
-                    source="lambda-http",
-                )
-
-            reply = v2.infer(RUNTIME, match["name"], match["version"], body, ev.headers, on_served=served)
+            record = v2.recorder(
+                RUNTIME,
+                request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
+                tenant=tenant_of(event, ev.headers, context),
+                bytes_in=len(body),
+                source="lambda-http",
+                enqueue_ns=STATE.invocation_start_ns,
+                init_ms=INIT_MS,
+            )
+            reply = v2.infer(RUNTIME, match["name"], match["version"], body, ev.headers, record=record)
         else:
             reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
     except OclawError as exc:
@@ -191,21 +183,22 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         for out in request.outputs or ():
             out.binary = False
         response = model.infer(request, perf_counter_ns())
-        body, _ = encode_response(response)
-        result: dict[str, Any] = json.loads(body)
-        encoded = Encoded(body, None, response.rows, response.queue_ns, response.compute_ns)
-        v2.meter(
+        record = v2.recorder(
             RUNTIME,
-            encoded,
-            model=model.name,
-            version=str(model.version),
             request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
             tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
             bytes_in=len(json.dumps(event)),
-            total_ms=elapsed_ms(),
-            init_ms=INIT_MS,
             source="lambda-direct",
-        )
+            enqueue_ns=STATE.invocation_start_ns,
+            init_ms=INIT_MS,
+        )(model, response)
+        if record is not None and request.parameters.get("metering") is True:
+            response.parameters["metering"] = record.as_dict()
+        body, _ = encode_response(response)
+        if record is not None:
+            record.bytes_out = len(body)
+        v2.finish(RUNTIME, record)
+        result: dict[str, Any] = json.loads(body)
         return result
     except OclawError as exc:
         return {"error": exc.message, "status": int(exc.status)}

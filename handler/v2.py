@@ -10,14 +10,20 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 import orjson
 
 from engine import __version__
-from engine.dataplane import Encoded, infer_bytes, parse_header_length
+from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
 from engine.model import LoadedModel
 from engine.runtime import Runtime
+from engine.tensors import InferResponse
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.metering import MeteringRecord
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
@@ -70,47 +76,55 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
     return json_reply(model.metadata(runtime.pool.versions(name)))
 
 
-def meter(
+def recorder(
     runtime: Runtime,
-    encoded: Encoded,
     *,
-    model: str,
-    version: str,
     request_id: str,
     tenant: str,
     bytes_in: int,
-    total_ms: float,
     source: str,
+    enqueue_ns: int,
     init_ms: float = 0.0,
-) -> dict[str, str]:
-    """Queue the metering record of one served request; returns its figures as response headers."""
-    cold, runtime.cold = runtime.cold, False
-    meter = runtime.meter
-    if not meter.enabled:
+) -> Callable[[LoadedModel, InferResponse], MeteringRecord | None]:
+    """A callback for ``infer_bytes`` that builds the metering record of one request (submitted by ``finish``)."""
+
+    def record(model: LoadedModel, response: InferResponse) -> MeteringRecord | None:
+        cold, runtime.cold = runtime.cold, False
+        meter = runtime.meter
+        if not meter.enabled:
+            return None
+        (rec,) = meter.records(
+            request_ids=[request_id],
+            tenants=[tenant],
+            model=model.name,
+            version=str(model.version),
+            items=[response.rows],
+            bytes_in=[bytes_in],
+            bytes_out=[0],
+            statuses=[200],
+            queue_ms=[response.queue_ns / 1e6],
+            compute_ms=response.compute_ns / 1e6,
+            total_ms=(perf_counter_ns() - enqueue_ns) / 1e6,
+            init_ms=init_ms if cold else 0.0,
+            cold=cold,
+            source=source,
+        )
+        return rec
+
+    return record
+
+
+def finish(runtime: Runtime, record: MeteringRecord | None) -> dict[str, str]:
+    """Submit a request's metering record; its figures as response headers."""
+    if record is None:
         return {}
-    (record,) = meter.records(
-        request_ids=[request_id],
-        tenants=[tenant],
-        model=model,
-        version=version,
-        items=[encoded.rows],
-        bytes_in=[bytes_in],
-        bytes_out=[len(encoded.body)],
-        statuses=[200],
-        queue_ms=[encoded.queue_ns / 1e6],
-        compute_ms=encoded.compute_ns / 1e6,
-        total_ms=total_ms,
-        init_ms=init_ms if cold else 0.0,
-        cold=cold,
-        source=source,
-    )
-    meter.submit([record])
+    runtime.meter.submit([record])
     return {
         "oclaw-compute-ms": f"{record.compute_ms:.3f}",
         "oclaw-billed-ms": f"{record.billed_ms:g}",
         "oclaw-cold": "true" if record.cold else "false",
         "oclaw-cost-usd": f"{record.cost_usd:.12f}",
-        "oclaw-request-id": request_id,
+        "oclaw-request-id": record.request_id,
     }
 
 
@@ -147,21 +161,24 @@ def infer(
     headers: Mapping[str, str],
     *,
     enqueue_ns: int | None = None,
-    on_served: Callable[[LoadedModel, Encoded], dict[str, str]] | None = None,
+    record: Callable[[LoadedModel, InferResponse], MeteringRecord | None] | None = None,
 ) -> Reply:
     """``POST /v2/models/{m}[/versions/{v}]/infer`` on the caller's thread (headers lower-cased).
 
-    ``on_served`` meters the request and returns extra response headers.
+    ``record`` (see ``recorder``) meters the request; its figures come back as headers.
     """
     model = runtime.pool.get(name, version)
     encoded = infer_bytes(
-        model, body, parse_header_length(headers.get(HEADER_LENGTH)), headers.get("content-type"), enqueue_ns
+        model,
+        body,
+        parse_header_length(headers.get(HEADER_LENGTH)),
+        headers.get("content-type"),
+        enqueue_ns,
+        recorder=record,
     )
-    out = {"content-type": encoded.content_type}
+    out = {"content-type": encoded.content_type, **finish(runtime, encoded.record)}
     if encoded.header_length is not None:
         out["inference-header-content-length"] = str(encoded.header_length)
-    if on_served is not None:
-        out.update(on_served(model, encoded))
     return Reply(200, encoded.body, out)
 
 

@@ -375,3 +375,21 @@ def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
     assert samples[("oclaw_model_ready", (("model", "versioned"),))] == 1
     assert samples[("process_resident_memory_bytes", ())] > 10e6
     assert ("oclaw_in_flight_requests", ()) in samples
+
+
+def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
+    srv = start_server(repo, metering_sinks=("none",))
+    try:
+        body = {
+            "parameters": {"metering": True},
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}],
+        }
+        resp = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-tenant-id": "t9"})
+        plain = httpx.post(f"{srv.url}/v2/models/versioned/infer", json={**body, "parameters": {}})
+    finally:
+        srv.stop()
+    record = resp.json()["parameters"]["metering"]
+    assert record["tenant"] == "t9" and record["model"] == "versioned" and record["items"] == 1
+    assert record["request_id"] == resp.headers["oclaw-request-id"]
+    assert f"{record['compute_ms']:.3f}" == resp.headers["oclaw-compute-ms"]
+    assert "parameters" not in plain.json()
