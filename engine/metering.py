@@ -173,6 +173,50 @@ class Meter:
         cost = vcpu_s * self.price.vcpu_second + gib_s * self.price.gib_second + requests * self.price.request
         return 0.0, vcpu_s, gib_s, cost
 
+    def record(
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        model: str,
+        version: str,
+        items: int,
+        bytes_in: int,
+        queue_ms: float,
+        compute_ms: float,
+        total_ms: float,
+        init_ms: float = 0.0,
+        cold: bool = False,
+        source: str,
+        status: int = 200,
+    ) -> MeteringRecord:
+        """The record of one request served alone (the hot path of ``records``)."""
+        billed = float(math.ceil(total_ms) + (math.ceil(init_ms) if self.platform == "lambda" else 0))
+        gb_s, vcpu_s, gib_s, cost = self.bill(billed)
+        return MeteringRecord(
+            request_id,
+            _now(),
+            tenant,
+            model,
+            version,
+            self.platform,
+            self.instance_id,
+            cold,
+            items,
+            bytes_in,
+            0,
+            round(queue_ms, 3),
+            round(compute_ms, 3),
+            round(total_ms, 3),
+            billed,
+            gb_s,
+            vcpu_s,
+            gib_s,
+            cost,
+            status,
+            source,
+        )
+
     def records(
         self,
         *,

@@ -93,23 +93,20 @@ def recorder(
         meter = runtime.meter
         if not meter.enabled:
             return None
-        (rec,) = meter.records(
-            request_ids=[request_id],
-            tenants=[tenant],
+        return meter.record(
+            request_id=request_id,
+            tenant=tenant,
             model=model.name,
-            version=str(model.version),
-            items=[response.rows],
-            bytes_in=[bytes_in],
-            bytes_out=[0],
-            statuses=[200],
-            queue_ms=[response.queue_ns / 1e6],
+            version=response.model_version,
+            items=response.rows,
+            bytes_in=bytes_in,
+            queue_ms=response.queue_ns / 1e6,
             compute_ms=response.compute_ns / 1e6,
             total_ms=(perf_counter_ns() - enqueue_ns) / 1e6,
             init_ms=init_ms if cold else 0.0,
             cold=cold,
             source=source,
         )
-        return rec
 
     return record
 
@@ -120,10 +117,9 @@ def finish(runtime: Runtime, record: MeteringRecord | None) -> dict[str, str]:
         return {}
     runtime.meter.submit([record])
     return {
-        "oclaw-compute-ms": f"{record.compute_ms:.3f}",
-        "oclaw-billed-ms": f"{record.billed_ms:g}",
+        "oclaw-compute-ms": str(record.compute_ms),
+        "oclaw-billed-ms": str(record.billed_ms),
         "oclaw-cold": "true" if record.cold else "false",
-        "oclaw-cost-usd": f"{record.cost_usd:.12f}",
         "oclaw-request-id": record.request_id,
     }
 

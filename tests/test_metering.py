@@ -391,5 +391,5 @@ def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
     record = resp.json()["parameters"]["metering"]
     assert record["tenant"] == "t9" and record["model"] == "versioned" and record["items"] == 1
     assert record["request_id"] == resp.headers["oclaw-request-id"]
-    assert f"{record['compute_ms']:.3f}" == resp.headers["oclaw-compute-ms"]
+    assert record["compute_ms"] == float(resp.headers["oclaw-compute-ms"])
     assert "parameters" not in plain.json()
