@@ -139,7 +139,8 @@ class QueueSink:
 class EmfSink:
     """CloudWatch metrics as Embedded Metric Format log lines (Powertools Metrics; no network call).
 
-    Per flush and model: request, item and failure counts and the sums of compute ms, billed ms and cost.
+    Per flush and model: request, item, failure and cold-start counts, the sums of compute ms, billed ms and
+    cost, and each request's latency (so CloudWatch can give percentiles).
     Tenants are not dimensions (their cardinality would multiply the metric cost).
     """
 
@@ -161,4 +162,7 @@ class EmfSink:
             metrics.add_metric(name="ComputeMs", unit=MetricUnit.Milliseconds, value=sum(r.compute_ms for r in group))
             metrics.add_metric(name="BilledMs", unit=MetricUnit.Milliseconds, value=sum(r.billed_ms for r in group))
             metrics.add_metric(name="CostUSD", unit=MetricUnit.NoUnit, value=sum(r.cost_usd for r in group))
+            metrics.add_metric(name="ColdStarts", unit=MetricUnit.Count, value=sum(r.cold for r in group))
+            for r in group[:100]:  # per-request values: CloudWatch computes p50/p95/p99 from them (100 per blob)
+                metrics.add_metric(name="LatencyMs", unit=MetricUnit.Milliseconds, value=r.total_ms)
             metrics.flush_metrics()

@@ -344,6 +344,7 @@ def test_emf_lines_follow_the_embedded_metric_format(tmp_path: Path, capsys: pyt
             assert all(isinstance(v, int | float) for v in (value if isinstance(value, list) else [value]))
     m1 = next(b for b in blobs if b["model"] == "m1")
     assert m1["Requests"] == [2.0] and m1["Failures"] == [1.0] and m1["Items"] == [6.0] and m1["ComputeMs"] == [4.0]
+    assert m1["LatencyMs"] == [4.0, 4.0]
 
 
 def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
