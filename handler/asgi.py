@@ -89,10 +89,11 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
     try:
         return await _infer(runtime, request, model_name, model_version, enqueue)
     except OclawError as exc:
+        known = model_name in runtime.pool.states()  # never a client-chosen label (metric cardinality)
         v2.meter_failure(
             runtime,
-            model=model_name,
-            version=model_version or "",
+            model=model_name if known else "(unknown)",
+            version=model_version if known and model_version and model_version.isdigit() else "",
             status=int(exc.status),
             tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
             total_ms=(perf_counter_ns() - enqueue) / 1e6,

@@ -357,6 +357,8 @@ def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
             assert httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body).status_code == 200
         bad = httpx.post(f"{srv.url}/v2/models/versioned/infer", json={"inputs": []})
         assert bad.status_code == 400
+        for name in ("nope-1", "nope-2"):  # unknown names must not become label values
+            assert httpx.post(f"{srv.url}/v2/models/{name}/infer", json=body).status_code == 404
         text = httpx.get(f"{srv.url}/metrics").text
     finally:
         srv.stop()
@@ -376,6 +378,8 @@ def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
     assert samples[("oclaw_model_ready", (("model", "versioned"),))] == 1
     assert samples[("process_resident_memory_bytes", ())] > 10e6
     assert ("oclaw_in_flight_requests", ()) in samples
+    assert samples[("oclaw_requests_total", (("model", "(unknown)"), ("status", "404"), ("version", "")))] == 2
+    assert not any(dict(labels).get("model", "").startswith("nope") for _, labels in samples)
 
 
 def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
