@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,14 @@ def _now() -> str:
     if _clock[0] != second:
         _clock[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
     return str(_clock[1])
+
+
+UNKNOWN_MODEL = "(unknown)"
+
+
+def model_label(known: Container[str], name: str) -> str:
+    """A model name fit for records and metric dimensions: never an arbitrary client-chosen string."""
+    return name if name in known else UNKNOWN_MODEL
 
 
 def detect_platform() -> str:

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
+from engine.metering import UNKNOWN_MODEL
 from engine.runtime import Runtime
 from handler import v2
 
@@ -92,7 +93,7 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
         known = model_name in runtime.pool.states()  # never a client-chosen label (metric cardinality)
         v2.meter_failure(
             runtime,
-            model=model_name if known else "(unknown)",
+            model=model_name if known else UNKNOWN_MODEL,
             version=model_version if known and model_version and model_version.isdigit() else "",
             status=int(exc.status),
             tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",

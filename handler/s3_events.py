@@ -26,6 +26,7 @@ from engine import aws as aws_clients
 from engine.batching import infer_many
 from engine.datatypes import v2_datatype
 from engine.errors import InvalidInput, OclawError
+from engine.metering import model_label
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, InputTensor, decode_request, encode_response
@@ -205,7 +206,7 @@ def _meter(
         meter.records(
             request_ids=ids,
             tenants=["anonymous"] * len(ids),
-            model=job.model_name,
+            model=model_label(runtime.pool.states(), job.model_name),
             version=version,
             items=[r.rows if isinstance(r, InferResponse) else 1 for r in results],
             bytes_in=bytes_in,

@@ -191,7 +191,7 @@ def _meter(runtime: Runtime, items: list[Item], failures: list[str], total_ms: f
     meter = runtime.meter
     if not meter.enabled:
         return
-    from engine.metering import split_evenly
+    from engine.metering import model_label, split_evenly
 
     groups: dict[tuple[str, str | None], list[Item]] = {}
     for item in items:
@@ -202,7 +202,7 @@ def _meter(runtime: Runtime, items: list[Item], failures: list[str], total_ms: f
         records = meter.records(
             request_ids=[i.message_id for i in group],
             tenants=[i.tenant for i in group],
-            model=name,
+            model=model_label(runtime.pool.states(), name),
             version=version or "",
             items=[i.rows for i in group],
             bytes_in=[i.bytes_in for i in group],

@@ -398,3 +398,10 @@ def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
     assert record["request_id"] == resp.headers["oclaw-request-id"]
     assert record["compute_ms"] == float(resp.headers["oclaw-compute-ms"])
     assert "parameters" not in plain.json()
+
+
+def test_model_labels_are_never_client_chosen() -> None:
+    from engine.metering import UNKNOWN_MODEL, model_label
+
+    assert model_label({"mlp": {}}, "mlp") == "mlp"
+    assert model_label({"mlp": {}}, "x" * 100) == UNKNOWN_MODEL
