@@ -24,6 +24,8 @@ from handler.asgi import ServerApp
 from handler.http import create_app
 from tests.modelgen import build_repository
 
+pytest.register_assert_rewrite("tests.badinput")  # its shared asserts keep pytest's detailed failure output
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 
