@@ -7,7 +7,6 @@ ResNet-50-shaped model, each served from a private repository.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -24,6 +23,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.common import PYTHON, ROOT, fmt, fmt_ratio, ratio, table
 from benchmarks.harness import link_model, link_or_copy, log, rotated, server_command, v2_body
+from engine.logs import find_event
 
 if TYPE_CHECKING:
     from benchmarks.run import Plan
@@ -66,11 +66,7 @@ def cold_floor(model: Path, work: Path) -> dict[str, Any]:
 
 
 def parse_cold_start(log_path: Path) -> dict[str, Any] | None:
-    for line in log_path.read_text(errors="replace").splitlines():
-        if '"event": "cold_start"' in line and "{" in line:
-            with contextlib.suppress(ValueError):
-                return dict(json.loads(line[line.index("{") :]))
-    return None
+    return find_event(log_path.read_text(errors="replace"), "cold_start")
 
 
 def cold_server(

@@ -87,6 +87,8 @@ class Settings:
     #: Seconds SIGTERM waits for in-flight requests before closing.
     drain_timeout_s: float = 30.0
     log_level: str = "INFO"
+    #: ``json`` (one object per line on stdout, with request and correlation ids) or ``text`` (stderr).
+    log_format: str = "json"
     #: Largest HTTP body a Lambda function accepts (Lambda's synchronous payload limit is 6 MB).
     lambda_max_body_bytes: int = 6 * 1024 * 1024
     #: Milliseconds kept in hand before the Lambda deadline: work that would not finish is refused.

@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from engine.logs import find_event
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "efficientnet_lite0"
 
@@ -105,9 +107,8 @@ def lambda_demo(repository: str, coffee: bytes) -> None:
             else:
                 print(f"{label}: {json.dumps(answer)}")
             print(f"   {result.report_line()}")
-        for line in Path(log.name).read_text().splitlines():
-            if '"event": "cold_start"' in line:
-                print(f"INIT record: {line}")
+        record = find_event(Path(log.name).read_text(), "cold_start")
+        print(f"INIT record: {json.dumps(record)}")
 
 
 def main() -> int:
@@ -160,10 +161,8 @@ def main() -> int:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
             log.seek(0)
-            for line in log.read().decode(errors="replace").splitlines():
-                if '"event": "cold_start"' in line:
-                    record = json.loads(line[line.index("{") :])
-                    print(f"cold start record: {json.dumps(record)}")
+            record = find_event(log.read().decode(errors="replace"), "cold_start")
+            print(f"cold start record: {json.dumps(record)}")
             print(f"server stopped on SIGTERM (exit code {code})")
     lambda_demo(args.model_repository, images["coffee"])
     return 0

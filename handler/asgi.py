@@ -8,6 +8,7 @@ import FastAPI when first called. Both paths share the endpoint code below and i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engine import logs
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
 from engine.metering import UNKNOWN_MODEL
@@ -117,9 +119,12 @@ async def _infer(
     body = await read_body(request, runtime.settings.max_body_bytes)
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
     ctype = request.headers.get("content-type")
+    request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+    logs.request_id.set(request_id)
+    logs.correlation_id.set(request.headers.get("x-correlation-id") or request_id)
     record = v2.recorder(
         runtime,
-        request_id=request.headers.get("x-request-id") or os.urandom(8).hex(),
+        request_id=request_id,
         tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
         bytes_in=len(body),
         source="http",
@@ -129,9 +134,9 @@ async def _infer(
         encoded = infer_bytes(model, body, header_length, ctype, enqueue, recorder=record)
     else:
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            model.executor, functools.partial(infer_bytes, recorder=record), model, body, header_length, ctype, enqueue
-        )
+        run = functools.partial(infer_bytes, recorder=record)
+        ctx = contextvars.copy_context()  # so logs from the worker thread carry this request's ids
+        encoded = await loop.run_in_executor(model.executor, ctx.run, run, model, body, header_length, ctype, enqueue)
     headers = v2.finish(runtime, encoded.record)
     if encoded.header_length is not None:
         headers["Inference-Header-Content-Length"] = str(encoded.header_length)

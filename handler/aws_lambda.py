@@ -36,6 +36,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from engine import aws as aws_clients  # noqa: E402
+from engine import logs  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
@@ -94,6 +95,7 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     return runtime, record
 
 
+logs.configure(get_runtime().settings.log_level, get_runtime().settings.log_format)
 RUNTIME, COLD_START = _init()
 #: What Lambda bills for INIT (process start to the end of this module's import), carried by the first request.
 INIT_MS = float(COLD_START["phases_ms"]["runtime"] or 0) + float(COLD_START["init_ms"])
@@ -208,11 +210,31 @@ def lambda_handler(event: Any, context: Any) -> Any:
     """Dispatch one Lambda event by its shape; metering records are flushed before returning (Lambda freezes)."""
     STATE.invocations += 1
     STATE.invocation_start_ns = perf_counter_ns()
+    logs.request_id.set(getattr(context, "aws_request_id", None))
+    logs.correlation_id.set(correlation_of(event))
+    logs.cold_start.set(RUNTIME.cold)
     try:
         return _dispatch(event, context)
     finally:
         RUNTIME.cold = False
         RUNTIME.meter.flush()
+
+
+def correlation_of(event: Any) -> str | None:
+    """What ties this invocation to its caller: a correlation header, the gateway's request id, a message id."""
+    if not isinstance(event, dict):
+        return None
+    headers = {str(k).lower(): v for k, v in (event.get("headers") or {}).items()}
+    for key in ("x-correlation-id", "x-request-id"):
+        if headers.get(key):
+            return str(headers[key])
+    if isinstance(context := event.get("requestContext"), dict) and context.get("requestId"):
+        return str(context["requestId"])
+    records = event.get("Records")
+    if isinstance(records, list) and records and isinstance(records[0], dict):
+        first = records[0]
+        return str(first.get("messageId") or first.get("s3", {}).get("object", {}).get("key") or "") or None
+    return str(event["id"]) if isinstance(event.get("id"), str) else None
 
 
 def elapsed_ms() -> float:

@@ -24,6 +24,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
         return 2
+    from engine.logs import configure
+
+    configure(settings.log_level, settings.log_format)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not os.path.isdir(settings.model_repository):
         print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)

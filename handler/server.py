@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -54,7 +53,7 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "fastapi_loaded": "fastapi" in sys.modules,
             "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
         }
-        log.info("%s", json.dumps(record))
+        log.info("cold_start", extra={"oclaw": record})
         runtime.meter.start_flusher()
         # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
         threading.Thread(target=_hash_models, args=(runtime,), name="oclaw-sha256", daemon=True).start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from engine.logs import find_event
 from engine.tensors import decode_response, encode_request
 from tests.conftest import free_port, spawn_server
 from tests.modelgen import _save, add_constant, slow
@@ -25,10 +25,9 @@ def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cold_start_record(output: str) -> dict[str, object]:
-    for line in output.splitlines():
-        if '"event": "cold_start"' in line:
-            return dict(json.loads(line[line.index("{") :]))
-    raise AssertionError(f"no cold_start record in:\n{output}")
+    record = find_event(output, "cold_start")
+    assert record is not None, f"no cold_start record in:\n{output}"
+    return record
 
 
 @pytest.mark.slow

@@ -1,0 +1,77 @@
+"""Structured logs: one JSON object per line with the request, correlation and trace ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from engine import logs
+from handler.local_lambda import LocalLambda
+from tests.conftest import ROOT
+
+
+def test_json_lines_carry_the_request_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("oclaw.test-logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    monkeypatch.setenv("_X_AMZN_TRACE_ID", "Root=1-65f0c0de-0b1c2d3e4f5a6b7c8d9e0f1a;Parent=abc;Sampled=1")
+    tokens = (logs.request_id.set("req-1"), logs.correlation_id.set("corr-9"), logs.cold_start.set(True))
+    try:
+        logger.warning("model %s slow", "mlp", extra={"oclaw": {"elapsed_ms": 12.5}})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        for var, token in zip((logs.request_id, logs.correlation_id, logs.cold_start), tokens, strict=True):
+            var.reset(token)
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["level"] == "WARNING" and first["message"] == "model mlp slow" and first["elapsed_ms"] == 12.5
+    assert first["function_request_id"] == "req-1" and first["correlation_id"] == "corr-9"
+    assert first["cold_start"] is True and first["xray_trace_id"] == "1-65f0c0de-0b1c2d3e4f5a6b7c8d9e0f1a"
+    assert first["timestamp"].endswith("Z") and first["service"] == "oclaw"
+    assert "ValueError: boom" in second["exception"]
+    assert logs.find_event('noise\nINFO x {"event": "cold_start", "a": 1}\n', "cold_start") == {
+        "event": "cold_start",
+        "a": 1,
+    }
+
+
+def test_lambda_logs_are_json_with_the_invocation_ids(repo: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    records = [
+        {
+            "messageId": "msg-77",
+            "eventSource": "aws:sqs",
+            "attributes": {},
+            "body": json.dumps({"model_name": "nope", "inputs": []}),
+        }
+    ]
+    with LocalLambda(env={"OCLAW_MODEL_REPOSITORY": str(repo)}, cwd=ROOT, log=log) as fn:
+        fn.wait_init()
+        result = fn.invoke({"Records": records})  # the record fails: oclaw.sqs logs a warning
+    assert result.json() == {"batchItemFailures": [{"itemIdentifier": "msg-77"}]}
+    warnings = [
+        json.loads(line)
+        for line in log.read_text().splitlines()
+        if line.startswith("{") and '"level":"WARNING"' in line
+    ]
+    assert warnings, log.read_text()
+    line = warnings[0]
+    assert line["logger"] == "oclaw.sqs" and "msg-77" in line["message"]
+    assert line["function_request_id"] == result.request_id and line["correlation_id"] == "msg-77"
+    assert line["cold_start"] is True
+
+
+def test_text_format_appends_the_fields() -> None:
+    record = logging.LogRecord("oclaw.x", logging.INFO, __file__, 1, "cold_start", None, None)
+    record.oclaw = {"event": "cold_start", "ready": True}
+    assert logs.TextFormatter().format(record).endswith('cold_start {"event":"cold_start","ready":true}')
