@@ -113,6 +113,8 @@ class Settings:
     sqs_result_destination: str = ""
     #: Metering sinks, comma-separated: ``log``, ``jsonl:PATH``, ``callback:module:function``, ``none``.
     metering_sinks: tuple[str, ...] = ("log",)
+    #: AWS X-Ray tracing on Lambda through Powertools Tracer (needs aws-xray-sdk; adds its import to INIT).
+    tracing: bool = False
     #: Prometheus metrics at /metrics on `oclaw serve`.
     metrics: bool = True
     #: Request header naming the tenant when no authenticated principal does.

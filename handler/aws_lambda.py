@@ -206,7 +206,7 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return {"error": exc.message, "status": int(exc.status)}
 
 
-def lambda_handler(event: Any, context: Any) -> Any:
+def _handler(event: Any, context: Any) -> Any:
     """Dispatch one Lambda event by its shape; metering records are flushed before returning (Lambda freezes)."""
     STATE.invocations += 1
     STATE.invocation_start_ns = perf_counter_ns()
@@ -274,6 +274,35 @@ def _dispatch(event: Any, context: Any) -> Any:
     if isinstance(event, dict) and "inputs" in event:
         return _direct(event, context)
     raise UnsupportedEvent(f"unsupported event; oclaw accepts {ACCEPTED}")
+
+
+def _traced(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """With OCLAW_TRACING: X-Ray segments through Powertools Tracer (cold start and source annotated)."""
+    from aws_lambda_powertools import Tracer
+
+    tracer = Tracer(service="oclaw")
+
+    @tracer.capture_lambda_handler(capture_response=False)
+    def traced(event: Any, context: Any) -> Any:
+        tracer.put_annotation(key="source", value=_source(event))
+        with tracer.provider.in_subsegment("## oclaw dispatch"):
+            return handler(event, context)
+
+    wrapped: Callable[[Any, Any], Any] = traced
+    return wrapped
+
+
+def _source(event: Any) -> str:
+    if warmer.is_warm_event(event):
+        return "warm"
+    if sqs_events.is_sqs_event(event):
+        return "sqs"
+    if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
+        return "s3"
+    return lambda_http.infer(event) or "direct"
+
+
+lambda_handler = _traced(_handler) if RUNTIME.settings.tracing else _handler
 
 
 def _register_snapstart_hooks() -> None:

@@ -80,8 +80,12 @@ class InvokeResult:
 class RuntimeAPI:
     """The Runtime API endpoints (invocation, init error, SnapStart restore) on 127.0.0.1."""
 
-    def __init__(self, function_arn: str, timeout_s: float, *, hold_restore: bool = False) -> None:
+    def __init__(
+        self, function_arn: str, timeout_s: float, *, hold_restore: bool = False, sampled: bool = False
+    ) -> None:
         self.function_arn = function_arn
+        #: Whether invocations carry a sampled X-Ray trace header (so a tracer sends its segments).
+        self.sampled = sampled
         #: Set to let a SnapStart runtime past /restore/next (tests may change files "inside the snapshot" first).
         self.restore_gate = threading.Event()
         if not hold_restore:
@@ -156,7 +160,7 @@ class RuntimeAPI:
                             "Lambda-Runtime-Aws-Request-Id": inv.request_id,
                             "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
                             "Lambda-Runtime-Invoked-Function-Arn": api.function_arn,
-                            "Lambda-Runtime-Trace-Id": _trace_id(),
+                            "Lambda-Runtime-Trace-Id": _trace_id(api.sampled),
                         },
                     )
                 elif self.path == f"{API}/restore/next":
@@ -202,8 +206,9 @@ class RuntimeAPI:
             self.first_poll.set()
 
 
-def _trace_id() -> str:
-    return f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0"
+def _trace_id(sampled: bool = False) -> str:
+    root = f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]}"
+    return f"{root};Parent={uuid.uuid4().hex[:16]};Sampled=1" if sampled else f"{root};Sampled=0"
 
 
 def _max_rss_mb(pid: int) -> int:
@@ -231,6 +236,7 @@ class LocalLambda:
         qualifier: str = "$LATEST",
         snap_start: bool = False,
         hold_restore: bool = False,
+        trace_sampled: bool = False,
         log: IO[bytes] | str | Path | None = None,
         python: str = sys.executable,
     ) -> None:
@@ -240,7 +246,7 @@ class LocalLambda:
         arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{function_name}"
         if qualifier != "$LATEST":
             arn += f":{qualifier}"
-        self.api = RuntimeAPI(arn, timeout_s, hold_restore=hold_restore)
+        self.api = RuntimeAPI(arn, timeout_s, hold_restore=hold_restore, sampled=trace_sampled)
         self.env = {
             **os.environ,
             "AWS_LAMBDA_FUNCTION_NAME": function_name,

@@ -75,3 +75,38 @@ def test_text_format_appends_the_fields() -> None:
     record = logging.LogRecord("oclaw.x", logging.INFO, __file__, 1, "cold_start", None, None)
     record.oclaw = {"event": "cold_start", "ready": True}
     assert logs.TextFormatter().format(record).endswith('cold_start {"event":"cold_start","ready":true}')
+
+
+def test_tracing_sends_xray_subsegments_to_the_daemon(repo: Path, tmp_path: Path) -> None:
+    """OCLAW_TRACING: Powertools Tracer's segments reach a UDP X-Ray daemon listening on loopback."""
+    import socket
+
+    daemon = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    daemon.bind(("127.0.0.1", 0))
+    daemon.settimeout(10)
+    port = daemon.getsockname()[1]
+    env = {
+        "OCLAW_MODEL_REPOSITORY": str(repo),
+        "OCLAW_TRACING": "true",
+        "LAMBDA_TASK_ROOT": str(ROOT),
+        "AWS_XRAY_DAEMON_ADDRESS": f"127.0.0.1:{port}",
+        "AWS_XRAY_CONTEXT_MISSING": "LOG_ERROR",
+    }
+    event = json.loads((Path(__file__).parent / "events" / "direct_infer.json").read_text())
+    try:
+        with LocalLambda(env=env, cwd=ROOT, trace_sampled=True, log=tmp_path / "log") as fn:
+            fn.wait_init()
+            assert fn.invoke(event).json()["model_name"] == "add_sub"
+            documents: list[dict[str, object]] = []
+            while not any(d.get("annotations") for d in documents) and len(documents) < 10:
+                header, _, body = daemon.recv(65536).decode().partition("\n")
+                assert json.loads(header) == {"format": "json", "version": 1}
+                documents.append(json.loads(body))
+    finally:
+        daemon.close()
+    by_name = {str(d["name"]): d for d in documents}
+    handler = next(d for d in documents if d.get("annotations"))
+    assert handler["annotations"] == {"ColdStart": True, "Service": "oclaw", "source": "direct"}
+    dispatch = by_name["## oclaw dispatch"]
+    assert dispatch["parent_id"] == handler["id"] and dispatch["trace_id"] == handler["trace_id"]
+    assert str(handler["trace_id"]).startswith("1-")
