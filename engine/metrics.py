@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -46,12 +46,9 @@ class PrometheusSink:
         self.latency = Histogram(
             "oclaw_request_duration_seconds", "Request time inside the server", labels, buckets=BUCKETS, registry=r
         )
-        self.queue = Histogram(
-            "oclaw_queue_duration_seconds", "Time queued before compute", labels, buckets=BUCKETS, registry=r
-        )
-        self.compute = Histogram(
-            "oclaw_compute_duration_seconds", "Decode + run + post-process", labels, buckets=BUCKETS, registry=r
-        )
+        # queue and compute as summaries (sum and count, i.e. averages): the distribution is on the latency
+        self.queue = Summary("oclaw_queue_duration_seconds", "Time queued before compute", labels, registry=r)
+        self.compute = Summary("oclaw_compute_duration_seconds", "Decode + run + post-process", labels, registry=r)
         self.batch = Histogram(
             "oclaw_batch_size", "Rows per request", labels, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -32,6 +33,11 @@ class Runtime:
         self._preload_lock = threading.Lock()
         #: The first request this process serves paid its cold start.
         self.cold = True
+        self._request_numbers = itertools.count(1)
+
+    def next_request_id(self) -> str:
+        """A request id unique across instances: this instance's id and a counter."""
+        return f"{self.instance_id}-{next(self._request_numbers)}"
 
     @cached_property
     def meter(self) -> Meter:

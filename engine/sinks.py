@@ -34,7 +34,7 @@ class LogSink:
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         out = self.stream or sys.stdout
-        out.write("".join('{"event":"metering",' + r.json().decode()[1:] + "\n" for r in records))
+        out.write(b"".join(b'{"event":"metering",' + r.json()[1:] + b"\n" for r in records).decode())
         out.flush()
 
 

@@ -11,7 +11,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import os
 import re
 import zlib
 from collections.abc import Callable
@@ -119,7 +118,7 @@ async def _infer(
     body = await read_body(request, runtime.settings.max_body_bytes)
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
     ctype = request.headers.get("content-type")
-    request_id = request.headers.get("x-request-id") or os.urandom(8).hex()
+    request_id = request.headers.get("x-request-id") or runtime.next_request_id()
     logs.request_id.set(request_id)
     logs.correlation_id.set(request.headers.get("x-correlation-id") or request_id)
     record = v2.recorder(
