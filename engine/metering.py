@@ -143,6 +143,7 @@ class Meter:
         self._pending: list[MeteringRecord] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._flushing = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -313,8 +314,12 @@ class Meter:
         A sink that fails three times gets its batch written to its own spool file, re-sent on a later flush,
         so a failing sink never makes the healthy ones see a record twice.
         """
-        with self._lock:
-            batch, self._pending = self._pending, []
+        with self._flushing:  # one flush at a time (the timer, a /metrics scrape, shutdown): spools stay consistent
+            with self._lock:
+                batch, self._pending = self._pending, []
+            self._send(batch)
+
+    def _send(self, batch: list[MeteringRecord]) -> None:
         for index, sink in enumerate(self.sinks):
             spool = Path(f"{self.settings.metering_spool}.{index}")
             records = (self._read_spool(spool) if spool.is_file() else []) + batch
