@@ -121,6 +121,8 @@ class Settings:
     tenant_header: str = "x-tenant-id"
     #: Records a failing sink could not take are kept here and re-sent on a later flush.
     metering_spool: str = "/tmp/oclaw-metering-spool.jsonl"
+    #: JSON file of prices: {"lambda-arm64@eu-west-1": {"gb_second": ..., "request": ...}, "cloudrun-request": ...}.
+    price_table: str = ""
     #: Price overrides in USD (negative: the built-in list price for the platform).
     price_gb_second: float = -1.0
     price_vcpu_second: float = -1.0

@@ -150,15 +150,35 @@ class Meter:
         """False when no sink is configured (records are then not even built)."""
         return bool(self.sinks)
 
-    def _price(self) -> Price:
+    def price_key(self) -> str:
+        """The price-table entry for this platform, architecture and billing mode."""
         if self.platform == "lambda":
-            arch = "arm64" if os.uname().machine in ("aarch64", "arm64") else "x86_64"
-            base = PRICES[f"lambda-{arch}"]
-        elif self.platform == "cloudrun":
-            base = PRICES["cloudrun-instance" if self.settings.cloudrun_billing == "instance" else "cloudrun-request"]
-        else:
-            base = PRICES["local"]
+            return "lambda-arm64" if os.uname().machine in ("aarch64", "arm64") else "lambda-x86_64"
+        if self.platform == "cloudrun":
+            return "cloudrun-instance" if self.settings.cloudrun_billing == "instance" else "cloudrun-request"
+        return "local"
+
+    def _price(self) -> Price:
+        """List price, then OCLAW_PRICE_TABLE (``key@region`` before ``key``), then single OCLAW_PRICE_* values."""
+        key = self.price_key()
+        base = PRICES[key]
         s = self.settings
+        if s.price_table:
+            try:
+                table = json.loads(Path(s.price_table).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"OCLAW_PRICE_TABLE {s.price_table}: {exc}") from None
+            region = os.environ.get("AWS_REGION") or os.environ.get("OCLAW_REGION", "")
+            entry = table.get(f"{key}@{region}") or table.get(key)
+            if isinstance(entry, dict):
+                base = replace(
+                    base,
+                    **{
+                        k: entry[k]
+                        for k in ("gb_second", "vcpu_second", "gib_second", "request", "source")
+                        if k in entry
+                    },
+                )
         overrides: dict[str, Any] = {
             k: v
             for k, v in (

@@ -405,3 +405,27 @@ def test_model_labels_are_never_client_chosen() -> None:
 
     assert model_label({"mlp": {}}, "mlp") == "mlp"
     assert model_label({"mlp": {}}, "x" * 100) == UNKNOWN_MODEL
+
+
+def test_price_table_per_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+    key = meter(tmp_path, "lambda").price_key()  # lambda-x86_64 or lambda-arm64, as this machine is
+    table = tmp_path / "prices.json"
+    table.write_text(
+        json.dumps(
+            {
+                f"{key}@eu-west-1": {"gb_second": 1.0, "request": 0.0, "source": "eu"},
+                key: {"gb_second": 2.0, "request": 0.0},
+            }
+        )
+    )
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    eu = meter(tmp_path, "lambda", price_table=str(table))
+    assert eu.price.source == "eu" and one(eu, total_ms=1000).cost_usd == pytest.approx(1.0)
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert one(meter(tmp_path, "lambda", price_table=str(table)), total_ms=1000).cost_usd == pytest.approx(2.0)
+    overridden = meter(tmp_path, "lambda", price_table=str(table), price_gb_second=3.0)
+    assert one(overridden, total_ms=1000).cost_usd == pytest.approx(3.0)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="OCLAW_PRICE_TABLE"):
+        meter(tmp_path, "lambda", price_table=str(tmp_path / "bad.json"))
