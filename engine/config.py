@@ -123,6 +123,8 @@ class Settings:
     metering_spool: str = "/tmp/oclaw-metering-spool.jsonl"
     #: JSON file of prices: {"lambda-arm64@eu-west-1": {"gb_second": ..., "request": ...}, "cloudrun-request": ...}.
     price_table: str = ""
+    #: Region for the price table where the platform does not say (Lambda sets AWS_REGION).
+    region: str = ""
     #: Price overrides in USD (negative: the built-in list price for the platform).
     price_gb_second: float = -1.0
     price_vcpu_second: float = -1.0

@@ -168,7 +168,7 @@ class Meter:
                 table = json.loads(Path(s.price_table).read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"OCLAW_PRICE_TABLE {s.price_table}: {exc}") from None
-            region = os.environ.get("AWS_REGION") or os.environ.get("OCLAW_REGION", "")
+            region = os.environ.get("AWS_REGION") or s.region
             entry = table.get(f"{key}@{region}") or table.get(key)
             if isinstance(entry, dict):
                 base = replace(
