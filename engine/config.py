@@ -115,6 +115,8 @@ class Settings:
     metering_sinks: tuple[str, ...] = ("log",)
     #: AWS X-Ray tracing on Lambda through Powertools Tracer (needs aws-xray-sdk; adds its import to INIT).
     tracing: bool = False
+    #: OpenTelemetry spans for `oclaw serve` requests (needs the otel extra).
+    otel: bool = False
     #: Prometheus metrics at /metrics on `oclaw serve`.
     metrics: bool = True
     #: Request header naming the tenant when no authenticated principal does.

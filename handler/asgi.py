@@ -136,6 +136,10 @@ async def _infer(
         run = functools.partial(infer_bytes, recorder=record)
         ctx = contextvars.copy_context()  # so logs from the worker thread carry this request's ids
         encoded = await loop.run_in_executor(model.executor, ctx.run, run, model, body, header_length, ctype, enqueue)
+    if runtime.settings.otel:
+        from handler import otel
+
+        otel.annotate(model=model.name, version=str(model.version), rows=encoded.rows, request_id=request_id)
     headers = v2.finish(runtime, encoded.record)
     if encoded.header_length is not None:
         headers["Inference-Header-Content-Length"] = str(encoded.header_length)

@@ -63,7 +63,11 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
 
         return create_app(runtime, preload=False)
 
-    app = ServerApp(runtime, full_app, on_ready=report)
+    app: Any = ServerApp(runtime, full_app, on_ready=report)
+    if settings.otel:
+        from handler import otel
+
+        app = otel.wrap(app)
 
     config = uvicorn.Config(
         app,

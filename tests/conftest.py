@@ -70,6 +70,10 @@ def start_server(repo: Path, *, fastapi_only: bool = False, **overrides: Any) ->
     runtime.start_preload()
     port = free_port()
     app: Any = create_app(runtime) if fastapi_only else ServerApp(runtime, lambda: create_app(runtime, preload=False))
+    if settings.otel:
+        from handler import otel
+
+        app = otel.wrap(app)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -110,3 +110,40 @@ def test_tracing_sends_xray_subsegments_to_the_daemon(repo: Path, tmp_path: Path
     dispatch = by_name["## oclaw dispatch"]
     assert dispatch["parent_id"] == handler["id"] and dispatch["trace_id"] == handler["trace_id"]
     assert str(handler["trace_id"]).startswith("1-")
+
+
+def test_opentelemetry_spans_for_server_requests(repo: Path) -> None:
+    """OCLAW_OTEL: one server span per request, infer attributes on it, in the process's tracer provider."""
+    import httpx
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.conftest import start_server
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):  # the first test to need one sets it (it can be set once)
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    srv = start_server(repo, otel=True)
+    try:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0.0] * 8}]}
+        resp = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-request-id": "otel-1"})
+        assert resp.status_code == 200
+        assert httpx.get(f"{srv.url}/v2/health/ready").status_code == 200
+    finally:
+        srv.stop()
+    spans = [s for s in exporter.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+    infer = next(s for s in spans if s.attributes and s.attributes.get("oclaw.request_id") == "otel-1")
+    assert infer.attributes is not None
+    assert infer.attributes["oclaw.model"] == "versioned" and infer.attributes["oclaw.rows"] == 2
+    assert (
+        infer.attributes[
+            "http.response.status_code" if "http.response.status_code" in infer.attributes else "http.status_code"
+        ]
+        == 200
+    )
+    assert len(spans) >= 2
