@@ -24,4 +24,6 @@ def client(service: str) -> Any:
 def reset() -> None:
     """Drop every client (credentials are time-bound; e.g. after a SnapStart restore)."""
     with _lock:
+        for client in _clients.values():
+            client.close()  # its pooled connections, not left to the garbage collector
         _clients.clear()

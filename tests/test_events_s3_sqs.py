@@ -60,6 +60,8 @@ def aws(moto: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
         for obj in page.get("Contents", []):
             s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+    s3.close()
+    sqs.close()
     aws_clients.reset()
 
 

@@ -73,6 +73,7 @@ def test_images_as_a_bytes_tensor_through_tritonclient(effnet: ServerThread) -> 
     chelsea = top([e.decode() for e in labels[1]])
     assert coffee[0][2] == "espresso" and coffee[0][0] > 0.9
     assert {"tiger cat", "Egyptian cat", "tabby, tabby cat"} & {label for _, _, label in chelsea[:3]}
+    client.close()
 
 
 @pytest.mark.slow
@@ -86,6 +87,7 @@ def test_tensor_path_matches_onnxruntime(effnet: ServerThread) -> None:
     got = client.infer("efficientnet_lite0", [inp]).as_numpy("logits")
     sess = ort.InferenceSession(str(EFFNET / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(got, sess.run(None, {"input": x})[0], rtol=1e-4, atol=1e-4)
+    client.close()
 
 
 def test_tiny_classifier_labels_follow_the_image_colour(server: ServerThread, repo: Path) -> None:
@@ -113,3 +115,4 @@ def test_image_batch_larger_than_max_batch_size_is_rejected(server: ServerThread
     inp.set_data_from_numpy(np.array([image] * 5, dtype=object))
     with pytest.raises(Exception, match="max_batch_size 4"):
         client.infer("tiny_classifier", [inp])
+    client.close()

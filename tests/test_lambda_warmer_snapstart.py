@@ -36,17 +36,20 @@ def moto_url() -> Iterator[str]:
     httpx.post(f"{url}/moto-api/config", json={"lambda": {"use_docker": False}}).raise_for_status()
     session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
     iam = session.client("iam", endpoint_url=url)
+    lam = session.client("lambda", endpoint_url=url)
     role = iam.create_role(RoleName="oclaw", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17"}))
     code = io.BytesIO()
     with zipfile.ZipFile(code, "w") as zf:
         zf.writestr("app.py", "def handler(event, context):\n    return event\n")
-    session.client("lambda", endpoint_url=url).create_function(
+    lam.create_function(
         FunctionName=FUNCTION,
         Runtime="python3.12",
         Role=role["Role"]["Arn"],
         Handler="app.handler",
         Code={"ZipFile": code.getvalue()},
     )
+    iam.close()
+    lam.close()
     yield url
     server.stop()
 

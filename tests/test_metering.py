@@ -306,6 +306,8 @@ def test_queue_sinks_deliver_batches_over_real_http(tmp_path: Path, monkeypatch:
         ]
         data = kinesis.get_records(ShardIterator=iterator)["Records"]
         assert sorted(json.loads(r["Data"])["request_id"] for r in data) == sorted(f"r{i}" for i in range(n))
+        sqs.close()
+        kinesis.close()
     finally:
         aws.reset()
         server.stop()

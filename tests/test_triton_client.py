@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,10 @@ from tests.conftest import ServerThread, start_server
 
 
 @pytest.fixture()
-def triton(server: ServerThread) -> httpclient.InferenceServerClient:
-    return httpclient.InferenceServerClient(url=server.host, network_timeout=30)
+def triton(server: ServerThread) -> Iterator[httpclient.InferenceServerClient]:
+    client = httpclient.InferenceServerClient(url=server.host, network_timeout=30)
+    yield client
+    client.close()
 
 
 def direct(repo: Path, name: str, feed: dict[str, np.ndarray], version: int = 1) -> list[np.ndarray]:
@@ -189,5 +192,6 @@ def test_the_fastapi_app_alone_serves_the_same_api(repo: Path) -> None:
         np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT0"), a * 4)
         with pytest.raises(InferenceServerException, match="unknown model 'nope'"):
             client.infer("nope", inputs)
+        client.close()
     finally:
         srv.stop()
