@@ -343,8 +343,10 @@ def test_sqs_reply_queue_default_destination_and_delivery_failure(
         sqs_record("d2", request_body(2, f"s3://{BUCKET}/d")),
     ]
     result = sqs_events.handle({"Records": records}, None, runtime, remaining_ms=forever)
-    assert result == {"batchItemFailures": [{"itemIdentifier": "d1"}]}
-    assert keys(aws, "d/") == ["d/d2.json"]
+    # deliveries run concurrently: whichever PUT met the injected failure is the one reported, the other is written
+    (failed,) = [f["itemIdentifier"] for f in result["batchItemFailures"]]
+    delivered = ({"d1", "d2"} - {failed}).pop()
+    assert keys(aws, "d/") == [f"d/{delivered}.json"]
 
 
 def test_sqs_hands_everything_back_when_the_deadline_is_too_close(aws: dict[str, Any], runtime: Runtime) -> None:
