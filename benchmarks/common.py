@@ -80,14 +80,8 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
+            _kill(proc)
+    _close_streams(proc)
     if proc in _children:
         _children.remove(proc)
     return proc.returncode
@@ -96,16 +90,25 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
 def kill_all() -> None:
     """Kill every child still alive (the runner's finally)."""
     for proc in list(_children):
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        _kill(proc)
+        _close_streams(proc)
     _children.clear()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL (if still alive) and reap."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _close_streams(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from time import perf_counter_ns
 import numpy as np
 
 from engine.errors import OclawError
+from engine.metering import split_int
 from engine.model import LoadedModel
 from engine.tensors import InferRequest, InferResponse, OutputTensor
 
@@ -31,14 +32,6 @@ class _Item:
 def _key(item: _Item) -> tuple[object, ...]:
     shapes = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(item.feed.items()))
     return (shapes, tuple(item.plan))
-
-
-def split_evenly(total: int, weights: list[int]) -> list[int]:
-    """Split ``total`` in proportion to ``weights`` so the parts add up exactly to ``total``."""
-    whole = sum(weights) or 1
-    parts = [total * w // whole for w in weights]
-    parts[-1] += total - sum(parts)
-    return parts
 
 
 def infer_many(model: LoadedModel, requests: list[InferRequest], *, max_rows: int | None = None) -> list[Result]:
@@ -90,7 +83,7 @@ def _run_batch(model: LoadedModel, batch: list[_Item], results: list[Result | No
         return
     computed = perf_counter_ns()
     rows = [b.rows for b in batch]
-    infer_parts = split_evenly(computed - start, rows)
+    infer_parts = split_int(computed - start, rows)
     offsets = np.cumsum([0, *rows])
     for n, item in enumerate(batch):
         sliced = [out[offsets[n] : offsets[n + 1]] for out in outputs]

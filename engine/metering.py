@@ -117,13 +117,17 @@ def detect_platform() -> str:
     return "local"
 
 
+def split_int(total: int, weights: Sequence[int]) -> list[int]:
+    """Split an integer ``total`` in proportion to ``weights``; the parts add up exactly to ``total``."""
+    whole = sum(weights) or 1
+    parts = [total * w // whole for w in weights]
+    parts[-1] += total - sum(parts)
+    return parts
+
+
 def split_evenly(total: float, weights: Sequence[int], unit: float = 1e-3) -> list[float]:
     """Split ``total`` by ``weights`` in steps of ``unit`` so the parts add up exactly to ``total``."""
-    steps = round(total / unit)
-    whole = sum(weights) or 1
-    parts = [steps * w // whole for w in weights]
-    parts[-1] += steps - sum(parts)
-    return [p * unit for p in parts]
+    return [p * unit for p in split_int(round(total / unit), weights)]
 
 
 class Meter:

@@ -153,7 +153,7 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         if ev.method == "POST" and (match := _INFER_PATH.fullmatch(path)):
             record = v2.recorder(
                 RUNTIME,
-                request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
+                request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
                 tenant=tenant_of(event, ev.headers, context),
                 bytes_in=len(body),
                 source="lambda-http",
@@ -187,7 +187,7 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         response = model.infer(request, perf_counter_ns())
         record = v2.recorder(
             RUNTIME,
-            request_id=getattr(context, "aws_request_id", None) or os.urandom(8).hex(),
+            request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
             tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
             bytes_in=len(json.dumps(event)),
             source="lambda-direct",

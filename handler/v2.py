@@ -6,7 +6,6 @@ Each function takes already-parsed pieces of a request and returns a ``Reply``; 
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -133,7 +132,7 @@ def meter_failure(
         return
     meter.submit(
         meter.records(
-            request_ids=[os.urandom(8).hex()],
+            request_ids=[runtime.next_request_id()],
             tenants=[tenant],
             model=model,
             version=version,

@@ -27,6 +27,14 @@ from tests.modelgen import build_repository
 pytest.register_assert_rewrite("tests.badinput")  # its shared asserts keep pytest's detailed failure output
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Fake credentials and region for boto3 against moto's server (no AWS account is ever used).
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
 EXAMPLES = ROOT / "examples" / "models"
 
 

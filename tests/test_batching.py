@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.batching import infer_many, split_evenly
+from engine.batching import infer_many
 from engine.config import Settings
 from engine.errors import OclawError
+from engine.metering import split_int as split_evenly
 from engine.model import LoadedModel
 from engine.pool import ModelPool
 from engine.repository import LocalRepository

@@ -22,16 +22,9 @@ from engine.config import Settings
 from engine.runtime import Runtime
 from handler import s3_events, sqs_events
 from handler.local_lambda import LocalLambda
-from tests.conftest import ROOT
+from tests.conftest import AWS_ENV, ROOT
 
 BUCKET = "oclaw-data"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
 
 
 def forever() -> float:

@@ -14,17 +14,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from handler.local_lambda import LocalLambda
-from tests.conftest import ROOT
+from tests.conftest import AWS_ENV, ROOT
 from tests.modelgen import _save, add_constant
 
 FUNCTION = "oclaw-warm"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="module")
