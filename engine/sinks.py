@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import orjson
+
 from engine.metering import MeteringRecord
 
 
@@ -33,9 +35,20 @@ class LogSink:
         self.stream = stream
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
+        lines = bytearray()
+        for r in records:  # each line dumped and appended at once: holding many small bytes objects is slower
+            line = r.as_dict()
+            line["event"] = "metering"
+            lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         out = self.stream or sys.stdout
-        out.write(b"".join(b'{"event":"metering",' + r.json()[1:] + b"\n" for r in records).decode())
-        out.flush()
+        binary = getattr(out, "buffer", None)
+        if binary is not None:
+            out.flush()  # keep order with text already written
+            binary.write(lines)
+            binary.flush()
+        else:
+            out.write(lines.decode())
+            out.flush()
 
 
 class JsonlSink:

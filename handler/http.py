@@ -81,6 +81,28 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
     async def ready() -> Response:
         return reply_response(v2.ready(runtime))
 
+    @app.post("/v2/warm")
+    async def warm() -> Response:
+        """One synthetic inference per loaded model (a scheduled warm ping); 503 while not ready."""
+        loop = asyncio.get_running_loop()
+        warmed = {}
+        for model in pool.loaded():
+            # on the model's own threads, so a ping queues behind real requests (OCLAW_MODEL_CONCURRENCY)
+            warmed[f"{model.name}/{model.version}"] = round(await loop.run_in_executor(model.executor, model.ping), 3)
+        ok = pool.ready()
+        body: dict[str, object] = {
+            "instance_id": runtime.instance_id,
+            "cold": runtime.cold,
+            "ready": ok,
+            "models_warmed": sorted(warmed),
+            "warm_ms": warmed,
+        }
+        if not ok:
+            states = pool.states().items()
+            waiting = [f"{n}: {s['state']} {s['reason'] or ''}".strip() for n, s in states if s["state"] != "READY"]
+            body["error"] = "not ready: " + ("; ".join(waiting) or "no model loaded")
+        return json_response(body, 200 if ok else 503)
+
     # -- models -----------------------------------------------------------------------------------
 
     def model_for(name: str, version: str | None) -> LoadedModel:

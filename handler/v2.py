@@ -17,6 +17,7 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
+from engine.metering import METERING_HEADER, header_value
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
@@ -99,9 +100,9 @@ def recorder(
             version=response.model_version,
             items=response.rows,
             bytes_in=bytes_in,
-            queue_ms=response.queue_ns / 1e6,
-            compute_ms=response.compute_ns / 1e6,
-            total_ms=(perf_counter_ns() - enqueue_ns) / 1e6,
+            queue_us=response.queue_ns // 1000,
+            compute_us=response.compute_ns // 1000,
+            total_us=(perf_counter_ns() - enqueue_ns) // 1000,
             init_ms=init_ms if cold else 0.0,
             cold=cold,
             source=source,
@@ -110,17 +111,17 @@ def recorder(
     return record
 
 
+def metering_headers(record: MeteringRecord) -> list[tuple[bytes, bytes]]:
+    """A request's own figures as one encoded response header (one, not four: each header costs uvicorn ~0.6 µs)."""
+    return [(METERING_HEADER, header_value(record).encode())]
+
+
 def finish(runtime: Runtime, record: MeteringRecord | None) -> dict[str, str]:
     """Submit a request's metering record; its figures as response headers."""
     if record is None:
         return {}
-    runtime.meter.submit([record])
-    return {
-        "oclaw-compute-ms": str(record.compute_ms),
-        "oclaw-billed-ms": str(record.billed_ms),
-        "oclaw-cold": "true" if record.cold else "false",
-        "oclaw-request-id": record.request_id,
-    }
+    runtime.meter.submit_one(record)
+    return {METERING_HEADER.decode(): header_value(record)}
 
 
 def meter_failure(

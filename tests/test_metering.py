@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from engine.config import Settings
-from engine.metering import PRICES, Meter, MeteringRecord, aggregate, split_evenly
+from engine.metering import PRICES, Meter, MeteringRecord, aggregate, parse_header, split_evenly
 from engine.sinks import PartialFailure
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT, start_server
@@ -131,8 +131,10 @@ def test_server_requests_carry_their_figures_and_records(repo: Path, tmp_path: P
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0.0] * 8}]}
         first = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-tenant-id": "acme"})
         second = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body)
-        assert first.headers["oclaw-cold"] == "true" and second.headers["oclaw-cold"] == "false"
-        assert float(first.headers["oclaw-compute-ms"]) > 0 and float(first.headers["oclaw-billed-ms"]) >= 1
+        figures, again = (parse_header(r.headers["oclaw-metering"]) for r in (first, second))
+        assert figures["cold"] is True and again["cold"] is False
+        assert figures["compute_ms"] > 0 and figures["billed_ms"] >= 1
+        assert not any(h.startswith("oclaw-") and h != "oclaw-metering" for h in first.headers)  # one header
         srv.runtime.meter.flush()
     finally:
         srv.stop()
@@ -141,7 +143,8 @@ def test_server_requests_carry_their_figures_and_records(repo: Path, tmp_path: P
         ("acme", "versioned", 2, 200, "http"),
         ("anonymous", "versioned", 2, 200, "http"),
     ]
-    assert records[0]["request_id"] == first.headers["oclaw-request-id"]
+    assert records[0]["request_id"] == figures["request_id"]
+    assert records[0]["compute_ms"] == figures["compute_ms"] and records[0]["billed_ms"] == figures["billed_ms"]
     assert records[0]["bytes_in"] > 0 and records[0]["bytes_out"] == len(first.content)
 
 
@@ -167,7 +170,7 @@ def test_lambda_paths_meter_every_request(repo: Path, tmp_path: Path) -> None:
         r1 = fn.invoke(http).json()
         r2 = fn.invoke(direct)
         fn.invoke(sqs)  # delivery fails (no S3 here): every record is metered, with its status
-    assert r1["headers"]["oclaw-cold"] == "true"
+    assert parse_header(r1["headers"]["oclaw-metering"])["cold"] is True
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_source = {r["source"]: r for r in records}
     assert by_source["lambda-http"]["tenant"] == "tenant-42" and by_source["lambda-http"]["cold"] is True
@@ -397,8 +400,8 @@ def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
         srv.stop()
     record = resp.json()["parameters"]["metering"]
     assert record["tenant"] == "t9" and record["model"] == "versioned" and record["items"] == 1
-    assert record["request_id"] == resp.headers["oclaw-request-id"]
-    assert record["compute_ms"] == float(resp.headers["oclaw-compute-ms"])
+    figures = parse_header(resp.headers["oclaw-metering"])
+    assert record["request_id"] == figures["request_id"] and record["compute_ms"] == figures["compute_ms"]
     assert "parameters" not in plain.json()
 
 
@@ -431,3 +434,168 @@ def test_price_table_per_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="OCLAW_PRICE_TABLE"):
         meter(tmp_path, "lambda", price_table=str(tmp_path / "bad.json"))
+
+
+def test_single_request_path_agrees_with_the_batch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
+    m = meter(tmp_path, "lambda")
+    fast = m.record(
+        request_id="r",
+        tenant="t",
+        model="m",
+        version="1",
+        items=3,
+        bytes_in=10,
+        queue_us=1500,
+        compute_us=2345,
+        total_us=3001,
+        init_ms=120.2,
+        cold=True,
+        source="test",
+    )
+    (full,) = m.records(
+        request_ids=["r"],
+        tenants=["t"],
+        model="m",
+        version="1",
+        items=[3],
+        bytes_in=[10],
+        bytes_out=[0],
+        statuses=[200],
+        queue_ms=[1.5],
+        compute_ms=2.345,
+        total_ms=3.001,
+        init_ms=120.2,
+        cold=True,
+        source="test",
+    )
+    assert fast.billed_ms == 4 + 121  # the invocation's 3.001 ms and INIT's 120.2 ms, each rounded up
+    assert fast.as_dict() == {**full.as_dict(), "time": fast.time}
+
+
+def test_record_dict_and_json_carry_every_field_in_order() -> None:
+    from dataclasses import fields
+
+    record = MeteringRecord(*(f"v{i}" for i in range(len(fields(MeteringRecord)))))  # type: ignore[arg-type]
+    names = [f.name for f in fields(MeteringRecord)]
+    assert list(record.as_dict()) == names and list(json.loads(record.json())) == names
+    copy = record.as_dict()
+    copy["tenant"] = "changed"
+    assert record.tenant != "changed"  # a copy, not the record itself
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    ["i-3f2a-17", 'say "hi"', "back\\slash", "caf\u00e9\x07", ""],
+)
+def test_metering_header_is_one_structured_field(tmp_path: Path, request_id: str) -> None:
+    from handler.v2 import finish, metering_headers
+
+    m = meter(tmp_path, "local", metering_sinks=("none",))
+    record = replace_id(one(m, total_ms=2.5, compute_ms=1.25, cold=True), request_id)
+    ((name, value),) = metering_headers(record)
+    assert name == b"oclaw-metering" and value.isascii() and b"\n" not in value
+    parsed = parse_header(value.decode())
+    expected = "".join(c if " " <= c <= "~" else "?" for c in request_id)
+    assert parsed == {"compute_ms": 1.25, "billed_ms": 3.0, "cold": True, "request_id": expected}
+
+    class Runtime:
+        meter = m
+
+    assert finish(Runtime, record) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
+    assert m.flush() is None and len(m._pending) == 0
+
+
+def replace_id(record: MeteringRecord, request_id: str) -> MeteringRecord:
+    record.request_id = request_id
+    return record
+
+
+def test_prometheus_batch_updates_equal_prometheus_client_per_record(repo: Path) -> None:
+    """The per-flush numpy aggregation gives exactly what prometheus-client's own metrics give record by record."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine.metrics import BATCH_BUCKETS, BUCKETS, PrometheusSink
+    from engine.runtime import Runtime
+
+    runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
+    sink = PrometheusSink(runtime, lambda: 0)
+    rng = random.Random(5)
+    edges = [b * 1000 for b in BUCKETS]  # values exactly on a bucket bound belong to that bucket (le)
+    records = []
+    for i in range(700):
+        status = rng.choice([200, 200, 200, 400, 404, 503])
+        total = rng.choice([*edges, rng.uniform(0, 12_000), 0.0])
+        records.append(
+            MeteringRecord(
+                f"r{i}",
+                "t",
+                "t",
+                rng.choice(["a", "b"]),
+                rng.choice(["1", "2"]),
+                "local",
+                "i",
+                rng.random() < 0.1,
+                rng.choice([0, 1, 2, 3, 4, 5, 64, 65, 300]),
+                1,
+                1,
+                rng.uniform(0, 5),
+                rng.uniform(0, 50),
+                total,
+                float(rng.randint(0, 13_000)),
+                0.0,
+                0.0,
+                0.0,
+                rng.uniform(0, 1e-4),
+                status,
+                "http",
+            )
+        )
+    for start in (0, 1, 350, 351, 700):  # several flushes of uneven sizes, an empty one among them
+        sink.emit(records[start : start + 349] if start < 700 else [])
+
+    ref = CollectorRegistry()
+    labels = ("model", "version")
+    requests = Counter("oclaw_requests", "", (*labels, "status"), registry=ref)
+    items = Counter("oclaw_inference_items", "", labels, registry=ref)
+    latency = Histogram("oclaw_request_duration_seconds", "", labels, buckets=BUCKETS, registry=ref)
+    queue = Summary("oclaw_queue_duration_seconds", "", labels, registry=ref)
+    compute = Summary("oclaw_compute_duration_seconds", "", labels, registry=ref)
+    batch = Histogram("oclaw_batch_size", "", labels, buckets=BATCH_BUCKETS, registry=ref)
+    cost = Counter("oclaw_billed_cost_usd", "", ("model",), registry=ref)
+    billed = Counter("oclaw_billed_seconds", "", ("model",), registry=ref)
+    cold = Counter("oclaw_cold_starts", "", registry=ref)
+    emitted = records[0:349] + records[1:350] + records[350:699] + records[351:700]
+    for r in emitted:
+        requests.labels(r.model, r.version, str(r.status)).inc()
+        if r.status < 400:
+            items.labels(r.model, r.version).inc(r.items)
+            latency.labels(r.model, r.version).observe(r.total_ms / 1000)
+            queue.labels(r.model, r.version).observe(r.queue_ms / 1000)
+            compute.labels(r.model, r.version).observe(r.compute_ms / 1000)
+            batch.labels(r.model, r.version).observe(r.items)
+        cost.labels(r.model).inc(r.cost_usd)
+        billed.labels(r.model).inc(r.billed_ms / 1000)
+        cold.inc(r.cold)
+
+    def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.startswith("oclaw_") and not s.name.endswith("_created")
+        }
+
+    want = samples(generate_latest(ref).decode())
+    got = {
+        k: v
+        for k, v in samples(sink.exposition().decode()).items()
+        if k[0].split("_")[1] in {"requests", "inference", "request", "queue", "compute", "batch", "billed", "cold"}
+    }
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    runtime.close()
