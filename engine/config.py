@@ -59,7 +59,12 @@ def _bool(value: str) -> bool:
 class Settings:
     """oclaw configuration; each field is read from ``OCLAW_<FIELD NAME IN CAPITALS>``."""
 
+    #: A directory, or ``s3://bucket/prefix`` (fetched into OCLAW_MODEL_CACHE at start-up).
     model_repository: str = "./models"
+    #: Local cache of models fetched from an ``s3://`` repository (Lambda's only writable place is /tmp).
+    model_cache: str = "/tmp/oclaw-models"
+    #: Files downloaded (or uploaded by ``oclaw publish``) in parallel.
+    fetch_concurrency: int = 8
     #: Models loaded at start-up; ``*`` means every model in the repository.
     preload: tuple[str, ...] = ("*",)
     #: Models whose failure makes the server not ready; empty means "the preloaded ones".
@@ -144,7 +149,7 @@ class Settings:
             raise ConfigError(f"OCLAW_PROVIDERS: unknown provider(s) {unknown}; known: {_PROVIDERS}")
         if self.graph_optimization not in _OPT_LEVELS:
             raise ConfigError(f"OCLAW_GRAPH_OPTIMIZATION must be one of {_OPT_LEVELS}")
-        for name in ("max_body_bytes", "max_tensor_elements", "model_concurrency"):
+        for name in ("max_body_bytes", "max_tensor_elements", "model_concurrency", "fetch_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"OCLAW_{name.upper()} must be >= 1")
         if self.intra_op_threads < 0:

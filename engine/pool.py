@@ -12,7 +12,7 @@ from typing import Any
 from engine.config import Settings
 from engine.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, OclawError
 from engine.model import LoadedModel
-from engine.repository import LocalRepository, parse_version, validate_name
+from engine.repository import LocalRepository, parse_version, select_versions, validate_name
 
 log = logging.getLogger("oclaw.pool")
 
@@ -61,16 +61,7 @@ class ModelPool:
                 log.error("model %s failed to load: %s", name, exc.message)
 
     def _versions_to_load(self, name: str) -> list[int]:
-        on_disk = self.repository.versions(name)
-        policy = self.repository.manifest(name).versions
-        if policy == "latest":
-            return on_disk[-1:]
-        if policy == "all":
-            return on_disk
-        wanted = [v for v in policy if v in on_disk]
-        if not wanted:
-            raise ModelNotFound(f"model {name!r}: none of the manifest's versions {list(policy)} exist")
-        return wanted
+        return select_versions(name, self.repository.versions(name), self.repository.manifest(name).versions)
 
     def load(self, name: str) -> Entry:
         """(Re)load a model: every version its policy names, each warmed; raises on failure."""
@@ -89,10 +80,12 @@ class ModelPool:
             return self._finished(pending)
         start = perf_counter_ns()
         try:
+            fetch_ms = self.repository.fetch(name)  # a remote repository's files come to the local cache first
             manifest = self.repository.manifest(name)
             loaded: dict[int, LoadedModel] = {}
             for version in self._versions_to_load(name):
                 model = LoadedModel(self.repository.files(name, version), manifest, self.settings)
+                model.fetch_ms = fetch_ms
                 if self.settings.warmup:
                     model.warm_up()
                 loaded[version] = model

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
-from engine.errors import InvalidInput, ModelNotFound
-from engine.manifest import Manifest, load_manifest
+from engine.errors import InvalidInput, ModelNotFound, OclawError
+from engine.manifest import Manifest, VersionPolicy, load_manifest
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILE = "model.onnx"
@@ -28,6 +30,38 @@ def parse_version(version: str | int | None) -> int | None:
     if not text.isdigit() or int(text) < 1:
         raise InvalidInput(f"invalid model version {version!r}: expected a positive integer")
     return int(text)
+
+
+def select_versions(name: str, available: Sequence[int], policy: VersionPolicy) -> list[int]:
+    """The versions a manifest's policy picks from those available (ascending)."""
+    if policy == "latest":
+        return sorted(available)[-1:]
+    if policy == "all":
+        return sorted(available)
+    wanted = [v for v in sorted(available) if v in policy]
+    if not wanted:
+        raise ModelNotFound(f"model {name!r}: none of the manifest's versions {list(policy)} exist")
+    return wanted
+
+
+class RepositoryError(OclawError):
+    """The repository itself cannot be read: a bad URI, a missing bucket, access denied, no connection."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    """What bringing models into the local cache cost (all zeros for a local repository)."""
+
+    ms: float = 0.0
+    files: int = 0
+    cached: int = 0
+    bytes: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The report as a log record field."""
+        return {"ms": round(self.ms, 1), "files": self.files, "cached": self.cached, "bytes": self.bytes}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -53,8 +87,14 @@ class ModelFiles:
 class LocalRepository:
     """A model repository on the local file system."""
 
+    #: Where the models come from, as configured (a path, or an ``s3://`` URI for a fetched repository).
+    source: str
+    #: True when the models are fetched from elsewhere into ``root`` (a local cache).
+    remote: bool = False
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.source = str(root)
 
     def __repr__(self) -> str:
         return f"LocalRepository({str(self.root)!r})"
@@ -100,3 +140,21 @@ class LocalRepository:
         if not path.is_file():
             raise ModelNotFound(f"model {name!r} has no version {version}")
         return ModelFiles(name=name, version=version, path=path)
+
+    def prefetch(self, names: Sequence[str] | None) -> FetchReport:
+        """Bring the named models (None: all) to local disk before they load; a local repository is there."""
+        return FetchReport()
+
+    def fetch(self, name: str) -> float:
+        """Make sure one model's files are on local disk; milliseconds it took (0 when already there)."""
+        validate_name(name)
+        return 0.0
+
+
+def open_repository(source: str, *, cache: str, concurrency: int = 8) -> LocalRepository:
+    """The repository at ``source``: a local directory, or ``s3://bucket/prefix`` served from ``cache``."""
+    if source.startswith("s3:"):
+        from engine.s3repo import S3Repository
+
+        return S3Repository(source, cache=cache, concurrency=concurrency)
+    return LocalRepository(source)

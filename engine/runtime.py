@@ -11,8 +11,9 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from engine.config import Settings, get_settings
+from engine.errors import OclawError
 from engine.pool import ModelPool
-from engine.repository import LocalRepository
+from engine.repository import FetchReport, open_repository
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.metering import Meter
@@ -26,9 +27,14 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.instance_id = os.urandom(8).hex()
-        self.repository = LocalRepository(settings.model_repository)
+        self.repository = open_repository(
+            settings.model_repository, cache=settings.model_cache, concurrency=settings.fetch_concurrency
+        )
         self.pool = ModelPool(self.repository, settings)
         self.preload_ms: float | None = None
+        #: What fetching a remote repository into the local cache cost at start-up (zeros for a local one).
+        self.fetch = FetchReport()
+        self._preload_error: OclawError | None = None
         self._preload_thread: threading.Thread | None = None
         self._preload_lock = threading.Lock()
         #: The first request this process serves paid its cold start.
@@ -46,27 +52,51 @@ class Runtime:
 
         return Meter(self.settings, self.instance_id)
 
+    @property
+    def fetch_ms(self) -> float:
+        """Milliseconds the start-up fetch of a remote repository took (0 for a local repository)."""
+        return self.fetch.ms
+
     def preload(self) -> None:
-        """Load and warm the preloaded models in this thread (idempotent)."""
+        """Fetch (remote repositories) then load and warm the preloaded models in this thread (idempotent).
+
+        Raises RepositoryError when a remote repository cannot be read at all; a model that fails to fetch or
+        load is only recorded (not ready, with its reason).
+        """
         with self._preload_lock:
             if self.preload_ms is not None:
                 return
             start = perf_counter_ns()
+            try:
+                self.fetch = self.repository.prefetch(None if self.settings.preload_all else self.settings.preload)
+            except OclawError as exc:
+                log.error("model repository %s cannot be read: %s", self.repository.source, exc.message)
+                raise
             self.pool.preload()
             self.preload_ms = (perf_counter_ns() - start) / 1e6
         log.info("preload done in %.1f ms: %s", self.preload_ms, self.pool.states())
 
+    def _preload_in_background(self) -> None:
+        try:
+            self.preload()
+        except OclawError as exc:
+            self._preload_error = exc  # raised again by wait_preloaded, in the caller's thread
+
     def start_preload(self) -> None:
         """Start preloading in a background thread, so imports of the web stack overlap it."""
         if self._preload_thread is None:
-            self._preload_thread = threading.Thread(target=self.preload, name="oclaw-preload", daemon=True)
+            self._preload_thread = threading.Thread(
+                target=self._preload_in_background, name="oclaw-preload", daemon=True
+            )
             self._preload_thread.start()
 
     def wait_preloaded(self) -> None:
-        """Block until preloading is finished (starting it if needed)."""
+        """Block until preloading is finished (starting it if needed); raises what made it fail."""
         self.start_preload()
         assert self._preload_thread is not None
         self._preload_thread.join()
+        if self._preload_error is not None:
+            raise self._preload_error
 
     def close(self) -> None:
         """Release the models."""

@@ -28,7 +28,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure(settings.log_level, settings.log_format)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if not os.path.isdir(settings.model_repository):
+    if settings.model_repository.startswith("s3:"):
+        from engine.errors import OclawError
+        from engine.s3repo import parse_s3_uri
+
+        try:
+            parse_s3_uri(settings.model_repository)  # fetched at start-up into OCLAW_MODEL_CACHE
+        except OclawError as exc:
+            print(f"oclaw: {exc.message}", file=sys.stderr)
+            return 2
+    elif not os.path.isdir(settings.model_repository):
         print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
         return 2
     port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
@@ -45,7 +54,16 @@ def _prepare(args: argparse.Namespace) -> int:
 
     overrides = {"model_repository": args.model_repository} if args.model_repository else {}
     try:
-        done = prepare_repository(Settings.from_env(**overrides), level=args.level, models=args.models or None)
+        settings = Settings.from_env(**overrides)
+        read_only = _read_only_dirs(settings.model_repository, args.models)
+        if read_only:
+            print(
+                f"oclaw: {read_only[0]} is read-only (e.g. a Lambda layer under /opt): prepared graphs are written "
+                "beside model.onnx, so prepare the repository before packaging or publishing it",
+                file=sys.stderr,
+            )
+            return 2
+        done = prepare_repository(settings, level=args.level, models=args.models or None)
     except OclawError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
         return 2
@@ -54,6 +72,36 @@ def _prepare(args: argparse.Namespace) -> int:
     if not done:
         print("oclaw: no models found to prepare", file=sys.stderr)
         return 1
+    return 0
+
+
+def _read_only_dirs(root: str, models: list[str]) -> list[str]:
+    """Version directories of a local repository that this process cannot write to."""
+    from engine.repository import LocalRepository
+
+    repo = LocalRepository(root)
+    dirs = [repo.root / name / str(v) for name in models or repo.models() for v in repo.versions(name)]
+    return [str(d) for d in dirs if not os.access(d, os.W_OK)]
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from engine.config import Settings
+    from engine.errors import OclawError
+    from engine.publish import publish
+
+    start = perf_counter_ns()
+    try:
+        concurrency = Settings.from_env().fetch_concurrency
+        rows = publish(args.repository, args.destination, models=args.model or None, concurrency=concurrency)
+    except OclawError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    for row in rows:
+        print(json.dumps(row))
+    total = sum(row["bytes"] for row in rows)
+    models = sorted({row["uri"][len(args.destination.rstrip("/")) + 1 :].split("/", 1)[0] for row in rows})
+    summary = {"published": models, "files": len(rows), "bytes": total, "mb": round(total / 1e6, 2)}
+    print(json.dumps({**summary, "ms": round((perf_counter_ns() - start) / 1e6, 1)}))
     return 0
 
 
@@ -167,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prep.add_argument("models", nargs="*", help="models to prepare (default: all)")
     prep.set_defaults(func=_prepare)
+    pub = sub.add_parser(
+        "publish", help="upload a local model repository (validated first) to s3://bucket/prefix, manifests included"
+    )
+    pub.add_argument("repository", help="local repository directory (<model>/<version>/model.onnx)")
+    pub.add_argument("destination", help="s3://bucket[/prefix] (serve it with OCLAW_MODEL_REPOSITORY)")
+    pub.add_argument("--model", action="append", default=[], metavar="NAME", help="publish only these (repeatable)")
+    pub.set_defaults(func=_publish)
     lam = sub.add_parser("lambda", help="run the Lambda handler locally, as Lambda does (no Docker)")
     lam_sub = lam.add_subparsers(dest="lambda_command", required=True)
     inv = lam_sub.add_parser("invoke", help="INIT once under awslambdaric, then invoke each event; print REPORT lines")

@@ -46,6 +46,8 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "instance_id": runtime.instance_id,
             "platform": "server",
             "web_imports_ms": round(imports_ms, 1),
+            # fetching a remote (s3://) repository into the local cache, part of preload_ms; 0 for a local one
+            "fetch_ms": round(runtime.fetch_ms, 1),
             "preload_ms": runtime.preload_ms,
             "models": models,
             "ready": runtime.pool.ready(),
@@ -53,6 +55,8 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
             "fastapi_loaded": "fastapi" in sys.modules,
             "total_ms": round((perf_counter_ns() - started_ns) / 1e6, 1),
         }
+        if runtime.repository.remote:
+            record["fetch"] = {"source": runtime.repository.source, **runtime.fetch.as_dict()}
         log.info("cold_start", extra={"oclaw": record})
         runtime.meter.start_flusher()
         # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
@@ -85,4 +89,4 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
     server.run()
     runtime.meter.close()
     runtime.close()
-    return 0
+    return 0 if server.started else 3  # 3: start-up failed (uvicorn's own code), e.g. an unreadable repository

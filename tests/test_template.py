@@ -40,6 +40,8 @@ def translate(template: dict[str, Any]) -> dict[str, Any]:
     for resource in template["Resources"].values():  # as `sam validate` does: local paths become S3 locations
         if resource["Type"] == "AWS::Serverless::Function":
             resource["Properties"]["CodeUri"] = "s3://placeholder/code.zip"
+        elif resource["Type"] == "AWS::Serverless::LayerVersion":
+            resource["Properties"]["ContentUri"] = "s3://placeholder/layer.zip"
     return dict(transform(template, {}, StubPolicies()))
 
 
@@ -86,7 +88,9 @@ def test_sam_transform_produces_what_the_runtime_relies_on() -> None:
     (function,) = of_type(cfn, "AWS::Lambda::Function").values()
     props = function["Properties"]
     assert props["SnapStart"] == {"ApplyOn": {"Fn::If": ["UseSnapStart", "PublishedVersions", "None"]}}
-    assert props["Environment"]["Variables"]["OCLAW_MODEL_REPOSITORY"] == {"Ref": "ModelRepository"}
+    assert props["Environment"]["Variables"]["OCLAW_MODEL_REPOSITORY"] == {
+        "Fn::If": ["UseS3Models", {"Ref": "ModelRepository"}, "/opt/models"]
+    }
     (alias_name,) = of_type(cfn, "AWS::Lambda::Alias")
     assert alias_name == "InferenceFunctionAliaslive" and of_type(cfn, "AWS::Lambda::Version")
     alias = cfn["Resources"][alias_name]["Properties"]
@@ -192,3 +196,179 @@ def test_memory_metric_filter_reads_the_report_line() -> None:
     assert tokens[0] == "REPORT" and fields[0] == 'report="REPORT"'
     value_field = props["MetricTransformations"][0]["MetricValue"].lstrip("$")
     assert tokens[fields.index(value_field)] == "321"  # the Max Memory Used figure
+
+
+PSEUDO = {
+    "AWS::Partition": "aws",
+    "AWS::Region": "eu-west-1",
+    "AWS::AccountId": "123456789012",
+    "AWS::URLSuffix": "amazonaws.com",
+    "AWS::StackName": "oc",
+}
+
+
+class Evaluator:
+    """Resolves the intrinsics this template uses, for given parameter values (what CloudFormation does at deploy)."""
+
+    def __init__(self, cfn: dict[str, Any], params: dict[str, str]) -> None:
+        defaults = {k: str(v.get("Default", "")) for k, v in cfn["Parameters"].items()}
+        self.refs = {**PSEUDO, **defaults, **params}
+        self.conditions = cfn["Conditions"]
+
+    def condition(self, name: str) -> bool:
+        return bool(self.value(self.conditions[name]))
+
+    def value(self, node: Any) -> Any:  # noqa: PLR0911 - one return per intrinsic
+        if isinstance(node, list):
+            return [v for v in (self.value(n) for n in node) if v is not NO_VALUE]
+        if not isinstance(node, dict):
+            return node
+        if len(node) != 1:
+            return {k: v for k, v in ((k, self.value(n)) for k, n in node.items()) if v is not NO_VALUE}
+        ((fn, arg),) = node.items()
+        if fn == "Ref":
+            return NO_VALUE if arg == "AWS::NoValue" else self.refs.get(arg, f"<{arg}>")
+        if fn == "Fn::If":
+            return self.value(arg[1] if self.condition(arg[0]) else arg[2])
+        if fn == "Fn::Equals":
+            return self.value(arg[0]) == self.value(arg[1])
+        if fn == "Fn::Not":
+            return not self.value(arg[0])
+        if fn == "Condition":
+            return self.condition(arg)
+        if fn == "Fn::Select":
+            return self.value(arg[1])[int(arg[0])]
+        if fn == "Fn::Split":
+            return self.value(arg[1]).split(arg[0])
+        if fn == "Fn::Sub":
+            text, names = (arg, {}) if isinstance(arg, str) else (arg[0], {k: self.value(v) for k, v in arg[1].items()})
+            return re.sub(r"\$\{([^}]+)\}", lambda m: str(names.get(m[1], self.refs.get(m[1], f"<{m[1]}>"))), text)
+        if fn == "Fn::GetAtt":
+            return f"<{'.'.join(arg)}>"
+        return {fn: self.value(arg)}
+
+
+NO_VALUE = object()
+
+
+def role_statements(cfn: dict[str, Any], params: dict[str, str]) -> list[dict[str, Any]]:
+    evaluator = Evaluator(cfn, params)
+    role = cfn["Resources"]["InferenceFunctionRole"]["Properties"]
+    return [s for policy in role["Policies"] for s in evaluator.value(policy["PolicyDocument"]["Statement"])]
+
+
+@pytest.mark.parametrize(
+    ("repository", "model_resources"),
+    [
+        ("", None),
+        ("s3://my-models/prod/v1", ("arn:aws:s3:::my-models/prod/v1*", "arn:aws:s3:::my-models")),
+        ("s3://my-models", ("arn:aws:s3:::my-models*", "arn:aws:s3:::my-models")),
+    ],
+)
+def test_model_repository_is_a_layer_or_an_s3_prefix_with_least_privilege(
+    repository: str, model_resources: tuple[str, str] | None
+) -> None:
+    cfn = translate(sam_template())
+    evaluator = Evaluator(cfn, {"ModelRepository": repository})
+    function = cfn["Resources"]["InferenceFunction"]["Properties"]
+    env = evaluator.value(function["Environment"]["Variables"])
+    layers = evaluator.value(function["Layers"])
+    if model_resources is None:
+        assert env["OCLAW_MODEL_REPOSITORY"] == "/opt/models" and len(layers) == 2
+    else:
+        assert env["OCLAW_MODEL_REPOSITORY"] == repository and len(layers) == 1  # no models layer
+    assert evaluator.condition("UseModelsLayer") == (model_resources is None)
+    assert sam_template()["Resources"]["ModelsLayer"]["Condition"] == "UseModelsLayer"
+    statements = role_statements(cfn, {"ModelRepository": repository})
+    by_sid = {s["Sid"]: s for s in statements}
+    if model_resources is None:
+        assert "ReadModels" not in by_sid and "ListModels" not in by_sid
+    else:
+        assert by_sid["ReadModels"]["Resource"] == model_resources[0]
+        assert by_sid["ReadModels"]["Action"] == "s3:GetObject"
+        assert by_sid["ListModels"]["Resource"] == model_resources[1]
+    for statement in statements:  # nothing is granted on everything
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        assert all(r != "*" and not r.endswith(":::*") for r in resources), statement
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all("*" not in a for a in actions), statement
+    data = "arn:aws:s3:::oc-data-123456789012"
+    assert set(by_sid["WriteResults"]["Resource"]) == {f"{data}/output/*", f"{data}/sqs-results/*"}
+    assert set(by_sid["ReadInputsAndOutputs"]["Resource"]) == {f"{data}/input/*", f"{data}/output/*"}
+    warm = "arn:aws:lambda:eu-west-1:123456789012:function:oc-inference"
+    assert by_sid["WarmerFanOut"]["Resource"] == [warm, f"{warm}:*"]  # itself, and nothing else
+    assert evaluator.value(function["FunctionName"]) == "oc-inference"
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("", True),
+        ("s3://my-models/prod", True),
+        ("s3://a.b-c/x/y/", True),
+        ("models", False),
+        ("/opt/models", False),
+        ("s3://", False),
+        ("s3://UPPER/x", False),
+        ("https://my-models/prod", False),
+    ],
+)
+def test_model_repository_parameter_accepts_only_s3_uris(value: str, ok: bool) -> None:
+    pattern = sam_template()["Parameters"]["ModelRepository"]["AllowedPattern"]
+    assert (re.fullmatch(pattern, value) is not None) == ok
+
+
+def test_runtime_layer_per_architecture_and_the_function_package() -> None:
+    template = sam_template()
+    resources = template["Resources"]
+    for arch, name in (("x86_64", "RuntimeLayerX8664"), ("arm64", "RuntimeLayerArm64")):
+        layer = resources[name]
+        assert layer["Metadata"]["BuildArchitecture"] == arch  # or sam build makes an x86_64 layer for arm64
+        assert layer["Properties"]["CompatibleArchitectures"] == [arch]
+        assert layer["Properties"]["CompatibleRuntimes"] == [resources["InferenceFunction"]["Properties"]["Runtime"]]
+    cfn = translate(template)
+    for arch, expected in (("x86_64", "RuntimeLayerX8664"), ("arm64", "RuntimeLayerArm64")):
+        evaluator = Evaluator(cfn, {"Architecture": arch})
+        layers = evaluator.value(cfn["Resources"]["InferenceFunction"]["Properties"]["Layers"])
+        (name,) = [k for k in cfn["Resources"] if k.startswith(expected)]  # the transform adds a content hash
+        assert layers[0] == f"<{name}>"
+        assert evaluator.condition(cfn["Resources"][name]["Condition"])  # only the chosen one is created
+    assert sorted(p.name for p in (ROOT / "function").iterdir()) == ["engine", "handler"]
+
+
+@pytest.mark.parametrize("auth", ["AWS_IAM", "NONE"])
+def test_http_entry_points_are_iam_by_default_and_can_be_opened(auth: str) -> None:
+    template = sam_template()
+    assert template["Parameters"]["FunctionUrlAuth"]["Default"] == "AWS_IAM"
+    cfn = translate(template)
+    evaluator = Evaluator(cfn, {"FunctionUrlAuth": auth})
+    (url,) = of_type(cfn, "AWS::Lambda::Url").values()
+    assert evaluator.value(url["Properties"]["AuthType"]) == auth
+    assert url["Properties"]["TargetFunctionArn"] == {"Ref": "InferenceFunctionAliaslive"}  # the alias, not $LATEST
+    public = [k for k, v in cfn["Resources"].items() if v.get("Condition") == "PublicFunctionUrl"]
+    assert sorted(public) == ["PublicUrlInvokePermission", "PublicUrlPermission"]
+    assert evaluator.condition("PublicFunctionUrl") == (auth == "NONE")
+    body = cfn["Resources"]["HttpApi"]["Properties"]["Body"]
+    route = body["paths"]["/{proxy+}"]["x-amazon-apigateway-any-method"]
+    assert route["security"] == [{"AWS_IAM": []}]  # SigV4 on every route
+    assert body["components"]["securitySchemes"]["AWS_IAM"]["x-amazon-apigateway-authtype"] == "awsSigv4"
+    integration = route["x-amazon-apigateway-integration"]
+    assert (
+        integration["payloadFormatVersion"] == "2.0" and "InferenceFunctionAliaslive" in integration["uri"]["Fn::Sub"]
+    )
+    assert set(cfn["Outputs"]) >= {"FunctionUrl", "HttpApiUrl", "DataBucketName", "InferenceQueueUrl", "BatchJobArn"}
+    assert (
+        evaluator.value(cfn["Outputs"]["HttpApiUrl"]["Value"])
+        == "https://<HttpApi>.execute-api.eu-west-1.amazonaws.com/"
+    )
+
+
+def test_model_bucket_is_private_encrypted_versioned_and_tls_only() -> None:
+    cfn = translate(sam_template())
+    bucket = cfn["Resources"]["DataBucket"]["Properties"]
+    assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
+    (rule,) = bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in {"AES256", "aws:kms"}
+    assert all(bucket["PublicAccessBlockConfiguration"].values()) and len(bucket["PublicAccessBlockConfiguration"]) == 4
+    (statement,) = cfn["Resources"]["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}

@@ -1,0 +1,87 @@
+"""``oclaw publish``: validate a local model repository as the loader does, then upload it to ``s3://bucket/prefix``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from engine import aws
+from engine.errors import ModelLoadError, ModelNotFound
+from engine.repository import (
+    MODEL_FILE,
+    LocalRepository,
+    RepositoryError,
+    select_versions,
+    sha256_file,
+    validate_name,
+)
+from engine.s3repo import parse_s3_uri, s3_error
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    """Every file of a model directory (hidden files and partial downloads left out)."""
+    rels = (p.relative_to(model_dir) for p in model_dir.rglob("*") if p.is_file())
+    return sorted(model_dir / r for r in rels if not any(part.startswith(".") for part in r.parts))
+
+
+def validate_for_publish(repo: LocalRepository, names: Sequence[str] | None) -> list[str]:
+    """Check models as the loader does (layout, manifest, version policy, checksums); their names."""
+    if not repo.root.is_dir():
+        raise RepositoryError(f"model repository {str(repo.root)!r} is not a directory")
+    chosen = list(names) if names else repo.models()
+    if not chosen:
+        raise ModelNotFound(f"no models in {repo.root} (expected <model>/<version>/{MODEL_FILE})")
+    for name in chosen:
+        versions = repo.versions(validate_name(name))
+        manifest = repo.manifest(name)
+        select_versions(name, versions, manifest.versions)
+        for version, expected in manifest.checksums.items():
+            if version.isdigit() and int(version) in versions:
+                path = repo.files(name, int(version)).path
+                if (actual := sha256_file(path)) != expected:
+                    raise ModelLoadError(f"{path}: sha256 {actual} does not match the manifest's {expected}")
+    return chosen
+
+
+def publish(
+    root: str | Path, uri: str, *, models: Sequence[str] | None = None, concurrency: int = 8
+) -> list[dict[str, Any]]:
+    """Upload a local repository's models (validated first) under ``s3://bucket/prefix``; one row per file.
+
+    Version directories go first and manifests last, so a reader never sees a manifest before its files.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    location = parse_s3_uri(uri)
+    repo = LocalRepository(root)
+    names = validate_for_publish(repo, models)
+    s3 = aws.client("s3")
+    try:
+        s3.head_bucket(Bucket=location.bucket)
+    except (BotoCoreError, ClientError) as exc:
+        raise s3_error(exc, f"checking bucket s3://{location.bucket}") from None
+    uploads = [(name, path) for name in names for path in _model_files(repo.root / name)]
+
+    def stage(item: tuple[str, Path]) -> int:
+        name, path = item
+        rel = path.relative_to(repo.root / name)
+        return 2 if rel.as_posix() == "oclaw.json" else 0 if rel.parts[0].isdigit() else 1
+
+    def put(item: tuple[str, Path]) -> dict[str, Any]:
+        name, path = item
+        key = location.key(name, path.relative_to(repo.root / name).as_posix())
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as fh:
+                s3.put_object(Bucket=location.bucket, Key=key, Body=fh, ContentLength=size)
+        except (BotoCoreError, ClientError) as exc:
+            raise s3_error(exc, f"uploading {path} to s3://{location.bucket}/{key}") from None
+        return {"uri": f"s3://{location.bucket}/{key}", "bytes": size}
+
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="oclaw-publish") as pool:
+        for group in (0, 1, 2):
+            rows += pool.map(put, [item for item in uploads if stage(item) == group])
+    return rows
