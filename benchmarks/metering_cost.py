@@ -1,16 +1,19 @@
 """Cost of metering on the warm path: the same ServerApp request in-process (ASGI, no network), metering on vs off.
 
-``python -m benchmarks.metering_cost [N]``: a tiny model (add_sub FP32 [1,16] x2, V2 JSON) served by the data plane
-of ``oclaw serve``; requests alternate between an app with metering + Prometheus on (log sink to /dev/null) and
-one with both off, in the same process, and the background flushes are run and timed too. An HTTP request's
-difference is lost in the loopback noise (±20 µs), so the in-process difference is set against the HTTP request
-of the same model measured in the same run (two `oclaw serve` processes, metering on and off).
+``python -m benchmarks.metering_cost [N] [PROCESSES]``: a tiny model (add_sub FP32 [1,16] x2, V2 JSON) served
+by the data plane of ``oclaw serve``; requests alternate between an app with metering + Prometheus on (log sink
+to /dev/null) and one with both off, in the same process, and the background flushes are run and timed too.
+Over HTTP the difference is within the loopback noise of one process (±15 µs), so it is also measured over
+PROCESSES pairs of fresh `oclaw serve` processes (metering on and off), and the in-process difference is set
+against that HTTP request time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -114,55 +117,102 @@ def in_process(repo: Path, n: int) -> tuple[float, float, float]:
     return asyncio.run(run())
 
 
-def over_http(repo: Path, work: Path, n: int) -> dict[str, float]:
-    """p50 µs of the same request over HTTP (oclaw serve, keep-alive socket, c1), metering on and off, interleaved."""
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of a process so far, in ns (/proc/PID/task/*/schedstat, Linux)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError):
+            total += int(stat.read_text().split()[0])
+    return total
+
+
+def over_http(repo: Path, work: Path, n: int, instances: int) -> dict[str, dict[str, list[float]]]:
+    """The same request over HTTP (oclaw serve, keep-alive socket, c1), metering on and off.
+
+    Per process: the p50 latency, and the server's CPU time per request (all its threads: the flusher too).
+    Each server process carries its own latency bias of ±10 µs (memory layout, core placement), so
+    ``instances`` fresh pairs are started and measured in interleaved rounds; figures are per process.
+    """
     model_file = repo / "add_sub" / "1" / "model.onnx"
-    servers = {}
-    try:
-        for kind in ("oclaw", "oclaw-nometer"):
-            servers[kind] = start_server(kind, repo, model_file, work, "metering")
-        requests = {kind: infer_request(port, "add_sub", BODY, None) for kind, (_, port, _) in servers.items()}
-        lat: dict[str, list[int]] = {kind: [] for kind in servers}
-        for rnd in range(10):
-            for kind in rotated(list(servers), rnd):
-                got, bad = _sequential(servers[kind][1], requests[kind], n // 10, 60)
-                if bad:
-                    raise RuntimeError(f"{kind}: non-200 answers {bad}")
-                if rnd:  # the first round warms up
-                    lat[kind] += got
-    finally:
-        stop_servers(servers)
-    return {kind: statistics.median(values) / 1000 for kind, values in lat.items()}
+    kinds = ("oclaw", "oclaw-nometer")
+    out: dict[str, dict[str, list[float]]] = {"p50_us": {k: [] for k in kinds}, "cpu_us": {k: [] for k in kinds}}
+    for instance in range(instances):
+        servers = {}
+        try:
+            for kind in rotated(list(kinds), instance):
+                servers[kind] = start_server(kind, repo, model_file, work, f"metering{instance}")
+            requests = {kind: infer_request(port, "add_sub", BODY, None) for kind, (_, port, _) in servers.items()}
+            lat: dict[str, list[int]] = {kind: [] for kind in servers}
+            start: dict[str, int] = {}
+            for rnd in range(6):
+                if rnd == 1:  # the first round warms up
+                    start = {kind: cpu_ns(proc.pid) for kind, (proc, _, _) in servers.items()}
+                for kind in rotated(list(servers), rnd):
+                    got, bad = _sequential(servers[kind][1], requests[kind], n // 5, 60)
+                    if bad:
+                        raise RuntimeError(f"{kind}: non-200 answers {bad}")
+                    if rnd:
+                        lat[kind] += got
+            time.sleep(1.5)  # the once-a-second flush of the last records is part of the work
+            cpu = {kind: cpu_ns(proc.pid) - start[kind] for kind, (proc, _, _) in servers.items()}
+        finally:
+            stop_servers(servers)
+        for kind in kinds:
+            out["p50_us"][kind].append(statistics.median(lat[kind]) / 1000)
+            out["cpu_us"][kind].append(cpu[kind] / 1000 / len(lat[kind]))
+    return out
 
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    instances = int(sys.argv[2]) if len(sys.argv) > 2 else 6
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         _save(add_sub(16), repo, "add_sub")
         off, on, flush_us = in_process(repo, n)
-        http = over_http(repo, Path(tmp), n // 4)
-    request = http["oclaw-nometer"]
+        http = over_http(repo, Path(tmp), max(1000, n // 5), instances)
+    p50, cpu = http["p50_us"], http["cpu_us"]
+    request = statistics.mean(p50["oclaw-nometer"])
+
+    def paired(figures: dict[str, list[float]]) -> tuple[float, float]:
+        diffs = [a - b for a, b in zip(figures["oclaw"], figures["oclaw-nometer"], strict=True)]
+        return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else math.nan
+
+    p50_diff, p50_se = paired(p50)
+    cpu_diff, cpu_se = paired(cpu)
     added = on - off
     rows = [
-        ["HTTP request p50 (oclaw serve, keep-alive, c1), metering + metrics off", f"{request:.1f}", "-"],
+        ["HTTP request p50, metering + metrics off (oclaw serve, keep-alive, c1)", f"{request:.1f}", "-"],
         [
-            "HTTP request p50, metering + metrics on (context: noisy, ±20 µs)",
-            f"{http['oclaw']:.1f}",
-            f"{(http['oclaw'] - request) / request * 100:+.1f} %",
+            "HTTP request p50, metering + metrics on (± standard error of the paired difference)",
+            f"{statistics.mean(p50['oclaw']):.1f}",
+            f"{p50_diff / request * 100:+.2f} % (± {p50_se / request * 100:.2f} %)",
+        ],
+        [
+            "server CPU per request, metering + metrics off (all threads)",
+            f"{statistics.mean(cpu['oclaw-nometer']):.1f}",
+            "-",
+        ],
+        [
+            "server CPU per request, metering + metrics on (flusher included)",
+            f"{statistics.mean(cpu['oclaw']):.1f}",
+            f"{cpu_diff / request * 100:+.2f} % (± {cpu_se / request * 100:.2f} %)",
         ],
         ["in-process data plane request, metering + metrics off", f"{off:.1f}", "-"],
         ["in-process data plane request, metering + metrics on", f"{on:.1f}", "-"],
-        ["added on the request path (on - off)", f"{added:.1f}", f"{added / request * 100:.2f} %"],
+        ["added on the request path (on - off, in-process)", f"{added:.1f}", f"{added / request * 100:.2f} %"],
+        ["background flush per request (log + Prometheus)", f"{flush_us:.1f}", f"{flush_us / request * 100:.2f} %"],
         [
-            "background flush per request (log line + Prometheus)",
-            f"{flush_us:.1f}",
-            f"{flush_us / request * 100:.2f} %",
+            "metering in all, per request (in-process)",
+            f"{added + flush_us:.1f}",
+            f"{(added + flush_us) / request * 100:.2f} %",
         ],
-        ["metering in all, per request", f"{added + flush_us:.1f}", f"{(added + flush_us) / request * 100:.2f} %"],
     ]
-    print("\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON; median µs)\n")
-    print(table(["what", "µs", "of the HTTP request (off)"], rows))
+    print(f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON; µs; {instances} server pairs)\n")
+    print(table(["what", "µs", "of the HTTP request p50 (off)"], rows))
+    for name, figures in (("HTTP p50", p50), ("server CPU per request", cpu)):
+        pairs = [f"{a:.0f}/{b:.0f}" for a, b in zip(figures["oclaw"], figures["oclaw-nometer"], strict=True)]
+        print(f"\nper process pair, {name} µs, on/off: {' '.join(pairs)}")
     return 0
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, OclawError
 from engine.model import LoadedModel
-from engine.tensors import InferRequest, InferResponse, decode_request, encode_response
+from engine.tensors import InferRequest, decode_request, encode_response
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.metering import MeteringRecord
+    from engine.metering import Usage, UsageRecorder
 
 #: Requests whose body is at most this many bytes may run on the caller's thread for cheap models.
 INLINE_BODY_BYTES = 64 * 1024
@@ -29,8 +28,8 @@ class Encoded:
     rows: int
     queue_ns: int = 0
     compute_ns: int = 0
-    #: The request's metering record, when a recorder was given (not yet submitted).
-    record: MeteringRecord | None = None
+    #: The request's usage for metering, when a recorder was given (not yet submitted).
+    usage: Usage | None = None
 
     @property
     def content_type(self) -> str:
@@ -72,12 +71,12 @@ def infer_bytes(
     content_type: str | None,
     enqueue_ns: int | None = None,
     *,
-    recorder: Callable[[LoadedModel, InferResponse], MeteringRecord | None] | None = None,
+    recorder: UsageRecorder | None = None,
 ) -> Encoded:
     """Decode, infer and encode one request against one model; thread-safe.
 
-    ``recorder`` builds the request's metering record; a request whose ``parameters`` ask for
-    ``"metering": true`` gets the record in its response ``parameters`` too.
+    ``recorder`` captures the request's usage for metering; a request whose ``parameters`` ask for
+    ``"metering": true`` gets its whole record in the response ``parameters`` too.
     """
     started = perf_counter_ns()
     try:
@@ -91,13 +90,15 @@ def infer_bytes(
         model.stats.failure(perf_counter_ns() - started)
         raise
     response = model.infer(request, enqueue_ns or started, started)
-    record = recorder(model, response) if recorder is not None else None
-    if record is not None and request.parameters.get("metering") is True:
-        response.parameters["metering"] = record.as_dict()
+    usage = None
+    if recorder is not None and request.parameters.get("metering") is True:
+        usage = recorder(model, response, 0)
+        if usage is not None:
+            response.parameters["metering"] = recorder.record(usage).as_dict()
     encoded, length = encode_response(response)
-    if record is not None:
-        record.bytes_out = len(encoded)
-    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, record)
+    if recorder is not None:
+        usage = recorder(model, response, len(encoded)) if usage is None else usage._replace(bytes_out=len(encoded))
+    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, usage)
 
 
 def runs_inline(model: LoadedModel, body_size: int) -> bool:

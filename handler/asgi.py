@@ -122,7 +122,7 @@ async def _infer(
     request_id = request.headers.get("x-request-id") or runtime.next_request_id()
     logs.request_id.set(request_id)
     logs.correlation_id.set(request.headers.get("x-correlation-id") or request_id)
-    record = v2.recorder(
+    record = v2.Recorder(
         runtime,
         request_id=request_id,
         tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
@@ -145,9 +145,9 @@ async def _infer(
     raw = response.raw_headers  # appended already encoded: Starlette's header normalisation costs ~0.2 µs each
     if encoded.header_length is not None:
         raw.append((b"inference-header-content-length", str(encoded.header_length).encode()))
-    if encoded.record is not None:
-        runtime.meter.submit_one(encoded.record)
-        raw += v2.metering_headers(encoded.record)
+    if encoded.usage is not None:
+        runtime.meter.submit_usage(encoded.usage)
+        raw += v2.metering_headers(runtime, encoded.usage)
     return response
 
 

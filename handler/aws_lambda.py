@@ -157,7 +157,7 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
         _check_time(context, path)
         if ev.method == "POST" and (match := _INFER_PATH.fullmatch(path)):
-            record = v2.recorder(
+            record = v2.Recorder(
                 RUNTIME,
                 request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
                 tenant=tenant_of(event, ev.headers, context),
@@ -191,7 +191,7 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         for out in request.outputs or ():
             out.binary = False
         response = model.infer(request, perf_counter_ns())
-        record = v2.recorder(
+        recorder = v2.Recorder(
             RUNTIME,
             request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
             tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
@@ -199,13 +199,12 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
             source="lambda-direct",
             enqueue_ns=STATE.invocation_start_ns,
             init_ms=INIT_MS,
-        )(model, response)
-        if record is not None and request.parameters.get("metering") is True:
-            response.parameters["metering"] = record.as_dict()
+        )
+        usage = recorder(model, response, 0)
+        if usage is not None and request.parameters.get("metering") is True:
+            response.parameters["metering"] = recorder.record(usage).as_dict()
         body, _ = encode_response(response)
-        if record is not None:
-            record.bytes_out = len(body)
-        v2.finish(RUNTIME, record)
+        v2.finish(RUNTIME, None if usage is None else usage._replace(bytes_out=len(body)))
         result: dict[str, Any] = json.loads(body)
         return result
     except OclawError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from time import perf_counter_ns
+from time import perf_counter_ns, time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -17,7 +17,7 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
-from engine.metering import METERING_HEADER, header_value
+from engine.metering import METERING_HEADER, Usage, header_value
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
@@ -76,52 +76,69 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
     return json_reply(model.metadata(runtime.pool.versions(name)))
 
 
-def recorder(
-    runtime: Runtime,
-    *,
-    request_id: str,
-    tenant: str,
-    bytes_in: int,
-    source: str,
-    enqueue_ns: int,
-    init_ms: float = 0.0,
-) -> Callable[[LoadedModel, InferResponse], MeteringRecord | None]:
-    """A callback for ``infer_bytes`` that builds the metering record of one request (submitted by ``finish``)."""
+class Recorder:
+    """Captures one request's usage for metering: a tuple on the request path, the record built at flush."""
 
-    def record(model: LoadedModel, response: InferResponse) -> MeteringRecord | None:
+    __slots__ = ("bytes_in", "enqueue_ns", "init_ms", "request_id", "runtime", "source", "tenant")
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        request_id: str,
+        tenant: str,
+        bytes_in: int,
+        source: str,
+        enqueue_ns: int,
+        init_ms: float = 0.0,
+    ) -> None:
+        self.runtime = runtime
+        self.request_id = request_id
+        self.tenant = tenant
+        self.bytes_in = bytes_in
+        self.source = source
+        self.enqueue_ns = enqueue_ns
+        self.init_ms = init_ms
+
+    def __call__(self, model: LoadedModel, response: InferResponse, bytes_out: int) -> Usage | None:
+        runtime = self.runtime
         cold, runtime.cold = runtime.cold, False
-        meter = runtime.meter
-        if not meter.enabled:
+        if not runtime.meter.enabled:
             return None
-        return meter.record(
-            request_id=request_id,
-            tenant=tenant,
-            model=model.name,
-            version=response.model_version,
-            items=response.rows,
-            bytes_in=bytes_in,
-            queue_us=response.queue_ns // 1000,
-            compute_us=response.compute_ns // 1000,
-            total_us=(perf_counter_ns() - enqueue_ns) // 1000,
-            init_ms=init_ms if cold else 0.0,
-            cold=cold,
-            source=source,
+        return Usage(
+            self.request_id,
+            self.tenant,
+            model.name,
+            response.model_version,
+            response.rows,
+            self.bytes_in,
+            bytes_out,
+            response.queue_ns // 1000,
+            response.compute_ns // 1000,
+            (perf_counter_ns() - self.enqueue_ns) // 1000,
+            self.init_ms if cold else 0.0,
+            cold,
+            self.source,
+            int(time()),
         )
 
-    return record
+    def record(self, usage: Usage) -> MeteringRecord:
+        """The whole record (with its bill) of a captured usage."""
+        return self.runtime.meter.complete(usage)
 
 
-def metering_headers(record: MeteringRecord) -> list[tuple[bytes, bytes]]:
+def metering_headers(runtime: Runtime, usage: Usage) -> list[tuple[bytes, bytes]]:
     """A request's own figures as one encoded response header (one, not four: each header costs uvicorn ~0.6 µs)."""
-    return [(METERING_HEADER, header_value(record).encode())]
+    return [(METERING_HEADER, header_value(usage, runtime.meter.billed_ms(usage)).encode())]
 
 
-def finish(runtime: Runtime, record: MeteringRecord | None) -> dict[str, str]:
-    """Submit a request's metering record; its figures as response headers."""
-    if record is None:
+def finish(runtime: Runtime, usage: Usage | None) -> dict[str, str]:
+    """Queue a request's usage for metering; its figures as response headers."""
+    if usage is None:
         return {}
-    runtime.meter.submit_one(record)
-    return {METERING_HEADER.decode(): header_value(record)}
+    meter = runtime.meter
+    meter.submit_usage(usage)
+    return {METERING_HEADER.decode(): header_value(usage, meter.billed_ms(usage))}
 
 
 def meter_failure(
@@ -157,11 +174,11 @@ def infer(
     headers: Mapping[str, str],
     *,
     enqueue_ns: int | None = None,
-    record: Callable[[LoadedModel, InferResponse], MeteringRecord | None] | None = None,
+    record: Recorder | None = None,
 ) -> Reply:
     """``POST /v2/models/{m}[/versions/{v}]/infer`` on the caller's thread (headers lower-cased).
 
-    ``record`` (see ``recorder``) meters the request; its figures come back as headers.
+    ``record`` (a ``Recorder``) meters the request; its figures come back as a header.
     """
     model = runtime.pool.get(name, version)
     encoded = infer_bytes(
@@ -172,7 +189,7 @@ def infer(
         enqueue_ns,
         recorder=record,
     )
-    out = {"content-type": encoded.content_type, **finish(runtime, encoded.record)}
+    out = {"content-type": encoded.content_type, **finish(runtime, encoded.usage)}
     if encoded.header_length is not None:
         out["inference-header-content-length"] = str(encoded.header_length)
     return Reply(200, encoded.body, out)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from engine.config import Settings
-from engine.metering import PRICES, Meter, MeteringRecord, aggregate, parse_header, split_evenly
+from engine.metering import PRICES, Meter, MeteringRecord, Usage, aggregate, parse_header, split_evenly
 from engine.sinks import PartialFailure
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT, start_server
@@ -439,20 +439,8 @@ def test_price_table_per_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_single_request_path_agrees_with_the_batch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
     m = meter(tmp_path, "lambda")
-    fast = m.record(
-        request_id="r",
-        tenant="t",
-        model="m",
-        version="1",
-        items=3,
-        bytes_in=10,
-        queue_us=1500,
-        compute_us=2345,
-        total_us=3001,
-        init_ms=120.2,
-        cold=True,
-        source="test",
-    )
+    usage = Usage("r", "t", "m", "1", 3, 10, 0, 1500, 2345, 3001, 120.2, True, "test", 1_790_000_000)
+    fast = m.complete(usage)
     (full,) = m.records(
         request_ids=["r"],
         tenants=["t"],
@@ -469,7 +457,8 @@ def test_single_request_path_agrees_with_the_batch_path(tmp_path: Path, monkeypa
         cold=True,
         source="test",
     )
-    assert fast.billed_ms == 4 + 121  # the invocation's 3.001 ms and INIT's 120.2 ms, each rounded up
+    assert fast.billed_ms == 4 + 121 == m.billed_ms(usage)  # 3.001 ms and INIT's 120.2 ms, each rounded up
+    assert fast.time == "2026-09-21T14:13:20Z"  # the second the request was served, not the flush's
     assert fast.as_dict() == {**full.as_dict(), "time": fast.time}
 
 
@@ -491,24 +480,24 @@ def test_record_dict_and_json_carry_every_field_in_order() -> None:
 def test_metering_header_is_one_structured_field(tmp_path: Path, request_id: str) -> None:
     from handler.v2 import finish, metering_headers
 
-    m = meter(tmp_path, "local", metering_sinks=("none",))
-    record = replace_id(one(m, total_ms=2.5, compute_ms=1.25, cold=True), request_id)
-    ((name, value),) = metering_headers(record)
+    m = meter(tmp_path, "local", metering_sinks=("jsonl:" + str(tmp_path / "m.jsonl"),))
+    usage = Usage(request_id, "t", "m", "1", 1, 10, 20, 0, 1250, 2500, 0.0, True, "test", 1_790_000_000)
+
+    class Runtime:
+        meter = m
+
+    ((name, value),) = metering_headers(Runtime, usage)  # type: ignore[arg-type]
     assert name == b"oclaw-metering" and value.isascii() and b"\n" not in value
     parsed = parse_header(value.decode())
     expected = "".join(c if " " <= c <= "~" else "?" for c in request_id)
     assert parsed == {"compute_ms": 1.25, "billed_ms": 3.0, "cold": True, "request_id": expected}
 
-    class Runtime:
-        meter = m
-
-    assert finish(Runtime, record) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
-    assert m.flush() is None and len(m._pending) == 0
-
-
-def replace_id(record: MeteringRecord, request_id: str) -> MeteringRecord:
-    record.request_id = request_id
-    return record
+    assert finish(Runtime, usage) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
+    m.flush()
+    (line,) = (tmp_path / "m.jsonl").read_text().splitlines()  # queued by finish, completed at flush
+    record = json.loads(line)
+    assert record["request_id"] == request_id and record["compute_ms"] == 1.25 and record["billed_ms"] == 3.0
+    assert record["bytes_out"] == 20 and record["cold"] is True and len(m._usage) == 0
 
 
 def test_prometheus_batch_updates_equal_prometheus_client_per_record(repo: Path) -> None:
