@@ -163,6 +163,28 @@ def over_http(repo: Path, work: Path, n: int, instances: int) -> dict[str, dict[
     return out
 
 
+def on_lambda(repo: Path, work: Path, invokes: int, rounds: int) -> dict[str, list[float]]:
+    """Lambda Duration p50 (µs) of a tiny-model HTTP event under awslambdaric, sinks off vs the template's log,emf.
+
+    Each round starts a fresh function per configuration (a process bias again), 100 warm-up invokes first.
+    """
+    from handler.local_lambda import LocalLambda
+    from tests.conftest import ROOT
+
+    event = json.loads((ROOT / "tests" / "events" / "apigw_v2_infer.json").read_text())
+    out: dict[str, list[float]] = {"none": [], "log,emf": []}
+    for rnd in range(rounds):
+        for sinks in rotated(list(out), rnd):
+            env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": sinks}
+            with LocalLambda(env=env, cwd=ROOT, memory_mb=1024, log=work / f"lambda-{rnd}.log") as fn:
+                fn.wait_init()
+                for _ in range(100):
+                    fn.invoke(event)
+                durations = [fn.invoke(event).duration_ms for _ in range(invokes)]
+            out[sinks].append(statistics.median(durations) * 1000)
+    return out
+
+
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     instances = int(sys.argv[2]) if len(sys.argv) > 2 else 6
@@ -171,6 +193,7 @@ def main() -> int:
         _save(add_sub(16), repo, "add_sub")
         off, on, flush_us = in_process(repo, n)
         http = over_http(repo, Path(tmp), max(1000, n // 5), instances)
+        lam = on_lambda(repo, Path(tmp), 400, instances)
     p50, cpu = http["p50_us"], http["cpu_us"]
     request = statistics.mean(p50["oclaw-nometer"])
 
@@ -210,6 +233,23 @@ def main() -> int:
     ]
     print(f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON; µs; {instances} server pairs)\n")
     print(table(["what", "µs", "of the HTTP request p50 (off)"], rows))
+    lam_off, lam_on = statistics.mean(lam["none"]), statistics.mean(lam["log,emf"])
+    lam_diffs = [a - b for a, b in zip(lam["log,emf"], lam["none"], strict=True)]
+    lam_se = statistics.stdev(lam_diffs) / len(lam_diffs) ** 0.5 if len(lam_diffs) > 1 else math.nan
+    print(f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event, {instances} function pairs)\n")
+    print(
+        table(
+            ["what", "µs", "vs sinks off"],
+            [
+                ["invocation Duration p50, metering off (OCLAW_METERING_SINKS=none)", f"{lam_off:.0f}", "-"],
+                [
+                    "invocation Duration p50, metering log,emf (template.yaml's setting; flushed before return)",
+                    f"{lam_on:.0f}",
+                    f"{(lam_on - lam_off) / lam_off * 100:+.1f} % (± {lam_se / lam_off * 100:.1f} %)",
+                ],
+            ],
+        )
+    )
     for name, figures in (("HTTP p50", p50), ("server CPU per request", cpu)):
         pairs = [f"{a:.0f}/{b:.0f}" for a, b in zip(figures["oclaw"], figures["oclaw-nometer"], strict=True)]
         print(f"\nper process pair, {name} µs, on/off: {' '.join(pairs)}")

@@ -226,6 +226,8 @@ class Meter:
         self.spooled = 0
         self._pending: deque[MeteringRecord] = deque()  # append and popleft are atomic: no lock per request
         self._usage: deque[Usage] = deque()  # requests served alone, completed into records at flush
+        #: Sinks with a spool file to re-send (left by an earlier process, or written by this one).
+        self._spooled = {i for i in range(len(self.sinks)) if Path(f"{settings.metering_spool}.{i}").is_file()}
         self._stop = threading.Event()
         self._flushing = threading.Lock()
 
@@ -421,7 +423,11 @@ class Meter:
     def _send(self, batch: list[MeteringRecord]) -> None:
         for index, sink in enumerate(self.sinks):
             spool = Path(f"{self.settings.metering_spool}.{index}")
-            records = (self._read_spool(spool) if spool.is_file() else []) + batch
+            records = batch
+            if index in self._spooled:  # known without a stat per flush (one per Lambda invocation otherwise)
+                self._spooled.discard(index)
+                if spool.is_file():
+                    records = self._read_spool(spool) + batch
             if not records:
                 continue
             for attempt in range(3):
@@ -436,6 +442,7 @@ class Meter:
                         with spool.open("ab") as fh:
                             fh.write(b"".join(r.json() + b"\n" for r in records))
                         self.spooled += len(records)
+                        self._spooled.add(index)
 
     @staticmethod
     def _read_spool(spool: Path) -> list[MeteringRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -40,15 +41,20 @@ class LogSink:
             line = r.as_dict()
             line["event"] = "metering"
             lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
-        out = self.stream or sys.stdout
-        binary = getattr(out, "buffer", None)
-        if binary is not None:
-            out.flush()  # keep order with text already written
-            binary.write(lines)
-            binary.flush()
-        else:
-            out.write(lines.decode())
-            out.flush()
+        _write(self.stream, lines)
+
+
+def _write(stream: Any, lines: bytes | bytearray) -> None:
+    """Write JSON lines to a stream (stdout by default) in one call, binary where it can."""
+    out = stream or sys.stdout
+    binary = getattr(out, "buffer", None)
+    if binary is not None:
+        out.flush()  # keep order with text already written
+        binary.write(lines)
+        binary.flush()
+    else:
+        out.write(bytes(lines).decode())
+        out.flush()
 
 
 class JsonlSink:
@@ -150,32 +156,56 @@ class QueueSink:
 
 
 class EmfSink:
-    """CloudWatch metrics as Embedded Metric Format log lines (Powertools Metrics; no network call).
+    """CloudWatch metrics as Embedded Metric Format log lines (no network call), one line per model per flush.
 
-    Per flush and model: request, item, failure and cold-start counts, the sums of compute ms, billed ms and
-    cost, and each request's latency (so CloudWatch can give percentiles).
-    Tenants are not dimensions (their cardinality would multiply the metric cost).
+    Per model: request, item, failure and cold-start counts, the sums of compute ms, billed ms and cost, and each
+    request's latency (up to 100 values, so CloudWatch can give percentiles). Tenants are not dimensions (their
+    cardinality would multiply the metric cost). The lines are the ones Powertools Metrics writes for the same
+    figures (a test compares them), serialised directly: Powertools' per-metric validation cost ~200 µs a Lambda
+    invocation, a third of a tiny model's request.
     """
 
-    def __init__(self, namespace: str = "oclaw") -> None:
+    UNITS = (
+        ("Requests", "Count"),
+        ("Items", "Count"),
+        ("Failures", "Count"),
+        ("ComputeMs", "Milliseconds"),
+        ("BilledMs", "Milliseconds"),
+        ("CostUSD", "None"),
+        ("ColdStarts", "Count"),
+        ("LatencyMs", "Milliseconds"),
+    )
+
+    def __init__(self, namespace: str = "oclaw", stream: Any = None) -> None:
         self.namespace = namespace
+        self.stream = stream
+        self._directive = [
+            {
+                "Namespace": namespace,
+                "Dimensions": [["model", "service"]],
+                "Metrics": [{"Name": name, "Unit": unit} for name, unit in self.UNITS],
+            }
+        ]
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        from aws_lambda_powertools.metrics import Metrics, MetricUnit
-
         by_model: dict[str, list[MeteringRecord]] = {}
         for r in records:
             by_model.setdefault(r.model or "-", []).append(r)
+        timestamp = int(time.time() * 1000)
+        lines = bytearray()
         for model, group in by_model.items():
-            metrics = Metrics(namespace=self.namespace, service="oclaw")
-            metrics.add_dimension(name="model", value=model)
-            metrics.add_metric(name="Requests", unit=MetricUnit.Count, value=len(group))
-            metrics.add_metric(name="Items", unit=MetricUnit.Count, value=sum(r.items for r in group))
-            metrics.add_metric(name="Failures", unit=MetricUnit.Count, value=sum(r.status >= 400 for r in group))
-            metrics.add_metric(name="ComputeMs", unit=MetricUnit.Milliseconds, value=sum(r.compute_ms for r in group))
-            metrics.add_metric(name="BilledMs", unit=MetricUnit.Milliseconds, value=sum(r.billed_ms for r in group))
-            metrics.add_metric(name="CostUSD", unit=MetricUnit.NoUnit, value=sum(r.cost_usd for r in group))
-            metrics.add_metric(name="ColdStarts", unit=MetricUnit.Count, value=sum(r.cold for r in group))
-            for r in group[:100]:  # per-request values: CloudWatch computes p50/p95/p99 from them (100 per blob)
-                metrics.add_metric(name="LatencyMs", unit=MetricUnit.Milliseconds, value=r.total_ms)
-            metrics.flush_metrics()
+            blob = {
+                "_aws": {"Timestamp": timestamp, "CloudWatchMetrics": self._directive},
+                "model": model,
+                "service": "oclaw",
+                "Requests": [float(len(group))],
+                "Items": [float(sum(r.items for r in group))],
+                "Failures": [float(sum(r.status >= 400 for r in group))],
+                "ComputeMs": [float(sum(r.compute_ms for r in group))],
+                "BilledMs": [float(sum(r.billed_ms for r in group))],
+                "CostUSD": [float(sum(r.cost_usd for r in group))],
+                "ColdStarts": [float(sum(r.cold for r in group))],
+                "LatencyMs": [float(r.total_ms) for r in group[:100]],  # 100 values per metric per blob at most
+            }
+            lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)
+        _write(self.stream, lines)

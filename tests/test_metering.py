@@ -588,3 +588,58 @@ def test_prometheus_batch_updates_equal_prometheus_client_per_record(repo: Path)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     runtime.close()
+
+
+def test_emf_lines_equal_what_powertools_metrics_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The EMF sink serialises directly; Powertools Metrics is the reference for the same figures."""
+    from aws_lambda_powertools.metrics import Metrics, MetricUnit
+
+    from engine.sinks import EmfSink
+
+    m = meter(tmp_path, "lambda", metering_sinks=("none",))
+    usages = [
+        Usage(
+            f"r{i}",
+            "t",
+            "m1" if i % 3 else "m2",
+            "1",
+            i % 4,
+            10,
+            20,
+            5,
+            30 + i,
+            400 + 7 * i,
+            0.0,
+            i == 0,
+            "test",
+            1_790_000_000,
+            200 if i % 5 else 503,
+        )
+        for i in range(130)  # m1 gets more than 100 latency values: the blob keeps 100
+    ]
+    records = [m.complete(u) for u in usages]
+    EmfSink("oclaw").emit(records)
+    ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for model in ("m1", "m2"):
+        group = [r for r in records if r.model == model]
+        metrics = Metrics(namespace="oclaw", service="oclaw")
+        metrics.add_dimension(name="model", value=model)
+        figures = [
+            ("Requests", MetricUnit.Count, len(group)),
+            ("Items", MetricUnit.Count, sum(r.items for r in group)),
+            ("Failures", MetricUnit.Count, sum(r.status >= 400 for r in group)),
+            ("ComputeMs", MetricUnit.Milliseconds, sum(r.compute_ms for r in group)),
+            ("BilledMs", MetricUnit.Milliseconds, sum(r.billed_ms for r in group)),
+            ("CostUSD", MetricUnit.NoUnit, sum(r.cost_usd for r in group)),
+            ("ColdStarts", MetricUnit.Count, sum(r.cold for r in group)),
+        ]
+        for name, unit, value in figures:
+            metrics.add_metric(name=name, unit=unit, value=value)
+        for r in group[:100]:
+            metrics.add_metric(name="LatencyMs", unit=MetricUnit.Milliseconds, value=r.total_ms)
+        metrics.flush_metrics()
+        (reference,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        (mine,) = [blob for blob in ours if blob["model"] == model]
+        for blob in (reference, mine):
+            blob["_aws"]["Timestamp"] = 0
+        assert mine == reference
