@@ -137,6 +137,7 @@ async def _infer(
         run = functools.partial(infer_bytes, recorder=record)
         ctx = contextvars.copy_context()  # so logs from the worker thread carry this request's ids
         encoded = await loop.run_in_executor(model.executor, ctx.run, run, model, body, header_length, ctype, enqueue)
+        model.note_offloaded(encoded.compute_ns)
     if runtime.settings.otel:
         from handler import otel
 

@@ -182,3 +182,39 @@ def test_cgroup_cpu_quota_is_read(tmp_path: Path, content: str, expected: float 
     path.write_text(content)
     assert cgroup_cpu_limit(str(path)) == expected
     assert cgroup_cpu_limit(str(tmp_path / "missing")) is None
+
+
+def test_a_cheap_model_misjudged_at_warm_up_moves_to_the_event_loop(tmp_path: Path) -> None:
+    """A warm-up timed on a busy machine must not send every later request through a thread hop."""
+    import threading
+
+    import httpx
+
+    from tests.conftest import start_server
+
+    _save(add_constant(1.0), tmp_path, "m")
+    srv = start_server(tmp_path)
+    try:
+        model = srv.runtime.pool.get("m", None)
+        model.inline = False  # as if the warm-up run had been slow
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0] * 4}]}
+        threads: set[str] = set()
+        run = model.run_plan
+
+        def spy(*args: object, **kwargs: object) -> object:
+            threads.add(threading.current_thread().name)
+            return run(*args, **kwargs)  # type: ignore[arg-type]
+
+        model.run_plan = spy  # type: ignore[method-assign]
+        with httpx.Client(base_url=srv.url) as client:
+            assert client.post("/v2/models/m/infer", json=body).status_code == 200
+            assert srv.thread.name not in threads  # on a worker thread
+            for _ in range(model.INLINE_AFTER):
+                assert client.post("/v2/models/m/infer", json=body).status_code == 200
+        assert model.inline
+        threads.clear()
+        with httpx.Client(base_url=srv.url) as client:
+            assert client.post("/v2/models/m/infer", json=body).status_code == 200
+        assert threads == {srv.thread.name}  # the server's event-loop thread, no worker
+    finally:
+        srv.stop()
