@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,6 +37,37 @@ AWS_ENV = {
     "AWS_REGION": "us-east-1",
 }
 EXAMPLES = ROOT / "examples" / "models"
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's server on 127.0.0.1 (real HTTP for boto3); yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    """One moto server per test module."""
+    with moto_server() as url:
+        yield url
+
+
+def use_moto(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials and every boto3 client of this process pointed at moto (the cached ones dropped)."""
+    from engine import aws
+
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+    aws.reset()
 
 
 def free_port() -> int:

@@ -69,7 +69,7 @@ def sam_cli() -> Path:
 def start_lambda(
     task_root: Path, layers: list[Path], env: dict[str, str], log: Path, *, arch: str = HOST_ARCH
 ) -> LocalLambda:
-    """Run the oclaw handler under awslambdaric with only ``task_root`` and ``layers`` importable."""
+    """Run the oclaw handler under awslambdaric with only ``task_root`` and ``layers`` importable; INIT done."""
     wrapper = log.with_name("python3.12-S")
     wrapper.write_text(f'#!/bin/sh\nexec "{python312()}" -S "$@"\n')
     wrapper.chmod(0o755)
@@ -80,7 +80,13 @@ def start_lambda(
         "PYTHONNOUSERSITE": "1",
         **env,
     }
-    return LocalLambda(env=full_env, cwd=task_root, log=log, python=str(wrapper)).start()
+    lam = LocalLambda(env=full_env, cwd=task_root, log=log, python=str(wrapper)).start()
+    try:
+        lam.wait_init(timeout_s=120)
+    except RuntimeError:
+        lam.stop()
+        raise AssertionError(log.read_text()) from None
+    return lam
 
 
 def mapped_files(pid: int) -> set[str]:

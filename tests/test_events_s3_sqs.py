@@ -14,7 +14,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from engine import aws as aws_clients
@@ -22,7 +21,7 @@ from engine.config import Settings
 from engine.runtime import Runtime
 from handler import s3_events, sqs_events
 from handler.local_lambda import LocalLambda
-from tests.conftest import AWS_ENV, ROOT
+from tests.conftest import AWS_ENV, ROOT, use_moto
 
 BUCKET = "oclaw-data"
 
@@ -31,21 +30,9 @@ def forever() -> float:
     return 900_000.0
 
 
-@pytest.fixture(scope="module")
-def moto(repo: Path) -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture()
 def aws(moto: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
-    aws_clients.reset()
+    use_moto(moto, monkeypatch)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     sqs = boto3.client("sqs", endpoint_url=moto, region_name="us-east-1")
     s3.create_bucket(Bucket=BUCKET)

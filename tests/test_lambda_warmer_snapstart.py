@@ -5,13 +5,11 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from handler.local_lambda import LocalLambda
 from tests.conftest import AWS_ENV, ROOT
@@ -21,11 +19,9 @@ FUNCTION = "oclaw-warm"
 
 
 @pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
+def moto_url(moto: str) -> str:
+    """The module's moto server, with a function for the warmer to invoke."""
+    url = moto
     httpx.post(f"{url}/moto-api/config", json={"lambda": {"use_docker": False}}).raise_for_status()
     session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
     iam = session.client("iam", endpoint_url=url)
@@ -43,8 +39,7 @@ def moto_url() -> Iterator[str]:
     )
     iam.close()
     lam.close()
-    yield url
-    server.stop()
+    return url
 
 
 @pytest.fixture(scope="module")

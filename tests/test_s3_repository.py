@@ -20,7 +20,6 @@ import httpx
 import numpy as np
 import pytest
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
 from engine import aws as aws_clients
 from engine.config import Settings
@@ -32,27 +31,15 @@ from engine.runtime import Runtime
 from engine.s3repo import INDEX, S3Repository, parse_s3_uri, s3_error
 from engine.tensors import decode_response, encode_request
 from handler.local_lambda import LocalLambda
-from tests.conftest import AWS_ENV, ROOT, spawn_server, start_server
+from tests.conftest import AWS_ENV, ROOT, spawn_server, start_server, use_moto
 
 DIRECT_INFER = json.loads((Path(__file__).parent / "events" / "direct_infer.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture()
 def aws(moto: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """Fake credentials, boto3 pointed at moto, and a fresh bucket for this test."""
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto)
-    aws_clients.reset()
+    use_moto(moto, monkeypatch)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     bucket = f"models-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
