@@ -181,7 +181,7 @@ def test_alarms_dashboard_and_memory_metric() -> None:
     body = cfn["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
     widgets = json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]
     assert len(widgets) == 4
-    env = cfn["Resources"]["InferenceFunction"]["Properties"]["Environment"]["Variables"]
+    env = Evaluator(cfn, {}).value(cfn["Resources"]["InferenceFunction"]["Properties"]["Environment"]["Variables"])
     assert env["OCLAW_METERING_SINKS"] == "log,emf"
 
 
@@ -372,3 +372,34 @@ def test_model_bucket_is_private_encrypted_versioned_and_tls_only() -> None:
     assert all(bucket["PublicAccessBlockConfiguration"].values()) and len(bucket["PublicAccessBlockConfiguration"]) == 4
     (statement,) = cfn["Resources"]["DataBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+@pytest.mark.parametrize(
+    ("arn", "sid", "actions"),
+    [
+        ("", None, None),
+        ("arn:aws:sqs:eu-west-1:123456789012:metering", "MeteringQueue", "sqs:SendMessage"),
+        (
+            "arn:aws:kinesis:eu-west-1:123456789012:stream/metering",
+            "MeteringStream",
+            ["kinesis:PutRecords", "kinesis:PutRecord"],
+        ),
+        (
+            "arn:aws:firehose:eu-west-1:123456789012:deliverystream/m",
+            "MeteringDeliveryStream",
+            ["firehose:PutRecordBatch", "firehose:PutRecord"],
+        ),
+    ],
+)
+def test_the_metering_sink_may_write_to_its_target_only(arn: str, sid: str | None, actions: Any) -> None:
+    template = sam_template()
+    assert re.fullmatch(template["Parameters"]["MeteringTargetArn"]["AllowedPattern"], arn)
+    cfn = translate(template)
+    by_sid = {st["Sid"]: st for st in role_statements(cfn, {"MeteringTargetArn": arn})}
+    metering = {k for k in by_sid if k.startswith("Metering")}
+    if sid is None:
+        assert metering == set()
+    else:
+        assert metering == {sid} and by_sid[sid]["Resource"] == arn and by_sid[sid]["Action"] == actions
+    for bad in ("arn:aws:s3:::bucket", "sqs:metering", "arn:aws:sqs:eu-west-1:1234:q"):
+        assert not re.fullmatch(template["Parameters"]["MeteringTargetArn"]["AllowedPattern"], bad)
