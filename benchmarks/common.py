@@ -57,13 +57,16 @@ def spawn(
     stdout: int | BinaryIO | None = None,
     stderr: int | BinaryIO | None = None,
     env: dict[str, str] | None = None,
+    stdin: int = subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start a child process from the repository root; it is registered for kill_all()."""
     proc = subprocess.Popen(
         list(args),
         stdout=stdout,
         stderr=stderr,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
+        pass_fds=pass_fds,
         cwd=ROOT,
         env=child_env(env),
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509

@@ -82,6 +82,8 @@ def v2_body(
 
 def server_command(kind: str, repo: Path, model_file: Path, port: int) -> tuple[list[str], dict[str, str] | None]:
     """Arguments and extra environment of a server: ``oclaw``/``oclaw-nometer`` (``oclaw serve``) or ``naive``."""
+    if kind == "oclaw-switch":  # metering switched on and off from stdin (benchmarks.metering_switch)
+        return [PYTHON, "-m", "benchmarks.metering_switch", "--model-repository", str(repo), "--port", str(port)], None
     if kind.startswith("oclaw"):
         args = [PYTHON, "-m", "handler.cli", "serve", "--model-repository", str(repo), "--port", str(port)]
         env = {"OCLAW_METERING_SINKS": "none", "OCLAW_METRICS": "false"} if kind == "oclaw-nometer" else None
@@ -92,15 +94,19 @@ def server_command(kind: str, repo: Path, model_file: Path, port: int) -> tuple[
 
 
 def start_server(
-    kind: str, repo: Path, model_file: Path, work: Path, tag: str
+    kind: str, repo: Path, model_file: Path, work: Path, tag: str, **spawn: Any
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
-    """Start a server (see server_command) and wait until it answers; returns (process, port, log file)."""
+    """Start a server (see server_command) and wait until it answers; returns (process, port, log file).
+
+    ``spawn``: more arguments for ``common.spawn`` (``stdin``, ``pass_fds``, ``env`` added to the kind's own).
+    """
     port = common.free_port()
     log_path = work / f"{kind}-{tag}-{port}.log"
     args, env = server_command(kind, repo, model_file, port)
+    env = {**(env or {}), **spawn.pop("env", {})} or None
     fh = log_path.open("wb")
     try:
-        proc = common.spawn(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = common.spawn(args, stdout=fh, stderr=subprocess.STDOUT, env=env, **spawn)
     finally:
         fh.close()
     try:

@@ -1,11 +1,17 @@
-"""Cost of metering on the warm path: the same ServerApp request in-process (ASGI, no network), metering on vs off.
+"""Cost of metering on the warm path: a tiny model's request with metering on vs off.
 
-``python -m benchmarks.metering_cost [N] [PROCESSES]``: a tiny model (add_sub FP32 [1,16] x2, V2 JSON) served
-by the data plane of ``oclaw serve``; requests alternate between an app with metering + Prometheus on (log sink
-to /dev/null) and one with both off, in the same process, and the background flushes are run and timed too.
-Over HTTP the difference is within the loopback noise of one process (±15 µs), so it is also measured over
-PROCESSES pairs of fresh `oclaw serve` processes (metering on and off), and the in-process difference is set
-against that HTTP request time.
+``python -m benchmarks.metering_cost [N] [PROCESSES] [ROUNDS] [OUT]``: a tiny model (add_sub FP32 [1,16] x2,
+V2 JSON), measured three ways:
+
+1. in-process: the request through ``oclaw serve``'s data plane (ASGI, no network), alternating between an app
+   with metering + Prometheus on (log sink to /dev/null) and one with both off, N times each, plus the
+   background flush per request: the request path's own cost, precisely, in a hot loop;
+2. over HTTP: PROCESSES ``oclaw serve`` processes whose metering is switched on and off between rounds
+   (benchmarks.metering_switch), ROUNDS pairs of rounds each on a keep-alive socket: p50 latency, the event-loop
+   thread's CPU time and the whole process's (the flusher included) per request;
+3. on Lambda: the invocation Duration p50 under awslambdaric, sinks ``none`` against ``log,emf``.
+
+Prints the tables and writes OUT/metering_cost.png (default bench-results/).
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import infer_request, table
-from benchmarks.harness import rotated, start_server, stop_servers
+from benchmarks.common import infer_request, stop, table, tail
+from benchmarks.harness import rotated, start_server
 from benchmarks.overhead import _sequential
 from engine.config import Settings
 from engine.runtime import Runtime
@@ -117,49 +124,81 @@ def in_process(repo: Path, n: int) -> tuple[float, float, float]:
     return asyncio.run(run())
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of a process so far, in ns (/proc/PID/task/*/schedstat, Linux)."""
+def cpu_ns(pid: int, thread: int | None = None) -> int:
+    """CPU time of one thread, or of every thread, of a process so far, in ns (/proc/PID/task/*/schedstat)."""
     total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+    for stat in Path(f"/proc/{pid}/task").glob(f"{thread or '*'}/schedstat"):
         with contextlib.suppress(OSError):
             total += int(stat.read_text().split()[0])
     return total
 
 
-def over_http(repo: Path, work: Path, n: int, instances: int) -> dict[str, dict[str, list[float]]]:
-    """The same request over HTTP (oclaw serve, keep-alive socket, c1), metering on and off.
+class Switched:
+    """One ``oclaw serve`` process whose metering is switched by commands (benchmarks.metering_switch)."""
 
-    Per process: the p50 latency, and the server's CPU time per request (all its threads: the flusher too).
-    Each server process carries its own latency bias of ±10 µs (memory layout, core placement), so
-    ``instances`` fresh pairs are started and measured in interleaved rounds; figures are per process.
-    """
-    model_file = repo / "add_sub" / "1" / "model.onnx"
-    kinds = ("oclaw", "oclaw-nometer")
-    out: dict[str, dict[str, list[float]]] = {"p50_us": {k: [] for k in kinds}, "cpu_us": {k: [] for k in kinds}}
-    for instance in range(instances):
-        servers = {}
+    def __init__(self, repo: Path, work: Path, tag: str) -> None:
+        ack_read, ack_write = os.pipe()
         try:
-            for kind in rotated(list(kinds), instance):
-                servers[kind] = start_server(kind, repo, model_file, work, f"metering{instance}")
-            requests = {kind: infer_request(port, "add_sub", BODY, None) for kind, (_, port, _) in servers.items()}
-            lat: dict[str, list[int]] = {kind: [] for kind in servers}
-            start: dict[str, int] = {}
-            for rnd in range(6):
-                if rnd == 1:  # the first round warms up
-                    start = {kind: cpu_ns(proc.pid) for kind, (proc, _, _) in servers.items()}
-                for kind in rotated(list(servers), rnd):
-                    got, bad = _sequential(servers[kind][1], requests[kind], n // 5, 60)
-                    if bad:
-                        raise RuntimeError(f"{kind}: non-200 answers {bad}")
-                    if rnd:
-                        lat[kind] += got
-            time.sleep(1.5)  # the once-a-second flush of the last records is part of the work
-            cpu = {kind: cpu_ns(proc.pid) - start[kind] for kind, (proc, _, _) in servers.items()}
+            self.proc, self.port, self.log = start_server(
+                "oclaw-switch",
+                repo,
+                repo / "add_sub" / "1" / "model.onnx",
+                work,
+                tag,
+                stdin=subprocess.PIPE,
+                pass_fds=(ack_write,),
+                env={"OCLAW_SWITCH_ACK_FD": str(ack_write)},
+            )
+        except BaseException:
+            os.close(ack_read)
+            raise
         finally:
-            stop_servers(servers)
-        for kind in kinds:
-            out["p50_us"][kind].append(statistics.median(lat[kind]) / 1000)
-            out["cpu_us"][kind].append(cpu[kind] / 1000 / len(lat[kind]))
+            os.close(ack_write)
+        self.acks = os.fdopen(ack_read)
+
+    def __call__(self, command: str) -> None:
+        """Send ``on``, ``off`` or ``flush`` and wait until it is done."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{command}\n".encode())
+        self.proc.stdin.flush()
+        if not self.acks.readline().startswith(command):
+            raise RuntimeError(f"the server did not acknowledge {command!r}\n{tail(self.log)}")
+
+    def close(self) -> None:
+        stop(self.proc)
+        self.acks.close()
+
+
+def over_http(repo: Path, work: Path, n: int, instances: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """The same request over HTTP (``oclaw serve``, keep-alive socket, c1), metering switched on and off.
+
+    One server process per instance, ``rounds`` pairs of rounds of ``n`` requests, on and off alternating (the
+    order rotated): per round, the p50 latency and the CPU time per request of the event loop's thread and of
+    the whole process (every thread; a round ends with a flush of what it queued).
+    """
+    out: dict[str, dict[str, list[float]]] = {
+        figure: {"on": [], "off": []} for figure in ("p50_us", "loop_cpu_us", "cpu_us")
+    }
+    for instance in range(instances):
+        server = Switched(repo, work, f"switch{instance}")
+        try:
+            pid, request = server.proc.pid, infer_request(server.port, "add_sub", BODY, None)
+            for state in ("on", "off"):  # warm both ways
+                server(state)
+                _sequential(server.port, request, 2000, 60)
+            for rnd in range(rounds):
+                for state in rotated(["on", "off"], rnd + instance):
+                    server(state)
+                    loop, whole = cpu_ns(pid, pid), cpu_ns(pid)
+                    got, bad = _sequential(server.port, request, n, 60)
+                    server("flush")
+                    if bad:
+                        raise RuntimeError(f"metering {state}: non-200 answers {bad}")
+                    out["p50_us"][state].append(statistics.median(got) / 1000)
+                    out["loop_cpu_us"][state].append((cpu_ns(pid, pid) - loop) / 1000 / len(got))
+                    out["cpu_us"][state].append((cpu_ns(pid) - whole) / 1000 / len(got))
+        finally:
+            server.close()
     return out
 
 
@@ -185,58 +224,99 @@ def on_lambda(repo: Path, work: Path, invokes: int, rounds: int) -> dict[str, li
     return out
 
 
+def paired(on: list[float], off: list[float]) -> tuple[float, float]:
+    """Mean of the paired differences on - off, and its standard error."""
+    diffs = [a - b for a, b in zip(on, off, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else math.nan
+    return statistics.mean(diffs), se
+
+
+def plot(http: dict[str, dict[str, list[float]]], request: float, out: Path) -> Path:
+    """metering_cost.png: each round pair's difference (on - off) in µs, with the 2 % line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"p50_us": "HTTP p50", "loop_cpu_us": "event-loop CPU", "cpu_us": "process CPU"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for x, key in enumerate(labels):
+        diffs = [a - b for a, b in zip(http[key]["on"], http[key]["off"], strict=True)]
+        ax.scatter([x] * len(diffs), diffs, alpha=0.4, s=14)
+        mean, se = paired(http[key]["on"], http[key]["off"])
+        ax.errorbar([x + 0.2], [mean], yerr=[2 * se], fmt="o", color="black", capsize=4)
+    ax.axhline(0.02 * request, color="red", linestyle="--", label=f"2 % of the request ({0.02 * request:.1f} µs)")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), list(labels.values()))
+    ax.set_ylabel("metering on - off, µs per request")
+    ax.set_title("Metering cost per round pair (mean ± 2 SE)")
+    ax.legend()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "metering_cost.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
-    instances = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+    instances = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
+    out = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("bench-results")
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         _save(add_sub(16), repo, "add_sub")
         off, on, flush_us = in_process(repo, n)
-        http = over_http(repo, Path(tmp), max(1000, n // 5), instances)
-        lam = on_lambda(repo, Path(tmp), 400, instances)
-    p50, cpu = http["p50_us"], http["cpu_us"]
-    request = statistics.mean(p50["oclaw-nometer"])
+        http = over_http(repo, Path(tmp), max(1000, n // 10), instances, rounds)
+        lam = on_lambda(repo, Path(tmp), 400, instances * 2)
+    request = statistics.mean(http["p50_us"]["off"])
 
-    def paired(figures: dict[str, list[float]]) -> tuple[float, float]:
-        diffs = [a - b for a, b in zip(figures["oclaw"], figures["oclaw-nometer"], strict=True)]
-        return statistics.mean(diffs), statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else math.nan
+    def row(what: str, key: str) -> list[str]:
+        diff, se = paired(http[key]["on"], http[key]["off"])
+        base = statistics.mean(http[key]["off"])
+        return [
+            what,
+            f"{base:.1f}",
+            f"{statistics.mean(http[key]['on']):.1f}",
+            f"{diff:+.1f} ± {se:.1f}",
+            f"{diff / request * 100:+.2f} % ± {se / request * 100:.2f} %",
+        ]
 
-    p50_diff, p50_se = paired(p50)
-    cpu_diff, cpu_se = paired(cpu)
     added = on - off
-    rows = [
-        ["HTTP request p50, metering + metrics off (oclaw serve, keep-alive, c1)", f"{request:.1f}", "-"],
-        [
-            "HTTP request p50, metering + metrics on (± standard error of the paired difference)",
-            f"{statistics.mean(p50['oclaw']):.1f}",
-            f"{p50_diff / request * 100:+.2f} % (± {p50_se / request * 100:.2f} %)",
-        ],
-        [
-            "server CPU per request, metering + metrics off (all threads)",
-            f"{statistics.mean(cpu['oclaw-nometer']):.1f}",
-            "-",
-        ],
-        [
-            "server CPU per request, metering + metrics on (flusher included)",
-            f"{statistics.mean(cpu['oclaw']):.1f}",
-            f"{cpu_diff / request * 100:+.2f} % (± {cpu_se / request * 100:.2f} %)",
-        ],
-        ["in-process data plane request, metering + metrics off", f"{off:.1f}", "-"],
-        ["in-process data plane request, metering + metrics on", f"{on:.1f}", "-"],
-        ["added on the request path (on - off, in-process)", f"{added:.1f}", f"{added / request * 100:.2f} %"],
-        ["background flush per request (log + Prometheus)", f"{flush_us:.1f}", f"{flush_us / request * 100:.2f} %"],
-        [
-            "metering in all, per request (in-process)",
-            f"{added + flush_us:.1f}",
-            f"{(added + flush_us) / request * 100:.2f} %",
-        ],
-    ]
-    print(f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON; µs; {instances} server pairs)\n")
-    print(table(["what", "µs", "of the HTTP request p50 (off)"], rows))
-    lam_off, lam_on = statistics.mean(lam["none"]), statistics.mean(lam["log,emf"])
-    lam_diffs = [a - b for a, b in zip(lam["log,emf"], lam["none"], strict=True)]
-    lam_se = statistics.stdev(lam_diffs) / len(lam_diffs) ** 0.5 if len(lam_diffs) > 1 else math.nan
-    print(f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event, {instances} function pairs)\n")
+    pairs = len(http["p50_us"]["on"])
+    print(
+        f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON, c1; {instances} `oclaw serve` "
+        f"processes x {rounds} round pairs of {max(1000, n // 10)} requests, metering switched on/off in each)\n"
+    )
+    print(
+        table(
+            ["what", "off µs", "on µs", "on - off µs (± SE)", "of the request p50 (off)"],
+            [
+                row("HTTP request p50", "p50_us"),
+                row("event-loop thread CPU per request", "loop_cpu_us"),
+                row("process CPU per request (every thread; the round's flush included)", "cpu_us"),
+                [
+                    "in-process request path (ASGI, no network)",
+                    f"{off:.1f}",
+                    f"{on:.1f}",
+                    f"{added:+.1f}",
+                    f"{added / request * 100:+.2f} %",
+                ],
+                [
+                    "in-process background flush (log line + Prometheus), per request",
+                    "-",
+                    f"{flush_us:.1f}",
+                    f"{flush_us:+.1f}",
+                    f"{flush_us / request * 100:+.2f} %",
+                ],
+            ],
+        )
+    )
+    print(f"\n({pairs} round pairs; SE = standard error of the paired difference)")
+    lam_diff, lam_se = paired(lam["log,emf"], lam["none"])
+    lam_off = statistics.mean(lam["none"])
+    print(f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event, {len(lam['none'])} function pairs)\n")
     print(
         table(
             ["what", "µs", "vs sinks off"],
@@ -244,15 +324,13 @@ def main() -> int:
                 ["invocation Duration p50, metering off (OCLAW_METERING_SINKS=none)", f"{lam_off:.0f}", "-"],
                 [
                     "invocation Duration p50, metering log,emf (template.yaml's setting; flushed before return)",
-                    f"{lam_on:.0f}",
-                    f"{(lam_on - lam_off) / lam_off * 100:+.1f} % (± {lam_se / lam_off * 100:.1f} %)",
+                    f"{statistics.mean(lam['log,emf']):.0f}",
+                    f"{lam_diff / lam_off * 100:+.1f} % (± {lam_se / lam_off * 100:.1f} %)",
                 ],
             ],
         )
     )
-    for name, figures in (("HTTP p50", p50), ("server CPU per request", cpu)):
-        pairs = [f"{a:.0f}/{b:.0f}" for a, b in zip(figures["oclaw"], figures["oclaw-nometer"], strict=True)]
-        print(f"\nper process pair, {name} µs, on/off: {' '.join(pairs)}")
+    print(f"\nplot: {plot(http, request, out)}")
     return 0
 
 

@@ -16,10 +16,11 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, overload
 
 import orjson
 
@@ -186,13 +187,18 @@ def _sf_string(text: str) -> str:
     return f'"{text}"'
 
 
-def header_value(usage: Usage, billed_ms: int) -> str:
-    """The ``oclaw-metering`` header value of a request."""
-    return "compute-ms=%d.%03d, billed-ms=%d, cold=?%d, request-id=%s" % (  # noqa: UP031 - the fastest here
-        *divmod(usage.compute_us, 1000),
+def header_value(usage: Usage, billed_ms: int) -> bytes:
+    """The ``oclaw-metering`` header value of a request, encoded (ASCII)."""
+    rid = usage.request_id
+    if not (rid.isascii() and rid.isprintable()) or '"' in rid or "\\" in rid:  # ids we make never are
+        rid = _sf_string(rid)[1:-1]
+    compute = usage.compute_us
+    return b'compute-ms=%d.%03d, billed-ms=%d, cold=?%d, request-id="%b"' % (
+        compute // 1000,
+        compute % 1000,
         billed_ms,
         usage.cold,
-        _sf_string(usage.request_id),
+        rid.encode(),
     )
 
 
@@ -404,9 +410,10 @@ class Meter:
         """Queue records for the next flush."""
         self._pending.extend(records)
 
-    def submit_usage(self, usage: Usage) -> None:
-        """Queue one request's usage (the per-request path: one append)."""
+    def submit_usage(self, usage: Usage) -> bytes:
+        """Queue one request's usage (one append: the record is built at flush); its ``oclaw-metering`` header."""
         self._usage.append(usage)
+        return header_value(usage, self.billed_ms(usage))
 
     def flush(self) -> None:
         """Send queued records (and what a sink refused earlier) to every sink; never raises, loses nothing.
@@ -416,18 +423,17 @@ class Meter:
         """
         with self._flushing:  # one flush at a time (the timer, a /metrics scrape, shutdown): spools stay consistent
             usage, pending = self._usage, self._pending  # what was queued so far; later ones wait
-            batch = [self.complete(usage.popleft()) for _ in range(len(usage))]
-            batch += [pending.popleft() for _ in range(len(pending))]
-            self._send(batch)
+            usages = [usage.popleft() for _ in range(len(usage))]
+            self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))]))
 
-    def _send(self, batch: list[MeteringRecord]) -> None:
+    def _send(self, batch: Batch) -> None:
         for index, sink in enumerate(self.sinks):
             spool = Path(f"{self.settings.metering_spool}.{index}")
-            records = batch
+            records: Sequence[MeteringRecord] = batch
             if index in self._spooled:  # known without a stat per flush (one per Lambda invocation otherwise)
                 self._spooled.discard(index)
                 if spool.is_file():
-                    records = self._read_spool(spool) + batch
+                    records = Batch(self, batch.usages, self._read_spool(spool) + batch.done)
             if not records:
                 continue
             for attempt in range(3):
@@ -440,7 +446,7 @@ class Meter:
                     if attempt == 2:
                         log.warning("metering sink %s failed 3 times (%s); spooled", type(sink).__name__, exc)
                         with spool.open("ab") as fh:
-                            fh.write(b"".join(r.json() + b"\n" for r in records))
+                            fh.write(json_lines(records))
                         self.spooled += len(records)
                         self._spooled.add(index)
 
@@ -451,6 +457,157 @@ class Meter:
         records = [MeteringRecord(**json.loads(line)) for line in taken.read_text().splitlines() if line.strip()]
         taken.unlink()
         return records
+
+
+def json_lines(records: Sequence[MeteringRecord], event: str | None = None) -> bytes | bytearray:
+    """Records as JSON Lines (with an ``event`` field when given); a ``Batch`` writes its own, faster."""
+    if isinstance(records, Batch):
+        return records.json_lines(event)
+    tag = {} if event is None else {"event": event}
+    return b"".join(orjson.dumps(r.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+
+
+class Batch(Sequence[MeteringRecord]):
+    """The records of one flush: a ``Sequence[MeteringRecord]`` for any sink, built lazily.
+
+    Requests served alone stay the ``Usage`` tuples the request path captured until a sink asks for record
+    objects: the built-in sinks take JSON lines (``json_lines``) or columns (``columns``) straight from them,
+    ~1 µs a request instead of ~4 for building each record and serialising it. ``done`` holds records already
+    built (batch paths, failures, a spool being re-sent).
+    """
+
+    __slots__ = ("_bills", "_records", "done", "meter", "usages")
+
+    def __init__(self, meter: Meter, usages: list[Usage], done: list[MeteringRecord]) -> None:
+        self.meter = meter
+        self.usages = usages
+        self.done = done
+        self._records: list[MeteringRecord] | None = None
+        self._bills: dict[int, tuple[float, float, float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.usages) + len(self.done)
+
+    @overload
+    def __getitem__(self, index: int) -> MeteringRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[MeteringRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> MeteringRecord | list[MeteringRecord]:
+        return self.records()[index]
+
+    def __iter__(self) -> Iterator[MeteringRecord]:
+        return iter(self.records())
+
+    def records(self) -> list[MeteringRecord]:
+        """Every record as an object (built once)."""
+        if self._records is None:
+            self._records = [self.meter.complete(u) for u in self.usages] + self.done
+        return self._records
+
+    def _bill(self, billed: int) -> tuple[float, float, float, float]:
+        """``Meter.bill`` of a request billed ``billed`` ms, computed once per distinct value."""
+        bill = self._bills.get(billed)
+        if bill is None:
+            bill = self._bills[billed] = self.meter.bill(float(billed))
+        return bill
+
+    def json_lines(self, event: str | None = None) -> bytearray:
+        """One JSON object a line, in ``records()`` order, each with an ``event`` field when given.
+
+        A request's own figures are serialised per line; what it shares with others served in the same second
+        (time, tenant, model, cold, bill, status...) once, then appended: lines carry the same fields and values
+        as ``MeteringRecord.json``, its own figures first.
+        """
+        platform, instance = self.meter.platform, self.meter.instance_id
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        tag = {} if event is None else {"event": event}
+        shared: dict[tuple[Any, ...], bytes] = {}
+        out = bytearray()
+        for usage, billed in zip(self.usages, self.billed(), strict=True):
+            (
+                rid,
+                tenant,
+                model,
+                version,
+                items,
+                size_in,
+                size_out,
+                queue,
+                compute,
+                total,
+                _,
+                cold,
+                source,
+                second,
+                status,
+            ) = usage
+            key = (second, tenant, model, version, cold, billed, status, source)
+            tail = shared.get(key)
+            if tail is None:
+                gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+                tail = shared[key] = dumps(
+                    {
+                        "time": _time_of(second),
+                        "tenant": tenant,
+                        "model": model,
+                        "version": version,
+                        "platform": platform,
+                        "instance_id": instance,
+                        "cold": cold,
+                        "billed_ms": float(billed),
+                        "gb_seconds": gb_s,
+                        "vcpu_seconds": vcpu_s,
+                        "gib_seconds": gib_s,
+                        "cost_usd": cost,
+                        "status": status,
+                        "source": source,
+                        **tag,
+                    },
+                    option=newline,
+                )[1:]
+            own = {
+                "request_id": rid,
+                "items": items,
+                "bytes_in": size_in,
+                "bytes_out": size_out,
+                "queue_ms": queue / 1000,
+                "compute_ms": compute / 1000,
+                "total_ms": total / 1000,
+            }
+            out += dumps(own)
+            out[-1] = 44  # the closing brace becomes a comma
+            out += tail
+        for record in self.done:
+            out += dumps(record.__dict__ | tag, option=newline)
+        return out
+
+    def billed(self) -> list[int]:
+        """Billed ms of each captured usage (``Meter.billed_ms``)."""
+        if self.meter.platform == "lambda":
+            return [self.meter.billed_ms(u) for u in self.usages]
+        return [-(-u.total_us // 1000) for u in self.usages]  # no INIT billed off Lambda
+
+    def columns(self) -> tuple[list[tuple[str, str, int]], Any]:
+        """What metrics are made of, in ``records()`` order: (model, version, status) per record, and a float64
+        array of (total_ms, queue_ms, compute_ms, items, billed_ms, cost_usd, cold) rows."""
+        import numpy as np
+
+        usages, n = self.usages, len(self.usages)
+        rows = np.empty((len(self), 7))
+        keys = list(map(itemgetter(2, 3, 14), usages))  # model, version, status
+        if n:
+            for column, field in ((0, 9), (1, 7), (2, 8), (3, 4), (6, 11)):  # total, queue, compute µs; items; cold
+                rows[:n, column] = np.fromiter(map(itemgetter(field), usages), np.float64, n)
+            rows[:n, :3] /= 1000
+            billed, where = np.unique(np.array(self.billed(), dtype=np.int64), return_inverse=True)
+            rows[:n, 4] = billed[where]
+            rows[:n, 5] = np.array([self._bill(int(b))[3] for b in billed])[where]
+        for i, r in enumerate(self.done, len(self.usages)):
+            keys.append((r.model, r.version, r.status))
+            rows[i] = (r.total_ms, r.queue_ms, r.compute_ms, r.items, r.billed_ms, r.cost_usd, r.cold)
+        return keys, rows
 
 
 USAGE_FIELDS = ("requests", "items", "compute_ms", "billed_ms", "gb_seconds", "vcpu_seconds", "gib_seconds", "cost_usd")

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from engine.metering import MeteringRecord
+from engine.metering import Batch, MeteringRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.runtime import Runtime
@@ -98,9 +98,13 @@ class PrometheusSink:
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         if not records:
             return
+        if isinstance(records, Batch):
+            keys, rows = records.columns()
+        else:
+            keys = list(map(_KEY, records))
+            rows = np.array(list(map(_FIELDS, records)), dtype=np.float64).reshape(-1, len(_FIELD_NAMES))
         index: dict[tuple[str, str, int], int] = {}  # (model, version, status) -> group number
-        groups = np.fromiter((index.setdefault(k, len(index)) for k in map(_KEY, records)), np.intp, len(records))
-        rows = np.array(list(map(_FIELDS, records)), dtype=np.float64).reshape(-1, len(_FIELD_NAMES))
+        groups = np.fromiter((index.setdefault(k, len(index)) for k in keys), np.intp, len(keys))
         with self._lock:
             for (model, version, status), number in index.items():
                 part = rows if len(index) == 1 else rows[groups == number]

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.metering import MeteringRecord
+from engine.metering import MeteringRecord, json_lines
 
 
 class PartialFailure(Exception):
@@ -36,12 +36,7 @@ class LogSink:
         self.stream = stream
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        lines = bytearray()
-        for r in records:  # each line dumped and appended at once: holding many small bytes objects is slower
-            line = r.as_dict()
-            line["event"] = "metering"
-            lines += orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
-        _write(self.stream, lines)
+        _write(self.stream, json_lines(records, "metering"))
 
 
 def _write(stream: Any, lines: bytes | bytearray) -> None:
@@ -65,7 +60,7 @@ class JsonlSink:
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         with self.path.open("ab") as fh:
-            fh.write(b"".join(r.json() + b"\n" for r in records))
+            fh.write(json_lines(records))
 
 
 class CallbackSink:

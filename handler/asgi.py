@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine import logs
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
-from engine.metering import UNKNOWN_MODEL
+from engine.metering import METERING_HEADER, UNKNOWN_MODEL
 from engine.runtime import Runtime
 from handler import v2
 
@@ -147,8 +147,7 @@ async def _infer(
     if encoded.header_length is not None:
         raw.append((b"inference-header-content-length", str(encoded.header_length).encode()))
     if encoded.usage is not None:
-        runtime.meter.submit_usage(encoded.usage)
-        raw += v2.metering_headers(runtime, encoded.usage)
+        raw.append((METERING_HEADER, runtime.meter.submit_usage(encoded.usage)))
     return response
 
 

@@ -17,7 +17,7 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
-from engine.metering import METERING_HEADER, Usage, header_value
+from engine.metering import METERING_HEADER, Usage
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
+#: ``tuple.__new__(Usage, values)``: a Usage without its Python-level ``__new__`` (~0.15 µs less a request).
+_usage = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,23 +105,27 @@ class Recorder:
     def __call__(self, model: LoadedModel, response: InferResponse, bytes_out: int) -> Usage | None:
         runtime = self.runtime
         cold, runtime.cold = runtime.cold, False
-        if not runtime.meter.enabled:
+        if not runtime.meter.sinks:
             return None
-        return Usage(
-            self.request_id,
-            self.tenant,
-            model.name,
-            response.model_version,
-            response.rows,
-            self.bytes_in,
-            bytes_out,
-            response.queue_ns // 1000,
-            response.compute_ns // 1000,
-            (perf_counter_ns() - self.enqueue_ns) // 1000,
-            self.init_ms if cold else 0.0,
-            cold,
-            self.source,
-            int(time()),
+        return _usage(
+            Usage,
+            (
+                self.request_id,
+                self.tenant,
+                model.name,
+                response.model_version,
+                response.rows,
+                self.bytes_in,
+                bytes_out,
+                response.queue_ns // 1000,
+                response.compute_ns // 1000,
+                (perf_counter_ns() - self.enqueue_ns) // 1000,
+                self.init_ms if cold else 0.0,
+                cold,
+                self.source,
+                int(time()),
+                200,
+            ),
         )
 
     def record(self, usage: Usage) -> MeteringRecord:
@@ -127,18 +133,11 @@ class Recorder:
         return self.runtime.meter.complete(usage)
 
 
-def metering_headers(runtime: Runtime, usage: Usage) -> list[tuple[bytes, bytes]]:
-    """A request's own figures as one encoded response header (one, not four: each header costs uvicorn ~0.6 µs)."""
-    return [(METERING_HEADER, header_value(usage, runtime.meter.billed_ms(usage)).encode())]
-
-
 def finish(runtime: Runtime, usage: Usage | None) -> dict[str, str]:
-    """Queue a request's usage for metering; its figures as response headers."""
+    """Queue a request's usage for metering; its figures as a response header (one: each costs uvicorn ~0.6 µs)."""
     if usage is None:
         return {}
-    meter = runtime.meter
-    meter.submit_usage(usage)
-    return {METERING_HEADER.decode(): header_value(usage, meter.billed_ms(usage))}
+    return {METERING_HEADER.decode(): runtime.meter.submit_usage(usage).decode()}
 
 
 def meter_failure(

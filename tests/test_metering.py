@@ -365,23 +365,24 @@ def test_record_dict_and_json_carry_every_field_in_order() -> None:
     ["i-3f2a-17", 'say "hi"', "back\\slash", "caf\u00e9\x07", ""],
 )
 def test_metering_header_is_one_structured_field(tmp_path: Path, request_id: str) -> None:
-    from handler.v2 import finish, metering_headers
+    from handler.v2 import finish
 
     m = meter(tmp_path, "local", metering_sinks=("jsonl:" + str(tmp_path / "m.jsonl"),))
     usage = Usage(request_id, "t", "m", "1", 1, 10, 20, 0, 1250, 2500, 0.0, True, "test", 1_790_000_000)
 
-    class Runtime:
-        meter = m
-
-    ((name, value),) = metering_headers(Runtime, usage)  # type: ignore[arg-type]
-    assert name == b"oclaw-metering" and value.isascii() and b"\n" not in value
+    value = m.submit_usage(usage)  # queued, and the request's header value
+    assert value.isascii() and b"\n" not in value
     parsed = parse_header(value.decode())
     expected = "".join(c if " " <= c <= "~" else "?" for c in request_id)
     assert parsed == {"compute_ms": 1.25, "billed_ms": 3.0, "cold": True, "request_id": expected}
-
-    assert finish(Runtime, usage) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
     m.flush()
-    (line,) = (tmp_path / "m.jsonl").read_text().splitlines()  # queued by finish, completed at flush
+    (line,) = (tmp_path / "m.jsonl").read_text().splitlines()  # completed at flush
     record = json.loads(line)
     assert record["request_id"] == request_id and record["compute_ms"] == 1.25 and record["billed_ms"] == 3.0
     assert record["bytes_out"] == 20 and record["cold"] is True and len(m._usage) == 0
+
+    class Runtime:
+        meter = m
+
+    assert finish(Runtime, usage) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
+    assert len(m._usage) == 1

@@ -1,0 +1,136 @@
+"""A flush's Batch: the lines and columns built straight from captured usages equal the records' own."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from operator import attrgetter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import Settings
+from engine.metering import Batch, Meter, MeteringRecord, Usage, json_lines
+from tests.meterkit import meter, one
+
+SEEN: list[list[MeteringRecord]] = []
+DOWN: list[bool] = [False]
+
+
+def keeping_sink(records: Sequence[MeteringRecord]) -> None:
+    """A callback sink that keeps what it got through the Sequence interface, or fails while DOWN."""
+    if DOWN[0]:
+        raise ConnectionError("sink down")
+    assert len(records) == len(list(records))
+    SEEN.append([records[i] for i in range(len(records))])
+
+
+def usages(n: int, seed: int = 7) -> list[Usage]:
+    """Varied usages: two seconds, odd tenants and ids, cold ones with INIT, durations across billing steps."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cold = rng.random() < 0.1
+        out.append(
+            Usage(
+                rng.choice([f"i-3f2a-{i}", f'say "hi" {i}', f"caf\u00e9-{i}", f"back\\slash-{i}"]),
+                rng.choice(["anonymous", "acme", 'we"ird', "t\u00e9nant", "a},{b"]),
+                rng.choice(["add_sub", "resnet"]),
+                rng.choice(["1", "2"]),
+                rng.choice([0, 1, 3, 64]),
+                rng.randint(0, 10_000),
+                rng.randint(0, 10_000),
+                rng.randint(0, 3000),
+                rng.randint(0, 5000),
+                rng.choice([0, 1, 999, 1000, 1001, rng.randint(0, 20_000)]),
+                rng.uniform(50, 900) if cold else 0.0,
+                cold,
+                rng.choice(["http", "lambda-http"]),
+                1_790_000_000 + rng.randint(0, 1),
+                rng.choice([200, 200, 200, 400]),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("platform", ["lambda", "cloudrun", "local"])
+def test_batch_lines_and_columns_equal_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+    m = meter(tmp_path, platform)
+    done = [one(m, total_ms=2.5), one(m, total_ms=0.4, cold=True, init_ms=300.0)]
+    batch = Batch(m, usages(400), done)
+    records = batch.records()
+    assert records == [m.complete(u) for u in batch.usages] + done and len(batch) == 402
+    assert batch[0] == records[0] and batch[-1] == done[-1] and batch[3:5] == records[3:5] and list(batch) == records
+
+    for event in (None, "metering"):
+        tag = {} if event is None else {"event": event}
+        lines = json_lines(batch, event).decode().splitlines()
+        assert [json.loads(line) for line in lines] == [r.as_dict() | tag for r in records]
+        assert json_lines(records, event) != b"" and [
+            json.loads(x) for x in json_lines(records, event).splitlines()
+        ] == [json.loads(line) for line in lines]
+
+    keys, rows = batch.columns()
+    assert keys == [(r.model, r.version, r.status) for r in records]
+    figures = attrgetter("total_ms", "queue_ms", "compute_ms", "items", "billed_ms", "cost_usd", "cold")
+    assert np.array_equal(rows, np.array([figures(r) for r in records], dtype=np.float64))
+    if platform == "lambda":  # INIT is billed with the request that paid it
+        cold = next(u for u in batch.usages if u.cold)
+        assert m.complete(cold).billed_ms == -(-cold.total_us // 1000) + -(-cold.init_ms // 1)
+
+
+def test_empty_batch(tmp_path: Path) -> None:
+    batch = Batch(meter(tmp_path, "local"), [], [])
+    keys, rows = batch.columns()
+    assert len(batch) == 0 and not batch and json_lines(batch) == b"" and keys == [] and rows.shape == (0, 7)
+
+
+def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path) -> None:
+    from engine.metrics import PrometheusSink
+    from engine.runtime import Runtime
+
+    runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
+    m = meter(tmp_path, "cloudrun")
+    batch = Batch(m, usages(500, seed=3), [one(m, total_ms=7.0)])
+    by_batch, by_records = PrometheusSink(runtime, lambda: 0), PrometheusSink(runtime, lambda: 0)
+    by_batch.emit(batch)
+    by_records.emit(list(batch.records()))
+
+    def request_metrics(sink: PrometheusSink) -> list[str]:
+        return [line for line in sink.exposition().decode().splitlines() if line.startswith("oclaw_")]
+
+    assert request_metrics(by_batch) == request_metrics(by_records)
+    assert any(line.startswith("oclaw_requests_total") for line in request_metrics(by_batch))
+    runtime.close()
+
+
+def test_captured_usages_survive_a_failing_sink(tmp_path: Path) -> None:
+    """Usages queued by requests are spooled as whole records when a sink is down, then re-sent exactly once."""
+    out = tmp_path / "records.jsonl"
+    settings = Settings.from_env(
+        {},
+        metering_spool=str(tmp_path / "spool.jsonl"),
+        metering_sinks=(f"jsonl:{out}", "callback:tests.test_metering_batch:keeping_sink"),
+    )
+    m = Meter(settings, "inst", platform_name="cloudrun")
+    first, second = usages(30, seed=1), usages(5, seed=2)
+    DOWN[0], SEEN[:] = True, []
+    for usage in first:
+        m.submit_usage(usage)
+    m.flush()
+    assert m.failures == 3 and m.spooled == 30 and not SEEN
+    DOWN[0] = False
+    for usage in second:
+        m.submit_usage(usage)
+    m.flush()
+    (got,) = SEEN
+    want = [m.complete(u) for u in first + second]
+    assert sorted(got, key=repr) == sorted(want, key=repr)
+    written = [MeteringRecord(**json.loads(line)) for line in out.read_text().splitlines()]
+    assert written == want  # the healthy sink got each once, in order
+    assert not list(tmp_path.glob("spool.jsonl*"))
