@@ -1,7 +1,8 @@
 """``oclaw serve`` whose metering a benchmark switches on and off, so that one process is measured both ways.
 
 ``python -m benchmarks.metering_switch SERVE-ARGS...`` runs ``oclaw serve SERVE-ARGS...``; each line on stdin is a
-command, acknowledged by a line on the file descriptor named by ``OCLAW_SWITCH_ACK_FD``:
+command, acknowledged by a line on the file descriptor named by ``OCLAW_SWITCH_ACK_FD``. On Lambda,
+``benchmarks.metering_switch.lambda_handler`` takes the same commands as ``{"oclaw-switch": COMMAND}`` events:
 
 - ``off``: flush what is queued, then take every sink away (the request path then captures nothing and adds no
   header: exactly what ``OCLAW_METERING_SINKS=none OCLAW_METRICS=false`` give a request);
@@ -19,25 +20,43 @@ import sys
 import threading
 from typing import Any
 
-from engine.runtime import get_runtime
-from handler.cli import main
+from engine.metering import Meter
+
+#: The sinks taken away by "off", given back by "on".
+_saved: list[Any] = []
+
+
+def switch(meter: Meter, command: str) -> int:
+    """Apply one command (``on``, ``off`` or ``flush``); the number of sinks now on."""
+    if command in ("off", "flush"):
+        meter.flush()
+    if command == "off" and meter.sinks:
+        _saved[:], meter.sinks = meter.sinks, []
+    elif command == "on" and not meter.sinks:
+        meter.sinks = list(_saved)
+    return len(meter.sinks)
 
 
 def control(ack: int) -> None:
-    """Apply the commands read from stdin."""
-    saved: list[Any] = []
+    """Apply the commands read from stdin (``oclaw serve``)."""
+    from engine.runtime import get_runtime
+
     for line in sys.stdin:
         command = line.strip()
-        meter = get_runtime().meter
-        if command in ("off", "flush"):
-            meter.flush()
-        if command == "off" and meter.sinks:
-            saved, meter.sinks = meter.sinks, []
-        elif command == "on" and not meter.sinks:
-            meter.sinks = saved
-        os.write(ack, f"{command} {len(meter.sinks)}\n".encode())
+        os.write(ack, f"{command} {switch(get_runtime().meter, command)}\n".encode())
+
+
+def lambda_handler(event: Any, context: Any) -> Any:
+    """``handler.aws_lambda.lambda_handler``, plus ``{"oclaw-switch": COMMAND}`` events that switch metering."""
+    from handler import aws_lambda
+
+    if isinstance(event, dict) and "oclaw-switch" in event:
+        return {"sinks": switch(aws_lambda.RUNTIME.meter, event["oclaw-switch"])}
+    return aws_lambda.lambda_handler(event, context)
 
 
 if __name__ == "__main__":
+    from handler.cli import main
+
     threading.Thread(target=control, args=(int(os.environ["OCLAW_SWITCH_ACK_FD"]),), daemon=True).start()
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -183,24 +183,36 @@ class EmfSink:
         ]
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        by_model: dict[str, list[MeteringRecord]] = {}
+        # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
+        by_model: dict[str, list[Any]] = {}
         for r in records:
-            by_model.setdefault(r.model or "-", []).append(r)
+            acc = by_model.get(r.model or "-")
+            if acc is None:
+                acc = by_model[r.model or "-"] = [0, 0, 0, 0, 0, 0, 0, []]
+            acc[0] += 1
+            acc[1] += r.items
+            acc[2] += r.status >= 400
+            acc[3] += r.compute_ms
+            acc[4] += r.billed_ms
+            acc[5] += r.cost_usd
+            acc[6] += r.cold
+            if len(acc[7]) < 100:  # 100 values per metric per blob at most
+                acc[7].append(float(r.total_ms))
         timestamp = int(time.time() * 1000)
         lines = bytearray()
-        for model, group in by_model.items():
+        for model, (requests, items, failures, compute, billed, cost, cold, latency) in by_model.items():
             blob = {
                 "_aws": {"Timestamp": timestamp, "CloudWatchMetrics": self._directive},
                 "model": model,
                 "service": "oclaw",
-                "Requests": [float(len(group))],
-                "Items": [float(sum(r.items for r in group))],
-                "Failures": [float(sum(r.status >= 400 for r in group))],
-                "ComputeMs": [float(sum(r.compute_ms for r in group))],
-                "BilledMs": [float(sum(r.billed_ms for r in group))],
-                "CostUSD": [float(sum(r.cost_usd for r in group))],
-                "ColdStarts": [float(sum(r.cold for r in group))],
-                "LatencyMs": [float(r.total_ms) for r in group[:100]],  # 100 values per metric per blob at most
+                "Requests": [float(requests)],
+                "Items": [float(items)],
+                "Failures": [float(failures)],
+                "ComputeMs": [float(compute)],
+                "BilledMs": [float(billed)],
+                "CostUSD": [float(cost)],
+                "ColdStarts": [float(cold)],
+                "LatencyMs": latency,
             }
             lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)
         _write(self.stream, lines)

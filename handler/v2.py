@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
+_METERING_HEADER = METERING_HEADER.decode()
 #: ``tuple.__new__(Usage, values)``: a Usage without its Python-level ``__new__`` (~0.15 µs less a request).
 _usage = tuple.__new__
 
@@ -137,7 +138,7 @@ def finish(runtime: Runtime, usage: Usage | None) -> dict[str, str]:
     """Queue a request's usage for metering; its figures as a response header (one: each costs uvicorn ~0.6 µs)."""
     if usage is None:
         return {}
-    return {METERING_HEADER.decode(): runtime.meter.submit_usage(usage).decode()}
+    return {_METERING_HEADER: runtime.meter.submit_usage(usage).decode()}
 
 
 def meter_failure(
