@@ -203,7 +203,7 @@ def over_http(repo: Path, work: Path, n: int, instances: int, rounds: int) -> di
 
 
 def on_lambda(
-    repo: Path, work: Path, invokes: int, instances: int, rounds: int, sinks: str = "log,emf"
+    repo: Path, work: Path, invokes: int, instances: int, rounds: int, *, sinks: str = "log,emf"
 ) -> dict[str, list[float]]:
     """Lambda Duration p50 (µs) of a tiny-model HTTP API event under awslambdaric, metering switched on and off.
 
