@@ -223,9 +223,10 @@ class Meter:
         self.settings = settings
         self.instance_id = instance_id
         self.platform = platform_name or detect_platform()
-        from engine.sinks import make_sink
+        from engine import sinks  # it imports this module
 
-        self.sinks = [s for s in (make_sink(spec) for spec in settings.metering_sinks) if s is not None]
+        self._stdout = sinks  # gathers what sinks write to stdout during a flush
+        self.sinks = [s for s in (sinks.make_sink(spec) for spec in settings.metering_sinks) if s is not None]
         self.price = self._price()
         self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
         self.failures = 0
@@ -434,27 +435,48 @@ class Meter:
             self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))]))
 
     def _send(self, batch: Batch) -> None:
-        for index, sink in enumerate(self.sinks):
-            records: Sequence[MeteringRecord] = batch
-            if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush, i.e. per Lambda invoke
-                self._spooled.discard(index)
-                if self.spool(index).is_file():
-                    records = Batch(self, batch.usages, self._read_spool(self.spool(index)) + batch.done)
-            if not records:
-                continue
-            for attempt in range(3):
-                try:
-                    sink.emit(records)
-                    break
-                except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
-                    self.failures += 1
-                    records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
-                    if attempt == 2:
-                        log.warning("metering sink %s failed 3 times (%s); spooled", type(sink).__name__, exc)
-                        with self.spool(index).open("ab") as fh:
-                            fh.write(json_lines(records))
-                        self.spooled += len(records)
-                        self._spooled.add(index)
+        stdout = self._stdout
+        gathered = stdout.gather()  # what sinks write to stdout, written once below (one write a Lambda invoke)
+        on_stdout: dict[int, Sequence[MeteringRecord]] = {}
+        try:
+            for index, sink in enumerate(self.sinks):
+                records: Sequence[MeteringRecord] = batch
+                if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush (per Lambda invoke)
+                    self._spooled.discard(index)
+                    if self.spool(index).is_file():
+                        records = Batch(self, batch.usages, self._read_spool(self.spool(index)) + batch.done)
+                if not records:
+                    continue
+                for attempt in range(3):
+                    before = len(gathered)
+                    try:
+                        sink.emit(records)
+                        if len(gathered) > before:
+                            on_stdout[index] = records
+                        break
+                    except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
+                        del gathered[before:]  # a retry writes it again
+                        self.failures += 1
+                        records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
+                        if attempt == 2:
+                            self._spool(index, sink, records, exc)
+        finally:
+            stdout.release()
+        if gathered:
+            try:
+                stdout.write(None, gathered)
+            except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the records
+                self.failures += 1
+                for index, records in on_stdout.items():
+                    self._spool(index, self.sinks[index], records, exc)
+
+    def _spool(self, index: int, sink: Any, records: Sequence[MeteringRecord], exc: Exception) -> None:
+        """Keep what a sink could not take in its spool file, re-sent on a later flush."""
+        log.warning("metering sink %s failed (%s); %d records spooled", type(sink).__name__, exc, len(records))
+        with self.spool(index).open("ab") as fh:
+            fh.write(json_lines(records))
+        self.spooled += len(records)
+        self._spooled.add(index)
 
     @staticmethod
     def _read_spool(spool: Path) -> list[MeteringRecord]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,8 +40,33 @@ class LogSink:
         _write(self.stream, json_lines(records, "metering"))
 
 
+#: Per thread, while a Meter flush runs: what sinks write to stdout, gathered to be written in one call.
+_gathering = threading.local()
+
+
+def gather() -> bytearray:
+    """From now on (this thread), ``_write`` to stdout appends to the returned buffer instead of writing."""
+    lines = _gathering.lines = bytearray()
+    return lines
+
+
+def release() -> None:
+    """Stop gathering (the caller writes what was gathered)."""
+    _gathering.lines = None
+
+
 def _write(stream: Any, lines: bytes | bytearray) -> None:
-    """Write JSON lines to a stream (stdout by default) in one call, binary where it can."""
+    """Write JSON lines to a stream (stdout by default) in one call, or add them to what a flush gathers."""
+    if stream is None:
+        gathered = getattr(_gathering, "lines", None)
+        if gathered is not None:
+            gathered += lines
+            return
+    write(stream, lines)
+
+
+def write(stream: Any, lines: bytes | bytearray) -> None:
+    """Write to a stream (stdout by default) at once, binary where it can."""
     out = stream or sys.stdout
     binary = getattr(out, "buffer", None)
     if binary is not None:
@@ -181,6 +207,7 @@ class EmfSink:
                 "Metrics": [{"Name": name, "Unit": unit} for name, unit in self.UNITS],
             }
         ]
+        self._directive_json = orjson.dumps(self._directive)
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
@@ -200,9 +227,9 @@ class EmfSink:
                 acc[7].append(float(r.total_ms))
         timestamp = int(time.time() * 1000)
         lines = bytearray()
+        head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (timestamp, self._directive_json)
         for model, (requests, items, failures, compute, billed, cost, cold, latency) in by_model.items():
             blob = {
-                "_aws": {"Timestamp": timestamp, "CloudWatchMetrics": self._directive},
                 "model": model,
                 "service": "oclaw",
                 "Requests": [float(requests)],
@@ -214,5 +241,6 @@ class EmfSink:
                 "ColdStarts": [float(cold)],
                 "LatencyMs": latency,
             }
-            lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)
+            lines += head  # the directive serialised once, not per flush
+            lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)[1:]
         _write(self.stream, lines)

@@ -1,4 +1,4 @@
-"""A flush's Batch: the lines and columns built straight from captured usages equal the records' own."""
+"""A flush's Batch (lines and columns straight from captured usages equal the records' own) and its one stdout write."""
 
 from __future__ import annotations
 
@@ -137,3 +137,78 @@ def test_captured_usages_survive_a_failing_sink(tmp_path: Path) -> None:
     written = [MeteringRecord(**json.loads(line)) for line in out.read_text().splitlines()]
     assert written == want  # the healthy sink got each once, in order
     assert not list(tmp_path.glob("spool.jsonl*"))
+
+
+class CountingStdout:
+    """A stdout whose binary buffer counts writes, and fails while ``down``."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.down = False
+        self.buffer = self
+
+    def write(self, data: bytes | bytearray) -> int:
+        if self.down:
+            raise BrokenPipeError("stdout closed")
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_stdout_sinks_write_once_a_flush_and_keep_records_when_stdout_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = CountingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    m = meter(tmp_path, "lambda", metering_sinks=("log", "emf"))
+    for usage in usages(3, seed=4):
+        m.submit_usage(usage)
+    m.flush()
+    (written,) = out.writes  # the log lines and the EMF blobs of a flush: one write (one syscall a Lambda invoke)
+    lines = [json.loads(line) for line in written.splitlines()]
+    assert [line["event"] for line in lines if "event" in line] == ["metering"] * 3
+    assert any("_aws" in line for line in lines)
+
+    out.down = True  # stdout broken: nothing is lost, each sink's records are spooled
+    second = usages(2, seed=5)
+    for usage in second:
+        m.submit_usage(usage)
+    m.flush()
+    assert m.failures == 1 and m.spooled == 4 and len(out.writes) == 1
+    out.down = False
+    m.flush()  # re-sent from the spools
+    resent = [json.loads(line) for line in out.writes[1].splitlines()]
+    assert sorted(line["request_id"] for line in resent if line.get("event") == "metering") == sorted(
+        u.request_id for u in second
+    )
+    assert not list(tmp_path.glob("spool.jsonl*"))
+
+
+class HalfWritingSink:
+    """Writes its lines to stdout, then fails the first time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        from engine.sinks import _write
+
+        self.calls += 1
+        _write(None, json_lines(records))
+        if self.calls == 1:
+            raise ConnectionError("failed after writing")
+
+
+def test_a_sink_failing_after_writing_to_stdout_writes_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = CountingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    m = meter(tmp_path, "local", metering_sinks=("none",))
+    m.sinks = [HalfWritingSink()]
+    m.submit_usage(usages(1)[0])
+    m.flush()
+    (written,) = out.writes
+    assert len(written.splitlines()) == 1 and m.failures == 1  # the retry's line only
