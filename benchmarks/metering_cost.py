@@ -9,7 +9,8 @@ V2 JSON), measured three ways:
 2. over HTTP: PROCESSES ``oclaw serve`` processes whose metering is switched on and off between rounds
    (benchmarks.metering_switch), ROUNDS pairs of rounds each on a keep-alive socket: p50 latency, the event-loop
    thread's CPU time and the whole process's (the flusher included) per request;
-3. on Lambda: the invocation Duration p50 under awslambdaric, sinks ``none`` against ``log,emf``.
+3. the same server kept busy by benchmarks.loadgen (8 connections): requests per second and CPU per request;
+4. on Lambda: the invocation Duration p50 under awslambdaric, one function's ``log,emf`` sinks switched.
 
 Prints the tables and writes OUT/metering_cost.png (default bench-results/).
 """
@@ -202,6 +203,36 @@ def over_http(repo: Path, work: Path, n: int, instances: int, rounds: int) -> di
     return out
 
 
+def saturated(repo: Path, work: Path, instances: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """The switched server kept busy (benchmarks.loadgen, 8 connections, 2.5 s windows): req/s and CPU per request.
+
+    A c1 client leaves the server idle between requests, so every request starts from cold caches and each µs
+    of Python code costs ~3x what it costs in a hot loop; a busy server runs hot. Both regimes are reported.
+    """
+    from benchmarks.throughput import run_loadgen
+
+    out: dict[str, dict[str, list[float]]] = {figure: {"on": [], "off": []} for figure in ("rps", "cpu_us")}
+    request_file = work / "metering-request.bin"
+    for instance in range(instances):
+        server = Switched(repo, work, f"busy{instance}")
+        try:
+            request_file.write_bytes(infer_request(server.port, "add_sub", BODY, None))
+            for rnd in range(rounds):
+                for state in rotated(["on", "off"], rnd + instance):
+                    server(state)
+                    whole = cpu_ns(server.proc.pid)
+                    got = run_loadgen(server.proc, server.port, request_file, concurrency=8, warmup=0.5, duration=2.5)
+                    server("flush")
+                    if "error" in got or got.get("non_200"):
+                        raise RuntimeError(f"metering {state}: {got}")
+                    total = got["requests"] + got["warmup_requests"]
+                    out["rps"][state].append(got["rps"])
+                    out["cpu_us"][state].append((cpu_ns(server.proc.pid) - whole) / 1000 / total)
+        finally:
+            server.close()
+    return out
+
+
 def on_lambda(
     repo: Path, work: Path, invokes: int, instances: int, rounds: int, *, sinks: str = "log,emf"
 ) -> dict[str, list[float]]:
@@ -214,7 +245,7 @@ def on_lambda(
     from tests.conftest import ROOT
 
     event = json.loads((ROOT / "tests" / "events" / "apigw_v2_infer.json").read_text())
-    out: dict[str, list[float]] = {"on": [], "off": []}
+    out: dict[str, list[float]] = {"on": [], "off": [], "on_wall": [], "off_wall": []}
     for instance in range(instances):
         env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": sinks}
         with LocalLambda(
@@ -232,8 +263,13 @@ def on_lambda(
             for rnd in range(rounds):
                 for state in rotated(["on", "off"], rnd + instance):
                     fn.invoke({"oclaw-switch": state})
-                    durations = [fn.invoke(event).duration_ms for _ in range(invokes)]
+                    durations, walls = [], []
+                    for _ in range(invokes):
+                        started = time.perf_counter_ns()
+                        durations.append(fn.invoke(event).duration_ms)
+                        walls.append((time.perf_counter_ns() - started) / 1000)
                     out[state].append(statistics.median(durations) * 1000)
+                    out[f"{state}_wall"].append(statistics.median(walls))
     return out
 
 
@@ -282,6 +318,7 @@ def main() -> int:
         _save(add_sub(16), repo, "add_sub")
         off, on, flush_us = in_process(repo, n)
         http = over_http(repo, Path(tmp), max(1000, n // 10), instances, rounds)
+        busy = saturated(repo, Path(tmp), instances, max(2, rounds // 2))
         lam = on_lambda(repo, Path(tmp), 300, instances, rounds)
     request = statistics.mean(http["p50_us"]["off"])
 
@@ -327,8 +364,34 @@ def main() -> int:
         )
     )
     print(f"\n({pairs} round pairs; SE = standard error of the paired difference)")
+    rps_diff, rps_se = paired(busy["rps"]["on"], busy["rps"]["off"])
+    busy_cpu, busy_cpu_se = paired(busy["cpu_us"]["on"], busy["cpu_us"]["off"])
+    rps_off, cpu_off = statistics.mean(busy["rps"]["off"]), statistics.mean(busy["cpu_us"]["off"])
+    print(f"\n## The same server kept busy (loadgen, 8 connections, {len(busy['rps']['on'])} round pairs of 2.5 s)\n")
+    print(
+        table(
+            ["what", "off", "on", "on - off (± SE)", "relative"],
+            [
+                [
+                    "requests per second",
+                    f"{rps_off:.0f}",
+                    f"{statistics.mean(busy['rps']['on']):.0f}",
+                    f"{rps_diff:+.0f} ± {rps_se:.0f}",
+                    f"{rps_diff / rps_off * 100:+.2f} % ± {rps_se / rps_off * 100:.2f} %",
+                ],
+                [
+                    "process CPU per request, µs (the flusher included)",
+                    f"{cpu_off:.1f}",
+                    f"{statistics.mean(busy['cpu_us']['on']):.1f}",
+                    f"{busy_cpu:+.1f} ± {busy_cpu_se:.1f}",
+                    f"{busy_cpu / cpu_off * 100:+.2f} % ± {busy_cpu_se / cpu_off * 100:.2f} %",
+                ],
+            ],
+        )
+    )
     lam_diff, lam_se = paired(lam["on"], lam["off"])
     lam_off = statistics.mean(lam["off"])
+    wall_diff, wall_se = paired(lam["on_wall"], lam["off_wall"])
     print(
         f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event; {instances} functions x {rounds} round "
         "pairs, metering log,emf switched on/off in each)\n"
@@ -343,7 +406,14 @@ def main() -> int:
                     f"{statistics.mean(lam['on']):.0f}",
                     f"{lam_diff:+.1f} ± {lam_se:.1f}",
                     f"{lam_diff / lam_off * 100:+.2f} % ± {lam_se / lam_off * 100:.2f} %",
-                ]
+                ],
+                [
+                    "invoke round trip p50 (client → local Runtime API → function → client)",
+                    f"{statistics.mean(lam['off_wall']):.0f}",
+                    f"{statistics.mean(lam['on_wall']):.0f}",
+                    f"{wall_diff:+.1f} ± {wall_se:.1f}",
+                    f"{wall_diff / statistics.mean(lam['off_wall']) * 100:+.2f} % of the round trip",
+                ],
             ],
         )
     )
