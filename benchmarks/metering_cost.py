@@ -233,9 +233,7 @@ def saturated(repo: Path, work: Path, instances: int, rounds: int) -> dict[str, 
     return out
 
 
-def on_lambda(
-    repo: Path, work: Path, invokes: int, instances: int, rounds: int, *, sinks: str = "log,emf"
-) -> dict[str, list[float]]:
+def on_lambda(repo: Path, work: Path, invokes: int, instances: int, rounds: int) -> dict[str, list[float]]:
     """Lambda Duration p50 (µs) of a tiny-model HTTP API event under awslambdaric, metering switched on and off.
 
     One function per instance with the template's sinks (log,emf; flushed before each invocation returns),
@@ -247,7 +245,7 @@ def on_lambda(
     event = json.loads((ROOT / "tests" / "events" / "apigw_v2_infer.json").read_text())
     out: dict[str, list[float]] = {"on": [], "off": [], "on_wall": [], "off_wall": []}
     for instance in range(instances):
-        env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": sinks}
+        env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": "log,emf"}
         with LocalLambda(
             "benchmarks.metering_switch.lambda_handler",
             env=env,

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.metering import MeteringRecord, json_lines
+from engine.records import MeteringRecord, json_lines
 
 
 class PartialFailure(Exception):
@@ -200,14 +200,14 @@ class EmfSink:
     def __init__(self, namespace: str = "oclaw", stream: Any = None) -> None:
         self.namespace = namespace
         self.stream = stream
-        self._directive = [
+        directive = [
             {
                 "Namespace": namespace,
                 "Dimensions": [["model", "service"]],
                 "Metrics": [{"Name": name, "Unit": unit} for name, unit in self.UNITS],
             }
         ]
-        self._directive_json = orjson.dumps(self._directive)
+        self._directive_json = orjson.dumps(directive)
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)

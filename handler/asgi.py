@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine import logs
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
-from engine.metering import METERING_HEADER, UNKNOWN_MODEL
+from engine.records import METERING_HEADER, UNKNOWN_MODEL
 from engine.runtime import Runtime
 from handler import v2
 

@@ -166,7 +166,7 @@ def _metering_records(path: str) -> list[dict[str, Any]]:
 def _usage(args: argparse.Namespace) -> int:
     import csv
 
-    from engine.metering import USAGE_FIELDS, aggregate
+    from engine.records import USAGE_FIELDS, aggregate
 
     records = []
     for path in args.files:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engine.config import Settings
-from engine.metering import Batch, Meter, MeteringRecord, Usage, json_lines
+from engine.metering import Meter
+from engine.records import Batch, MeteringRecord, Usage, json_lines
 from tests.meterkit import meter, one
 
 SEEN: list[list[MeteringRecord]] = []

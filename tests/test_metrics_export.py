@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from engine.config import Settings
-from engine.metering import MeteringRecord, Usage
+from engine.records import MeteringRecord, Usage
 from tests.conftest import start_server
 from tests.meterkit import meter
 
