@@ -255,41 +255,40 @@ class Meter:
         with self._flushing:  # one flush at a time (the timer, a /metrics scrape, shutdown): spools stay consistent
             # what was queued so far; later ones wait
             usages = [usage.popleft() for _ in range(len(usage))]
-            self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))]))
+            self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
 
     def _send(self, batch: Batch) -> None:
-        gathered = sink_kinds.gather()  # what sinks write to stdout, written once below (one write a Lambda invoke)
-        on_stdout: dict[int, Sequence[MeteringRecord]] = {}
-        try:
-            for index, sink in enumerate(self.sinks):
-                records: Sequence[MeteringRecord] = batch
-                if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush (per Lambda invoke)
-                    self._spooled.discard(index)
-                    if self.spool(index).is_file():
-                        records = Batch(self, batch.usages, self._read_spool(self.spool(index)) + batch.done)
-                if not records:
-                    continue
-                for attempt in range(3):
-                    before = len(gathered)
-                    try:
+        out = bytearray()  # what the sinks on stdout make, written once below (one write a Lambda invocation)
+        on_stdout: list[tuple[int, Sequence[MeteringRecord]]] = []
+        queued = bool(batch.usages or batch.done)
+        for index, sink in enumerate(self.sinks):
+            records: Sequence[MeteringRecord] = batch
+            if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush (per Lambda invoke)
+                self._spooled.discard(index)
+                if self.spool(index).is_file():
+                    records = Batch(self, batch.usages, self._read_spool(self.spool(index)) + batch.done)
+            elif not queued:
+                continue
+            lines = sink.lines if isinstance(sink, sink_kinds.LineSink) and sink.stream is None else None
+            for attempt in range(3):
+                try:
+                    if lines is None:
                         sink.emit(records)
-                        if len(gathered) > before:
-                            on_stdout[index] = records
-                        break
-                    except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
-                        del gathered[before:]  # a retry writes it again
-                        self.failures += 1
-                        records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
-                        if attempt == 2:
-                            self._spool(index, sink, records, exc)
-        finally:
-            sink_kinds.release()
-        if gathered:
+                    else:
+                        out += lines(records)
+                        on_stdout.append((index, records))
+                    break
+                except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
+                    self.failures += 1
+                    records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
+                    if attempt == 2:
+                        self._spool(index, sink, records, exc)
+        if out:
             try:
-                sink_kinds.write(None, gathered)
+                sink_kinds.write(None, out)
             except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the records
                 self.failures += 1
-                for index, records in on_stdout.items():
+                for index, records in on_stdout:
                     self._spool(index, self.sinks[index], records, exc)
 
     def _spool(self, index: int, sink: Any, records: Sequence[MeteringRecord], exc: Exception) -> None:

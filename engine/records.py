@@ -217,13 +217,14 @@ class Batch(Sequence[MeteringRecord]):
     built (batch paths, failures, a spool being re-sent).
     """
 
-    __slots__ = ("_bills", "_records", "done", "meter", "usages")
+    __slots__ = ("_billed", "_bills", "_records", "done", "meter", "usages")
 
     def __init__(self, meter: Meter, usages: list[Usage], done: list[MeteringRecord]) -> None:
         self.meter = meter
         self.usages = usages
         self.done = done
         self._records: list[MeteringRecord] | None = None
+        self._billed: list[int] | None = None
         self._bills: dict[int, tuple[float, float, float, float]] = {}
 
     def __len__(self) -> int:
@@ -259,16 +260,18 @@ class Batch(Sequence[MeteringRecord]):
 
         A request's own figures are serialised per line; what it shares with others served in the same second
         (time, tenant, model, cold, bill, status...) once, then appended: lines carry the same fields and values
-        as ``MeteringRecord.json``, its own figures first. A small batch (a Lambda invocation's) is written from
-        its records, built once for every sink.
+        as ``MeteringRecord.json``, its own figures first. A small batch (a Lambda invocation's) has little to
+        share: each line is one object, in the record's field order.
         """
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         tag = {} if event is None else {"event": event}
-        if len(self.usages) < 16 or self._records is not None:
+        if self._records is not None:
             out = bytearray()
-            for record in self.records():
+            for record in self._records:
                 out += dumps(record.__dict__ | tag, option=newline)
             return out
+        if len(self.usages) < 16:
+            return self._own_lines(tag)
         platform, instance = self.meter.platform, self.meter.instance_id
         shared: dict[tuple[Any, ...], bytes] = {}
         out = bytearray()
@@ -330,9 +333,83 @@ class Batch(Sequence[MeteringRecord]):
             out += dumps(record.__dict__ | tag, option=newline)
         return out
 
+    def _own_lines(self, tag: dict[str, str]) -> bytearray:
+        """``json_lines`` of a few usages and the done records: one object a line."""
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        platform, instance = self.meter.platform, self.meter.instance_id
+        out = bytearray()
+        for usage, billed in zip(self.usages, self.billed(), strict=True):
+            (
+                rid,
+                tenant,
+                model,
+                version,
+                items,
+                size_in,
+                size_out,
+                queue,
+                compute,
+                total,
+                _,
+                cold,
+                source,
+                second,
+                status,
+            ) = usage
+            gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+            line = {
+                "request_id": rid,
+                "time": _time_of(second),
+                "tenant": tenant,
+                "model": model,
+                "version": version,
+                "platform": platform,
+                "instance_id": instance,
+                "cold": cold,
+                "items": items,
+                "bytes_in": size_in,
+                "bytes_out": size_out,
+                "queue_ms": queue / 1000,
+                "compute_ms": compute / 1000,
+                "total_ms": total / 1000,
+                "billed_ms": float(billed),
+                "gb_seconds": gb_s,
+                "vcpu_seconds": vcpu_s,
+                "gib_seconds": gib_s,
+                "cost_usd": cost,
+                "status": status,
+                "source": source,
+            }
+            out += dumps(line | tag if tag else line, option=newline)
+        for record in self.done:
+            out += dumps(record.__dict__ | tag, option=newline)
+        return out
+
     def billed(self) -> list[int]:
-        """Billed ms of each captured usage (``Meter.billed_ms``)."""
-        return list(map(self.meter.billed_ms, self.usages))
+        """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""
+        if self._billed is None:
+            self._billed = list(map(self.meter.billed_ms, self.usages))
+        return self._billed
+
+    def figures(self) -> list[tuple[str, int, bool, float, float, float, bool, float]]:
+        """What metrics are made of, per record in ``records()`` order (see ``figures_of``), without the records."""
+        out = []
+        for usage, billed in zip(self.usages, self.billed(), strict=True):
+            failed = usage[14] >= 400
+            out.append(
+                (
+                    usage[2] or "-",
+                    usage[4],
+                    failed,
+                    usage[8] / 1000,
+                    float(billed),
+                    self._bill(billed)[3],
+                    usage[11],
+                    usage[9] / 1000,
+                )
+            )
+        out += map(figures_of, self.done)
+        return out
 
     def columns(self) -> tuple[list[tuple[str, str, int]], Any]:
         """What metrics are made of, in ``records()`` order: (model, version, status) per record, and a float64
@@ -353,6 +430,11 @@ class Batch(Sequence[MeteringRecord]):
             keys.append((r.model, r.version, r.status))
             rows[i] = (r.total_ms, r.queue_ms, r.compute_ms, r.items, r.billed_ms, r.cost_usd, r.cold)
         return keys, rows
+
+
+def figures_of(r: MeteringRecord) -> tuple[str, int, bool, float, float, float, bool, float]:
+    """What the EMF metrics read of a record: (model, items, failed, compute ms, billed ms, cost, cold, total ms)."""
+    return (r.model or "-", r.items, r.status >= 400, r.compute_ms, r.billed_ms, r.cost_usd, r.cold, r.total_ms)
 
 
 USAGE_FIELDS = ("requests", "items", "compute_ms", "billed_ms", "gb_seconds", "vcpu_seconds", "gib_seconds", "cost_usd")

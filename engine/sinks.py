@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.records import MeteringRecord, json_lines
+from engine.records import Batch, MeteringRecord, figures_of, json_lines
 
 
 class PartialFailure(Exception):
@@ -30,39 +29,28 @@ class Sink(Protocol):
         """Take a batch of records."""
 
 
-class LogSink:
+class LineSink:
+    """A sink that writes JSON lines to a stream. On stdout (``stream`` None, the default) a Meter flush writes
+    every such sink's lines at once: one write per flush, one per Lambda invocation."""
+
+    stream: Any = None
+
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
+        """What this sink writes for a batch of records."""
+        raise NotImplementedError
+
+    def emit(self, records: Sequence[MeteringRecord]) -> None:
+        write(self.stream, self.lines(records))
+
+
+class LogSink(LineSink):
     """One JSON line per record on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write."""
 
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream
 
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        _write(self.stream, json_lines(records, "metering"))
-
-
-#: Per thread, while a Meter flush runs: what sinks write to stdout, gathered to be written in one call.
-_gathering = threading.local()
-
-
-def gather() -> bytearray:
-    """From now on (this thread), ``_write`` to stdout appends to the returned buffer instead of writing."""
-    lines = _gathering.lines = bytearray()
-    return lines
-
-
-def release() -> None:
-    """Stop gathering (the caller writes what was gathered)."""
-    _gathering.lines = None
-
-
-def _write(stream: Any, lines: bytes | bytearray) -> None:
-    """Write JSON lines to a stream (stdout by default) in one call, or add them to what a flush gathers."""
-    if stream is None:
-        gathered = getattr(_gathering, "lines", None)
-        if gathered is not None:
-            gathered += lines
-            return
-    write(stream, lines)
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
+        return json_lines(records, "metering")
 
 
 def write(stream: Any, lines: bytes | bytearray) -> None:
@@ -176,7 +164,7 @@ class QueueSink:
         return [i for i, e in enumerate(resp["RequestResponses"]) if e.get("ErrorCode")]
 
 
-class EmfSink:
+class EmfSink(LineSink):
     """CloudWatch metrics as Embedded Metric Format log lines (no network call), one line per model per flush.
 
     Per model: request, item, failure and cold-start counts, the sums of compute ms, billed ms and cost, and each
@@ -209,38 +197,48 @@ class EmfSink:
         ]
         self._directive_json = orjson.dumps(directive)
 
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
+        figures = records.figures() if isinstance(records, Batch) else list(map(figures_of, records))
+        head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (int(time.time() * 1000), self._directive_json)
+        if len(figures) == 1:  # a Lambda invocation's one request: no sums to make
+            model, items, failed, compute, billed, cost, cold, total = figures[0]
+            return head + _emf_blob(model, (1, items, failed, compute, billed, cost, cold, [float(total)]))
         # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
         by_model: dict[str, list[Any]] = {}
-        for r in records:
-            acc = by_model.get(r.model or "-")
+        for model, items, failed, compute, billed, cost, cold, total in figures:
+            acc = by_model.get(model)
             if acc is None:
-                acc = by_model[r.model or "-"] = [0, 0, 0, 0, 0, 0, 0, []]
+                acc = by_model[model] = [0, 0, 0, 0, 0, 0, 0, []]
             acc[0] += 1
-            acc[1] += r.items
-            acc[2] += r.status >= 400
-            acc[3] += r.compute_ms
-            acc[4] += r.billed_ms
-            acc[5] += r.cost_usd
-            acc[6] += r.cold
+            acc[1] += items
+            acc[2] += failed
+            acc[3] += compute
+            acc[4] += billed
+            acc[5] += cost
+            acc[6] += cold
             if len(acc[7]) < 100:  # 100 values per metric per blob at most
-                acc[7].append(float(r.total_ms))
-        timestamp = int(time.time() * 1000)
+                acc[7].append(float(total))
         lines = bytearray()
-        head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (timestamp, self._directive_json)
-        for model, (requests, items, failures, compute, billed, cost, cold, latency) in by_model.items():
-            blob = {
-                "model": model,
-                "service": "oclaw",
-                "Requests": [float(requests)],
-                "Items": [float(items)],
-                "Failures": [float(failures)],
-                "ComputeMs": [float(compute)],
-                "BilledMs": [float(billed)],
-                "CostUSD": [float(cost)],
-                "ColdStarts": [float(cold)],
-                "LatencyMs": latency,
-            }
+        for model, acc in by_model.items():
             lines += head  # the directive serialised once, not per flush
-            lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)[1:]
-        _write(self.stream, lines)
+            lines += _emf_blob(model, acc)
+        return lines
+
+
+def _emf_blob(model: str, sums: Sequence[Any]) -> bytes:
+    """The members of one model's EMF line after its ``_aws`` directive (from its comma to the newline), from
+    its sums: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies."""
+    requests, items, failures, compute, billed, cost, cold, latency = sums
+    blob = {
+        "model": model,
+        "service": "oclaw",
+        "Requests": [float(requests)],
+        "Items": [float(items)],
+        "Failures": [float(failures)],
+        "ComputeMs": [float(compute)],
+        "BilledMs": [float(billed)],
+        "CostUSD": [float(cost)],
+        "ColdStarts": [float(cold)],
+        "LatencyMs": latency,
+    }
+    return orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)[1:]

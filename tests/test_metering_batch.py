@@ -14,6 +14,7 @@ import pytest
 from engine.config import Settings
 from engine.metering import Meter
 from engine.records import Batch, MeteringRecord, Usage, json_lines
+from engine.sinks import EmfSink, LineSink
 from tests.meterkit import meter, one
 
 SEEN: list[list[MeteringRecord]] = []
@@ -92,6 +93,26 @@ def test_empty_batch(tmp_path: Path) -> None:
     batch = Batch(meter(tmp_path, "local"), [], [])
     keys, rows = batch.columns()
     assert len(batch) == 0 and not batch and json_lines(batch) == b"" and keys == [] and rows.shape == (0, 7)
+
+
+@pytest.mark.parametrize("size", [1, 3, 400])  # one Lambda invocation's request, a few, a server's second
+@pytest.mark.parametrize("platform", ["lambda", "cloudrun"])
+def test_emf_lines_from_a_batch_equal_those_from_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str, size: int
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+    monkeypatch.setattr("time.time", lambda: 1_790_000_000.25)  # the EMF Timestamp
+    m = meter(tmp_path, platform)
+    sink = EmfSink("oclaw")
+    for done in ([], [one(m, total_ms=2.5), one(m, total_ms=0.4, cold=True, init_ms=300.0)]):
+        batch = Batch(m, usages(size, seed=size), done)
+        from_usages = sink.lines(batch)  # straight from the captured tuples: no record built
+        assert batch._records is None
+        from_records = sink.lines(list(batch.records()))
+        assert [json.loads(x) for x in from_usages.splitlines()] == [json.loads(x) for x in from_records.splitlines()]
+        blobs = [json.loads(x) for x in from_usages.splitlines()]
+        assert sum(b["Requests"][0] for b in blobs) == size + len(done)
+        assert all(b["_aws"]["Timestamp"] == 1_790_000_000_250 for b in blobs)
 
 
 def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path) -> None:
@@ -187,28 +208,25 @@ def test_stdout_sinks_write_once_a_flush_and_keep_records_when_stdout_fails(
     assert not list(tmp_path.glob("spool.jsonl*"))
 
 
-class HalfWritingSink:
-    """Writes its lines to stdout, then fails the first time."""
+class FlakyLineSink(LineSink):
+    """A stdout line sink that fails the first time, after making its lines."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    def emit(self, records: Sequence[MeteringRecord]) -> None:
-        from engine.sinks import _write
-
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
         self.calls += 1
-        _write(None, json_lines(records))
+        made = json_lines(records)
         if self.calls == 1:
-            raise ConnectionError("failed after writing")
+            raise ConnectionError("failed after making its lines")
+        return made
 
 
-def test_a_sink_failing_after_writing_to_stdout_writes_nothing_twice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_line_sink_failing_once_writes_nothing_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = CountingStdout()
     monkeypatch.setattr("sys.stdout", out)
     m = meter(tmp_path, "local", metering_sinks=("none",))
-    m.sinks = [HalfWritingSink()]
+    m.sinks = [FlakyLineSink()]
     m.submit_usage(usages(1)[0])
     m.flush()
     (written,) = out.writes
