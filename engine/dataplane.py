@@ -11,7 +11,7 @@ from engine.model import LoadedModel
 from engine.tensors import InferRequest, decode_request, encode_response
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.records import Usage, UsageRecorder
+    from engine.records import UsageRecorder
 
 #: Requests whose body is at most this many bytes may run on the caller's thread for cheap models.
 INLINE_BODY_BYTES = 64 * 1024
@@ -28,8 +28,8 @@ class Encoded:
     rows: int
     queue_ns: int = 0
     compute_ns: int = 0
-    #: The request's usage for metering, when a recorder was given (not yet submitted).
-    usage: Usage | None = None
+    #: The request's ``oclaw-metering`` header value, when a recorder queued its usage.
+    metering: bytes | None = None
 
     @property
     def content_type(self) -> str:
@@ -90,15 +90,14 @@ def infer_bytes(
         model.stats.failure(perf_counter_ns() - started)
         raise
     response = model.infer(request, enqueue_ns or started, started)
-    usage = None
+    preview = None
     if recorder is not None and request.parameters.get("metering") is True:
-        usage = recorder(model, response, 0)
-        if usage is not None:
-            response.parameters["metering"] = recorder.record(usage).as_dict()
+        preview = recorder.preview(model, response)
+        if preview is not None:
+            response.parameters["metering"] = recorder.record(preview).as_dict()
     encoded, length = encode_response(response)
-    if recorder is not None:
-        usage = recorder(model, response, len(encoded)) if usage is None else usage._replace(bytes_out=len(encoded))
-    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, usage)
+    header = None if recorder is None else recorder(model, response, len(encoded), preview)
+    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, header)
 
 
 def runs_inline(model: LoadedModel, body_size: int) -> bool:

@@ -237,7 +237,8 @@ class Meter:
     def submit_usage(self, usage: Usage) -> bytes:
         """Queue one request's usage (one append: the record is built at flush); its ``oclaw-metering`` header."""
         self._usage.append(usage)
-        return header_value(usage, self.billed_ms(usage))
+        compute, total, init_ms, cold = usage[8:12]
+        return header_value(compute, self.billed_ms(usage) if init_ms else -(-total // 1000), cold)
 
     def spool(self, index: int) -> Path:
         """The spool file of the ``index``-th sink."""
@@ -258,7 +259,9 @@ class Meter:
             self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
 
     def _send(self, batch: Batch) -> None:
-        out = bytearray()  # what the sinks on stdout make, written once below (one write a Lambda invocation)
+        out: list[
+            bytes | bytearray
+        ] = []  # what the sinks on stdout make, written once below (one write a Lambda invocation)
         on_stdout: list[tuple[int, Sequence[MeteringRecord]]] = []
         queued = bool(batch.usages or batch.done)
         for index, sink in enumerate(self.sinks):
@@ -275,7 +278,7 @@ class Meter:
                     if lines is None:
                         sink.emit(records)
                     else:
-                        out += lines(records)
+                        out.append(lines(records))
                         on_stdout.append((index, records))
                     break
                 except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
@@ -285,7 +288,7 @@ class Meter:
                         self._spool(index, sink, records, exc)
         if out:
             try:
-                sink_kinds.write(None, out)
+                sink_kinds.write(None, out[0] if len(out) == 1 else b"".join(out))
             except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the records
                 self.failures += 1
                 for index, records in on_stdout:

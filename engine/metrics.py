@@ -99,15 +99,15 @@ class PrometheusSink:
         if not records:
             return
         if isinstance(records, Batch):
-            keys, rows = records.columns()
+            keys, codes, rows = records.columns()
         else:
-            keys = list(map(_KEY, records))
+            triples = list(map(_KEY, records))
+            keys = list(dict.fromkeys(triples))
+            codes = np.fromiter(map({key: i for i, key in enumerate(keys)}.__getitem__, triples), np.intp, len(triples))
             rows = np.array(list(map(_FIELDS, records)), dtype=np.float64).reshape(-1, len(_FIELD_NAMES))
-        index: dict[tuple[str, str, int], int] = {}  # (model, version, status) -> group number
-        groups = np.fromiter((index.setdefault(k, len(index)) for k in keys), np.intp, len(keys))
         with self._lock:
-            for (model, version, status), number in index.items():
-                part = rows if len(index) == 1 else rows[groups == number]
+            for number, (model, version, status) in enumerate(keys):
+                part = rows if len(keys) == 1 else rows[codes == number]
                 series = self._series.get((model, version))
                 if series is None:
                     series = self._series[(model, version)] = _Series()

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import chain
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, overload
 
 import orjson
@@ -114,8 +114,11 @@ class Usage(NamedTuple):
 class UsageRecorder(Protocol):
     """Captures a request's usage once it is served (``handler.v2.Recorder``)."""
 
-    def __call__(self, model: Any, response: Any, bytes_out: int) -> Usage | None:
-        """The request's usage, or None when metering is off."""
+    def __call__(self, model: Any, response: Any, bytes_out: int, preview: Usage | None = None) -> bytes | None:
+        """Queue the request's usage for metering; its ``oclaw-metering`` header value, None when metering is off."""
+
+    def preview(self, model: Any, response: Any) -> Usage | None:
+        """The usage so far, not queued (for a request that asks for its whole record)."""
 
     def record(self, usage: Usage) -> MeteringRecord:
         """The whole record of a captured usage (for a request that asks for it)."""
@@ -158,32 +161,29 @@ def split_evenly(total: float, weights: Sequence[int], unit: float = 1e-3) -> li
 
 
 #: The response header that carries a request's own figures, an RFC 8941 dictionary:
-#: ``oclaw-metering: compute-ms=0.045, billed-ms=1, cold=?0, request-id="i-3f2a-17"``.
+#: ``oclaw-metering: compute-ms=0.045, billed-ms=1, cold=?0``. Its record's ``request_id`` is the request's
+#: ``X-Request-Id`` when the client sent one (or ask for the whole record: ``"parameters": {"metering": true}``).
 METERING_HEADER = b"oclaw-metering"
 
-
-def _sf_string(text: str) -> str:
-    """An RFC 8941 sf-string: printable ASCII, backslash and quote escaped; other characters become '?'."""
-    if not (text.isascii() and text.isprintable()):
-        text = "".join(c if " " <= c <= "~" else "?" for c in text)
-    if "\\" in text or '"' in text:
-        text = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+#: Header values by (compute µs, billed ms, cold): a model's requests repeat few of them, and formatting one cost
+#: more than looking it up (uvicorn also scans every header byte: the value is kept short). Bounded.
+_header_values: dict[int, bytes] = {}
 
 
-def header_value(usage: Usage, billed_ms: int) -> bytes:
+def header_value(compute_us: int, billed_ms: int, cold: bool) -> bytes:
     """The ``oclaw-metering`` header value of a request, encoded (ASCII)."""
-    rid = usage.request_id
-    if not (rid.isascii() and rid.isprintable()) or '"' in rid or "\\" in rid:  # ids we make never are
-        rid = _sf_string(rid)[1:-1]
-    compute = usage.compute_us
-    return b'compute-ms=%d.%03d, billed-ms=%d, cold=?%d, request-id="%b"' % (
-        compute // 1000,
-        compute % 1000,
-        billed_ms,
-        usage.cold,
-        rid.encode(),
-    )
+    key = compute_us << 32 | billed_ms << 1 | cold
+    value = _header_values.get(key)
+    if value is None:
+        if len(_header_values) >= 4096:
+            _header_values.clear()
+        value = _header_values[key] = b"compute-ms=%d.%03d, billed-ms=%d, cold=?%d" % (
+            compute_us // 1000,
+            compute_us % 1000,
+            billed_ms,
+            cold,
+        )
+    return value
 
 
 def parse_header(value: str) -> dict[str, Any]:
@@ -208,6 +208,27 @@ def json_lines(records: Sequence[MeteringRecord], event: str | None = None) -> b
     return b"".join(orjson.dumps(r.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for r in records)
 
 
+#: A line's own figures, before what it shares with the others of its second (the ms are exact: µs / 1000).
+_OWN_LINE = b'{"request_id":%b,"items":%d,"bytes_in":%d,"bytes_out":%d,"queue_ms":%b,"compute_ms":%b,"total_ms":%b,'
+#: µs -> JSON ms (``b"0.045"``), for the values requests repeat; formatting each costs more than the lookup. Bounded.
+_MS: dict[int, bytes] = {}
+
+
+#: ...then what it shares with them (``_shared_json``): one line.
+_LINE = _OWN_LINE + b"%b"
+
+
+def _ms_table(values: set[int]) -> dict[int, bytes]:
+    """``_MS`` holding every one of ``values``: µs as a JSON number of ms, exactly ``us / 1000`` once parsed."""
+    missing = values - _MS.keys()
+    if len(_MS) + len(missing) > 65536:
+        _MS.clear()
+        missing = values
+    for us in missing:
+        _MS[us] = b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
+    return _MS
+
+
 class Batch(Sequence[MeteringRecord]):
     """The records of one flush: a ``Sequence[MeteringRecord]`` for any sink, built lazily.
 
@@ -217,7 +238,7 @@ class Batch(Sequence[MeteringRecord]):
     built (batch paths, failures, a spool being re-sent).
     """
 
-    __slots__ = ("_billed", "_bills", "_records", "done", "meter", "usages")
+    __slots__ = ("_billed", "_bills", "_fields", "_records", "done", "meter", "usages")
 
     def __init__(self, meter: Meter, usages: list[Usage], done: list[MeteringRecord]) -> None:
         self.meter = meter
@@ -225,6 +246,7 @@ class Batch(Sequence[MeteringRecord]):
         self.done = done
         self._records: list[MeteringRecord] | None = None
         self._billed: list[int] | None = None
+        self._fields: list[tuple[Any, ...]] | None = None
         self._bills: dict[int, tuple[float, float, float, float]] = {}
 
     def __len__(self) -> int:
@@ -255,7 +277,7 @@ class Batch(Sequence[MeteringRecord]):
             bill = self._bills[billed] = self.meter.bill(float(billed))
         return bill
 
-    def json_lines(self, event: str | None = None) -> bytearray:
+    def json_lines(self, event: str | None = None) -> bytes | bytearray:
         """One JSON object a line, in ``records()`` order, each with an ``event`` field when given.
 
         A request's own figures are serialised per line; what it shares with others served in the same second
@@ -272,66 +294,57 @@ class Batch(Sequence[MeteringRecord]):
             return out
         if len(self.usages) < 16:
             return self._own_lines(tag)
-        platform, instance = self.meter.platform, self.meter.instance_id
-        shared: dict[tuple[Any, ...], bytes] = {}
-        out = bytearray()
-        for usage, billed in zip(self.usages, self.billed(), strict=True):
-            (
-                rid,
-                tenant,
-                model,
-                version,
-                items,
-                size_in,
-                size_out,
-                queue,
-                compute,
-                total,
-                _,
-                cold,
-                source,
-                second,
-                status,
-            ) = usage
-            key = (second, tenant, model, version, cold, billed, status, source)
-            tail = shared.get(key)
-            if tail is None:
-                gb_s, vcpu_s, gib_s, cost = self._bill(billed)
-                tail = shared[key] = dumps(
-                    {
-                        "time": _time_of(second),
-                        "tenant": tenant,
-                        "model": model,
-                        "version": version,
-                        "platform": platform,
-                        "instance_id": instance,
-                        "cold": cold,
-                        "billed_ms": float(billed),
-                        "gb_seconds": gb_s,
-                        "vcpu_seconds": vcpu_s,
-                        "gib_seconds": gib_s,
-                        "cost_usd": cost,
-                        "status": status,
-                        "source": source,
-                        **tag,
-                    },
-                    option=newline,
-                )[1:]
-            own = {
-                "request_id": rid,
-                "items": items,
-                "bytes_in": size_in,
-                "bytes_out": size_out,
-                "queue_ms": queue / 1000,
-                "compute_ms": compute / 1000,
-                "total_ms": total / 1000,
-            }
-            out += dumps(own)
-            out[-1] = 44  # the closing brace becomes a comma
-            out += tail
-        for record in self.done:
-            out += dumps(record.__dict__ | tag, option=newline)
-        return out
+        (rids, tenants, models, versions, items, sizes_in, sizes_out, queues, computes, totals, _, colds, sources,
+         seconds, statuses) = self.fields()  # fmt: skip
+        billed = self.billed()
+        shared_by = (seconds, tenants, models, versions, colds, billed, statuses, sources)
+        shared = {key: self._shared_json(key, tag) for key in set(zip(*shared_by, strict=True))}
+        ms = _ms_table({*queues, *computes, *totals}).__getitem__
+        tails = map(shared.__getitem__, zip(*shared_by, strict=True))
+        lines = zip(
+            map(dumps, rids),
+            items,
+            sizes_in,
+            sizes_out,
+            map(ms, queues),
+            map(ms, computes),
+            map(ms, totals),
+            tails,
+            strict=True,
+        )
+        # no Python code per line: C loops (map, zip) format them; a Python loop building a dict a line cost ~15 % more
+        done = (dumps(record.__dict__ | tag, option=newline) for record in self.done)
+        return b"".join(chain(map(_LINE.__mod__, lines), done))
+
+    def _shared_json(self, key: tuple[Any, ...], tag: dict[str, str]) -> bytes:
+        """What the lines of one (second, tenant, model, version, cold, billed, status, source) share: the end of
+        their JSON object, from the comma after their own figures to the newline."""
+        second, tenant, model, version, cold, billed, status, source = key
+        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+        shared = {
+            "time": _time_of(second),
+            "tenant": tenant,
+            "model": model,
+            "version": version,
+            "platform": self.meter.platform,
+            "instance_id": self.meter.instance_id,
+            "cold": cold,
+            "billed_ms": float(billed),
+            "gb_seconds": gb_s,
+            "vcpu_seconds": vcpu_s,
+            "gib_seconds": gib_s,
+            "cost_usd": cost,
+            "status": status,
+            "source": source,
+            **tag,
+        }
+        return orjson.dumps(shared, option=orjson.OPT_APPEND_NEWLINE)[1:]
+
+    def fields(self) -> list[tuple[Any, ...]]:
+        """The captured usages transposed: one tuple per ``Usage`` field, in ``usages`` order (built once)."""
+        if self._fields is None:
+            self._fields = list(zip(*self.usages, strict=True)) if self.usages else [() for _ in Usage._fields]
+        return self._fields
 
     def _own_lines(self, tag: dict[str, str]) -> bytearray:
         """``json_lines`` of a few usages and the done records: one object a line."""
@@ -388,7 +401,11 @@ class Batch(Sequence[MeteringRecord]):
     def billed(self) -> list[int]:
         """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""
         if self._billed is None:
-            self._billed = list(map(self.meter.billed_ms, self.usages))
+            fields = self.fields()
+            if self.meter.platform == "lambda" and any(fields[10]):  # INIT billed with the request that paid it
+                self._billed = list(map(self.meter.billed_ms, self.usages))
+            else:  # Meter.billed_ms without INIT: the duration rounded up to 1 ms
+                self._billed = [-(-total // 1000) for total in fields[9]]
         return self._billed
 
     def figures(self) -> list[tuple[str, int, bool, float, float, float, bool, float]]:
@@ -411,25 +428,33 @@ class Batch(Sequence[MeteringRecord]):
         out += map(figures_of, self.done)
         return out
 
-    def columns(self) -> tuple[list[tuple[str, str, int]], Any]:
-        """What metrics are made of, in ``records()`` order: (model, version, status) per record, and a float64
-        array of (total_ms, queue_ms, compute_ms, items, billed_ms, cost_usd, cold) rows."""
+    def columns(self) -> tuple[list[tuple[str, str, int]], Any, Any]:
+        """What metrics are made of, in ``records()`` order: the distinct (model, version, status) keys, each
+        record's index into them, and a float64 array of (total_ms, queue_ms, compute_ms, items, billed_ms,
+        cost_usd, cold) rows."""
         import numpy as np
 
-        usages, n = self.usages, len(self.usages)
+        fields, n = self.fields(), len(self.usages)
         rows = np.empty((len(self), 7))
-        keys = list(map(itemgetter(2, 3, 14), usages))  # model, version, status
+        triples = list(zip(fields[2], fields[3], fields[14], strict=True)) + [
+            (r.model, r.version, r.status) for r in self.done
+        ]
+        keys = list(dict.fromkeys(triples))
+        if len(keys) == 1:
+            codes = np.zeros(len(triples), dtype=np.intp)
+        else:
+            index = {key: i for i, key in enumerate(keys)}
+            codes = np.fromiter(map(index.__getitem__, triples), np.intp, len(triples))
         if n:
             for column, field in ((0, 9), (1, 7), (2, 8), (3, 4), (6, 11)):  # total, queue, compute µs; items; cold
-                rows[:n, column] = np.fromiter(map(itemgetter(field), usages), np.float64, n)
+                rows[:n, column] = fields[field]
             rows[:n, :3] /= 1000
             billed, where = np.unique(np.array(self.billed(), dtype=np.int64), return_inverse=True)
             rows[:n, 4] = billed[where]
             rows[:n, 5] = np.array([self._bill(int(b))[3] for b in billed])[where]
-        for i, r in enumerate(self.done, len(self.usages)):
-            keys.append((r.model, r.version, r.status))
+        for i, r in enumerate(self.done, n):
             rows[i] = (r.total_ms, r.queue_ms, r.compute_ms, r.items, r.billed_ms, r.cost_usd, r.cold)
-        return keys, rows
+        return keys, codes, rows
 
 
 def figures_of(r: MeteringRecord) -> tuple[str, int, bool, float, float, float, bool, float]:

@@ -146,8 +146,8 @@ async def _infer(
     raw = response.raw_headers  # appended already encoded: Starlette's header normalisation costs ~0.2 µs each
     if encoded.header_length is not None:
         raw.append((b"inference-header-content-length", str(encoded.header_length).encode()))
-    if encoded.usage is not None:
-        raw.append((METERING_HEADER, runtime.meter.submit_usage(encoded.usage)))
+    if encoded.metering is not None:
+        raw.append((METERING_HEADER, encoded.metering))
     return response
 
 

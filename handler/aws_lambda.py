@@ -200,11 +200,11 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
             enqueue_ns=STATE.invocation_start_ns,
             init_ms=INIT_MS,
         )
-        usage = recorder(model, response, 0)
-        if usage is not None and request.parameters.get("metering") is True:
-            response.parameters["metering"] = recorder.record(usage).as_dict()
+        preview = recorder.preview(model, response) if request.parameters.get("metering") is True else None
+        if preview is not None:
+            response.parameters["metering"] = recorder.record(preview).as_dict()
         body, _ = encode_response(response)
-        v2.finish(RUNTIME, None if usage is None else usage._replace(bytes_out=len(body)))
+        recorder(model, response, len(body), preview)
         result: dict[str, Any] = json.loads(body)
         return result
     except OclawError as exc:

@@ -80,7 +80,7 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
 
 
 class Recorder:
-    """Captures one request's usage for metering: a tuple on the request path, the record built at flush."""
+    """Captures one request's usage for metering: a tuple queued on the request path, the record built at flush."""
 
     __slots__ = ("bytes_in", "enqueue_ns", "init_ms", "request_id", "runtime", "source", "tenant")
 
@@ -103,11 +103,26 @@ class Recorder:
         self.enqueue_ns = enqueue_ns
         self.init_ms = init_ms
 
-    def __call__(self, model: LoadedModel, response: InferResponse, bytes_out: int) -> Usage | None:
+    def __call__(
+        self, model: LoadedModel, response: InferResponse, bytes_out: int, preview: Usage | None = None
+    ) -> bytes | None:
+        """Queue the served request's usage (``preview``'s, when the request was shown it); its header value."""
         runtime = self.runtime
         cold, runtime.cold = runtime.cold, False
         if not runtime.meter.sinks:
             return None
+        usage = (
+            self._capture(model, response, bytes_out, cold)
+            if preview is None
+            else preview._replace(bytes_out=bytes_out)
+        )
+        return runtime.meter.submit_usage(usage)
+
+    def preview(self, model: LoadedModel, response: InferResponse) -> Usage | None:
+        """The usage so far, not queued (for a request that asks for its whole record); None when metering is off."""
+        return self._capture(model, response, 0, self.runtime.cold) if self.runtime.meter.sinks else None
+
+    def _capture(self, model: LoadedModel, response: InferResponse, bytes_out: int, cold: bool) -> Usage:
         return _usage(
             Usage,
             (
@@ -132,13 +147,6 @@ class Recorder:
     def record(self, usage: Usage) -> MeteringRecord:
         """The whole record (with its bill) of a captured usage."""
         return self.runtime.meter.complete(usage)
-
-
-def finish(runtime: Runtime, usage: Usage | None) -> dict[str, str]:
-    """Queue a request's usage for metering; its figures as a response header (one: each costs uvicorn ~0.6 µs)."""
-    if usage is None:
-        return {}
-    return {_METERING_HEADER: runtime.meter.submit_usage(usage).decode()}
 
 
 def meter_failure(
@@ -189,7 +197,9 @@ def infer(
         enqueue_ns,
         recorder=record,
     )
-    out = {"content-type": encoded.content_type, **finish(runtime, encoded.usage)}
+    out = {"content-type": encoded.content_type}
+    if encoded.metering is not None:
+        out[_METERING_HEADER] = encoded.metering.decode()
     if encoded.header_length is not None:
         out["inference-header-content-length"] = str(encoded.header_length)
     return Reply(200, encoded.body, out)

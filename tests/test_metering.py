@@ -102,7 +102,9 @@ def test_server_requests_carry_their_figures_and_records(repo: Path, tmp_path: P
     srv = start_server(repo, metering_sinks=(f"jsonl:{out}",))
     try:
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [0.0] * 8}]}
-        first = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-tenant-id": "acme"})
+        first = httpx.post(
+            f"{srv.url}/v2/models/versioned/infer", json=body, headers={"x-tenant-id": "acme", "x-request-id": "acme-1"}
+        )
         second = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body)
         figures, again = (parse_header(r.headers["oclaw-metering"]) for r in (first, second))
         assert figures["cold"] is True and again["cold"] is False
@@ -116,7 +118,7 @@ def test_server_requests_carry_their_figures_and_records(repo: Path, tmp_path: P
         ("acme", "versioned", 2, 200, "http"),
         ("anonymous", "versioned", 2, 200, "http"),
     ]
-    assert records[0]["request_id"] == figures["request_id"]
+    assert records[0]["request_id"] == "acme-1"  # the client's X-Request-Id ties the response to its record
     assert records[0]["compute_ms"] == figures["compute_ms"] and records[0]["billed_ms"] == figures["billed_ms"]
     assert records[0]["bytes_in"] > 0 and records[0]["bytes_out"] == len(first.content)
 
@@ -288,7 +290,7 @@ def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
     record = resp.json()["parameters"]["metering"]
     assert record["tenant"] == "t9" and record["model"] == "versioned" and record["items"] == 1
     figures = parse_header(resp.headers["oclaw-metering"])
-    assert record["request_id"] == figures["request_id"] and record["compute_ms"] == figures["compute_ms"]
+    assert record["compute_ms"] == figures["compute_ms"] and record["billed_ms"] == figures["billed_ms"]
     assert "parameters" not in plain.json()
 
 
@@ -345,6 +347,7 @@ def test_single_request_path_agrees_with_the_batch_path(tmp_path: Path, monkeypa
         source="test",
     )
     assert fast.billed_ms == 4 + 121 == m.billed_ms(usage)  # 3.001 ms and INIT's 120.2 ms, each rounded up
+    assert parse_header(m.submit_usage(usage).decode())["billed_ms"] == 125  # the header bills INIT too
     assert fast.time == "2026-09-21T14:13:20Z"  # the second the request was served, not the flush's
     assert fast.as_dict() == {**full.as_dict(), "time": fast.time}
 
@@ -365,24 +368,24 @@ def test_record_dict_and_json_carry_every_field_in_order() -> None:
     ["i-3f2a-17", 'say "hi"', "back\\slash", "caf\u00e9\x07", ""],
 )
 def test_metering_header_is_one_structured_field(tmp_path: Path, request_id: str) -> None:
-    from handler.v2 import finish
-
     m = meter(tmp_path, "local", metering_sinks=("jsonl:" + str(tmp_path / "m.jsonl"),))
     usage = Usage(request_id, "t", "m", "1", 1, 10, 20, 0, 1250, 2500, 0.0, True, "test", 1_790_000_000)
 
     value = m.submit_usage(usage)  # queued, and the request's header value
     assert value.isascii() and b"\n" not in value
-    parsed = parse_header(value.decode())
-    expected = "".join(c if " " <= c <= "~" else "?" for c in request_id)
-    assert parsed == {"compute_ms": 1.25, "billed_ms": 3.0, "cold": True, "request_id": expected}
+    assert parse_header(value.decode()) == {"compute_ms": 1.25, "billed_ms": 3.0, "cold": True}
+    for compute_us, total_us, cold in ((45, 180, False), (0, 1000, False), (1_000_001, 2_500_000, True)):
+        again = m.submit_usage(usage._replace(compute_us=compute_us, total_us=total_us, cold=cold))
+        assert parse_header(again.decode()) == {
+            "compute_ms": compute_us / 1000,
+            "billed_ms": float(-(-total_us // 1000)),
+            "cold": cold,
+        }
+        assert again == m.submit_usage(usage._replace(compute_us=compute_us, total_us=total_us, cold=cold))
+    m._usage.clear()
+    m.submit_usage(usage)
     m.flush()
     (line,) = (tmp_path / "m.jsonl").read_text().splitlines()  # completed at flush
     record = json.loads(line)
     assert record["request_id"] == request_id and record["compute_ms"] == 1.25 and record["billed_ms"] == 3.0
     assert record["bytes_out"] == 20 and record["cold"] is True and len(m._usage) == 0
-
-    class Runtime:
-        meter = m
-
-    assert finish(Runtime, usage) == {"oclaw-metering": value.decode()}  # type: ignore[arg-type]
-    assert len(m._usage) == 1

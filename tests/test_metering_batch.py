@@ -80,8 +80,8 @@ def test_batch_lines_and_columns_equal_the_records(
             json.loads(x) for x in json_lines(records, event).splitlines()
         ] == [json.loads(line) for line in lines]
 
-    keys, rows = batch.columns()
-    assert keys == [(r.model, r.version, r.status) for r in records]
+    keys, codes, rows = batch.columns()
+    assert [keys[c] for c in codes] == [(r.model, r.version, r.status) for r in records] and len(set(keys)) == len(keys)
     figures = attrgetter("total_ms", "queue_ms", "compute_ms", "items", "billed_ms", "cost_usd", "cold")
     assert np.array_equal(rows, np.array([figures(r) for r in records], dtype=np.float64))
     if platform == "lambda" and any(u.cold for u in batch.usages):  # INIT is billed with the request that paid it
@@ -91,8 +91,9 @@ def test_batch_lines_and_columns_equal_the_records(
 
 def test_empty_batch(tmp_path: Path) -> None:
     batch = Batch(meter(tmp_path, "local"), [], [])
-    keys, rows = batch.columns()
+    keys, codes, rows = batch.columns()
     assert len(batch) == 0 and not batch and json_lines(batch) == b"" and keys == [] and rows.shape == (0, 7)
+    assert len(codes) == 0
 
 
 @pytest.mark.parametrize("size", [1, 3, 400])  # one Lambda invocation's request, a few, a server's second
@@ -115,13 +116,20 @@ def test_emf_lines_from_a_batch_equal_those_from_its_records(
         assert all(b["_aws"]["Timestamp"] == 1_790_000_000_250 for b in blobs)
 
 
-def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path) -> None:
+@pytest.mark.parametrize("uniform", [False, True])  # several (model, version, status) keys, or one
+def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path, uniform: bool) -> None:
     from engine.metrics import PrometheusSink
     from engine.runtime import Runtime
 
     runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
     m = meter(tmp_path, "cloudrun")
-    batch = Batch(m, usages(500, seed=3), [one(m, total_ms=7.0)])
+    captured = usages(500, seed=3)
+    if uniform:
+        captured = [u._replace(model="m", version="1", status=200) for u in captured]
+    batch = Batch(m, captured, [one(m, total_ms=7.0)] if not uniform else [])
+    if uniform:
+        keys, codes, rows = batch.columns()
+        assert keys == [("m", "1", 200)] and not codes.any() and rows.shape == (500, 7)
     by_batch, by_records = PrometheusSink(runtime, lambda: 0), PrometheusSink(runtime, lambda: 0)
     by_batch.emit(batch)
     by_records.emit(list(batch.records()))
