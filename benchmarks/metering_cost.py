@@ -39,6 +39,13 @@ from engine.sinks import LogSink
 from handler.asgi import ServerApp
 from tests.modelgen import _save, add_sub
 
+#: Every sink on (metering records + metrics), metrics only (no record, no header), nothing.
+STATES = ["on", "metrics", "off"]
+#: (what is compared, state with it, state without it)
+COMPARISONS = (
+    ("metering (records + header), metrics kept", "on", "metrics"),
+    ("metering + metrics, vs neither", "on", "off"),
+)
 BODY = json.dumps(
     {"inputs": [{"name": n, "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16} for n in ("INPUT0", "INPUT1")]}
 ).encode()
@@ -79,7 +86,7 @@ async def call(app: ServerApp) -> int:
 
 async def start(repo: Path, on: bool) -> tuple[ServerApp, asyncio.Task[None]]:
     settings = Settings.from_env(
-        {}, model_repository=str(repo), metering_sinks=("log",) if on else ("none",), metrics=on
+        {}, model_repository=str(repo), metering_sinks=("log:packed",) if on else ("none",), metrics=on
     )
     runtime = Runtime(settings)
     app = ServerApp(runtime, lambda: None)  # type: ignore[arg-type,return-value]
@@ -93,7 +100,8 @@ async def start(repo: Path, on: bool) -> tuple[ServerApp, asyncio.Task[None]]:
     lifespan = asyncio.get_running_loop().create_task(app({"type": "lifespan"}, messages.get, send))
     await started.wait()
     if on:
-        runtime.meter.sinks[0] = LogSink(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+        sinks = runtime.meter.sinks
+        runtime.meter.sinks = [LogSink(open(os.devnull, "w"), packed=True), *sinks[1:]]  # noqa: SIM115 - process-long
     return app, lifespan
 
 
@@ -178,17 +186,17 @@ def over_http(repo: Path, work: Path, n: int, instances: int, rounds: int) -> di
     the whole process (every thread; a round ends with a flush of what it queued).
     """
     out: dict[str, dict[str, list[float]]] = {
-        figure: {"on": [], "off": []} for figure in ("p50_us", "loop_cpu_us", "cpu_us")
+        figure: {state: [] for state in STATES} for figure in ("p50_us", "loop_cpu_us", "cpu_us")
     }
     for instance in range(instances):
         server = Switched(repo, work, f"switch{instance}")
         try:
             pid, request = server.proc.pid, infer_request(server.port, "add_sub", BODY, None)
-            for state in ("on", "off"):  # warm both ways
+            for state in STATES:  # warm every way
                 server(state)
                 _sequential(server.port, request, 2000, 60)
             for rnd in range(rounds):
-                for state in rotated(["on", "off"], rnd + instance):
+                for state in rotated(STATES, rnd + instance):
                     server(state)
                     loop, whole = cpu_ns(pid, pid), cpu_ns(pid)
                     got, bad = _sequential(server.port, request, n, 60)
@@ -211,14 +219,14 @@ def saturated(repo: Path, work: Path, instances: int, rounds: int) -> dict[str, 
     """
     from benchmarks.throughput import run_loadgen
 
-    out: dict[str, dict[str, list[float]]] = {figure: {"on": [], "off": []} for figure in ("rps", "cpu_us")}
+    out: dict[str, dict[str, list[float]]] = {figure: {state: [] for state in STATES} for figure in ("rps", "cpu_us")}
     request_file = work / "metering-request.bin"
     for instance in range(instances):
         server = Switched(repo, work, f"busy{instance}")
         try:
             request_file.write_bytes(infer_request(server.port, "add_sub", BODY, None))
             for rnd in range(rounds):
-                for state in rotated(["on", "off"], rnd + instance):
+                for state in rotated(STATES, rnd + instance):
                     server(state)
                     whole = cpu_ns(server.proc.pid)
                     got = run_loadgen(server.proc, server.port, request_file, concurrency=8, warmup=0.5, duration=2.5)
@@ -243,7 +251,7 @@ def on_lambda(repo: Path, work: Path, invokes: int, instances: int, rounds: int)
     from tests.conftest import ROOT
 
     event = json.loads((ROOT / "tests" / "events" / "apigw_v2_infer.json").read_text())
-    out: dict[str, list[float]] = {"on": [], "off": [], "on_wall": [], "off_wall": []}
+    out: dict[str, list[float]] = {key: [] for state in STATES for key in (state, f"{state}_wall")}
     for instance in range(instances):
         env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": "log,emf"}
         with LocalLambda(
@@ -254,12 +262,12 @@ def on_lambda(repo: Path, work: Path, invokes: int, instances: int, rounds: int)
             log=work / f"lambda-{instance}.log",
         ) as fn:
             fn.wait_init()
-            for state in ("on", "off"):  # warm both ways
+            for state in STATES:  # warm every way
                 fn.invoke({"oclaw-switch": state})
                 for _ in range(100):
                     fn.invoke(event)
             for rnd in range(rounds):
-                for state in rotated(["on", "off"], rnd + instance):
+                for state in rotated(STATES, rnd + instance):
                     fn.invoke({"oclaw-switch": state})
                     durations, walls = [], []
                     for _ in range(invokes):
@@ -279,31 +287,54 @@ def paired(on: list[float], off: list[float]) -> tuple[float, float]:
 
 
 def plot(http: dict[str, dict[str, list[float]]], request: float, out: Path) -> Path:
-    """metering_cost.png: each round pair's difference (on - off) in µs, with the 2 % line."""
+    """metering_cost.png: each round's difference in µs (metering vs metrics only; both vs neither), 2 % line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = {"p50_us": "HTTP p50", "loop_cpu_us": "event-loop CPU", "cpu_us": "process CPU"}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for x, key in enumerate(labels):
-        diffs = [a - b for a, b in zip(http[key]["on"], http[key]["off"], strict=True)]
-        ax.scatter([x] * len(diffs), diffs, alpha=0.4, s=14)
-        mean, se = paired(http[key]["on"], http[key]["off"])
-        ax.errorbar([x + 0.2], [mean], yerr=[2 * se], fmt="o", color="black", capsize=4)
+        for shift, (_, with_, without) in zip((-0.15, 0.15), COMPARISONS, strict=True):
+            diffs = [a - b for a, b in zip(http[key][with_], http[key][without], strict=True)]
+            ax.scatter([x + shift] * len(diffs), diffs, alpha=0.35, s=12, color=f"C{int(shift > 0)}")
+            mean, se = paired(http[key][with_], http[key][without])
+            ax.errorbar([x + shift], [mean], yerr=[2 * se], fmt="o", color="black", capsize=4)
+    for i, (what, _, _) in enumerate(COMPARISONS):
+        ax.scatter([], [], color=f"C{i}", label=what)
     ax.axhline(0.02 * request, color="red", linestyle="--", label=f"2 % of the request ({0.02 * request:.1f} µs)")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(labels)), list(labels.values()))
-    ax.set_ylabel("metering on - off, µs per request")
+    ax.set_ylabel("on - off, µs per request")
     ax.set_title("Metering cost per round pair (mean ± 2 SE)")
-    ax.legend()
+    ax.legend(fontsize=8)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "metering_cost.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _rows(
+    figures: dict[str, dict[str, list[float]]], names: dict[str, str], base: float, unit: str = "µs"
+) -> list[list[str]]:
+    """A table row per figure and comparison: without, with, difference ± SE, relative to ``base``."""
+    rows = []
+    for key, name in names.items():
+        for what, with_, without in COMPARISONS:
+            diff, se = paired(figures[key][with_], figures[key][without])
+            rows.append(
+                [
+                    f"{name}: {what}",
+                    f"{statistics.mean(figures[key][without]):.1f}",
+                    f"{statistics.mean(figures[key][with_]):.1f}",
+                    f"{diff:+.1f} ± {se:.1f} {unit}",
+                    f"{diff / base * 100:+.2f} % ± {se / base * 100:.2f} %",
+                ]
+            )
+    return rows
 
 
 def main() -> int:
@@ -319,102 +350,66 @@ def main() -> int:
         busy = saturated(repo, Path(tmp), instances, max(2, rounds // 2))
         lam = on_lambda(repo, Path(tmp), 300, instances, rounds)
     request = statistics.mean(http["p50_us"]["off"])
-
-    def row(what: str, key: str) -> list[str]:
-        diff, se = paired(http[key]["on"], http[key]["off"])
-        base = statistics.mean(http[key]["off"])
-        return [
-            what,
-            f"{base:.1f}",
-            f"{statistics.mean(http[key]['on']):.1f}",
-            f"{diff:+.1f} ± {se:.1f}",
-            f"{diff / request * 100:+.2f} % ± {se / request * 100:.2f} %",
-        ]
-
-    added = on - off
     pairs = len(http["p50_us"]["on"])
     print(
         f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON, c1; {instances} `oclaw serve` "
-        f"processes x {rounds} round pairs of {max(1000, n // 10)} requests, metering switched on/off in each)\n"
+        f"processes x {rounds} rounds of {max(1000, n // 10)} requests in each state: every sink on "
+        "(log:packed + Prometheus), metrics only, nothing)\n"
     )
+    header = ["what", "without", "with", "difference (± SE)", "of the request p50 (nothing on)"]
+    http_names = {"p50_us": "HTTP p50", "loop_cpu_us": "event-loop CPU", "cpu_us": "process CPU (flush included)"}
+    in_proc = [
+        [
+            "in-process request path, all on vs nothing (ASGI, no network, hot loop)",
+            f"{off:.1f}",
+            f"{on:.1f}",
+            f"{on - off:+.1f} µs",
+            f"{(on - off) / request * 100:+.2f} %",
+        ],
+        [
+            "in-process background flush (log:packed + Prometheus), per request",
+            "-",
+            f"{flush_us:.1f}",
+            f"{flush_us:+.1f} µs",
+            f"{flush_us / request * 100:+.2f} %",
+        ],
+    ]
+    print(table(header, [*_rows(http, http_names, request), *in_proc]))
+    print(f"\n({pairs} rounds per state; SE = standard error of the paired difference)")
+    rps_off = statistics.mean(busy["rps"]["off"])
+    print(f"\n## The same server kept busy (loadgen, 8 connections, {len(busy['rps']['on'])} rounds of 2.5 s)\n")
     print(
         table(
-            ["what", "off µs", "on µs", "on - off µs (± SE)", "of the request p50 (off)"],
+            ["what", "without", "with", "difference (± SE)", "relative"],
             [
-                row("HTTP request p50", "p50_us"),
-                row("event-loop thread CPU per request", "loop_cpu_us"),
-                row("process CPU per request (every thread; the round's flush included)", "cpu_us"),
-                [
-                    "in-process request path (ASGI, no network)",
-                    f"{off:.1f}",
-                    f"{on:.1f}",
-                    f"{added:+.1f}",
-                    f"{added / request * 100:+.2f} %",
-                ],
-                [
-                    "in-process background flush (log line + Prometheus), per request",
-                    "-",
-                    f"{flush_us:.1f}",
-                    f"{flush_us:+.1f}",
-                    f"{flush_us / request * 100:+.2f} %",
-                ],
+                *_rows({"rps": busy["rps"]}, {"rps": "requests per second"}, rps_off, "req/s"),
+                *_rows(
+                    {"cpu_us": busy["cpu_us"]},
+                    {"cpu_us": "process CPU per request"},
+                    statistics.mean(busy["cpu_us"]["off"]),
+                ),
             ],
         )
     )
-    print(f"\n({pairs} round pairs; SE = standard error of the paired difference)")
-    rps_diff, rps_se = paired(busy["rps"]["on"], busy["rps"]["off"])
-    busy_cpu, busy_cpu_se = paired(busy["cpu_us"]["on"], busy["cpu_us"]["off"])
-    rps_off, cpu_off = statistics.mean(busy["rps"]["off"]), statistics.mean(busy["cpu_us"]["off"])
-    print(f"\n## The same server kept busy (loadgen, 8 connections, {len(busy['rps']['on'])} round pairs of 2.5 s)\n")
+    lam_figures = {
+        "duration": {state: lam[state] for state in STATES},
+        "wall": {state: lam[f"{state}_wall"] for state in STATES},
+    }
     print(
-        table(
-            ["what", "off", "on", "on - off (± SE)", "relative"],
-            [
-                [
-                    "requests per second",
-                    f"{rps_off:.0f}",
-                    f"{statistics.mean(busy['rps']['on']):.0f}",
-                    f"{rps_diff:+.0f} ± {rps_se:.0f}",
-                    f"{rps_diff / rps_off * 100:+.2f} % ± {rps_se / rps_off * 100:.2f} %",
-                ],
-                [
-                    "process CPU per request, µs (the flusher included)",
-                    f"{cpu_off:.1f}",
-                    f"{statistics.mean(busy['cpu_us']['on']):.1f}",
-                    f"{busy_cpu:+.1f} ± {busy_cpu_se:.1f}",
-                    f"{busy_cpu / cpu_off * 100:+.2f} % ± {busy_cpu_se / cpu_off * 100:.2f} %",
-                ],
-            ],
-        )
+        f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event; {instances} functions x {rounds} rounds "
+        "per state: log,emf / emf only / none)\n"
     )
-    lam_diff, lam_se = paired(lam["on"], lam["off"])
-    lam_off = statistics.mean(lam["off"])
-    wall_diff, wall_se = paired(lam["on_wall"], lam["off_wall"])
-    print(
-        f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event; {instances} functions x {rounds} round "
-        "pairs, metering log,emf switched on/off in each)\n"
+    duration = _rows(
+        {"duration": lam_figures["duration"]},
+        {"duration": "invocation Duration p50 (flushed before it returns)"},
+        statistics.mean(lam["off"]),
     )
-    print(
-        table(
-            ["what", "off µs", "on µs", "on - off µs (± SE)", "of the Duration (off)"],
-            [
-                [
-                    "invocation Duration p50 (records flushed before each invocation returns)",
-                    f"{lam_off:.0f}",
-                    f"{statistics.mean(lam['on']):.0f}",
-                    f"{lam_diff:+.1f} ± {lam_se:.1f}",
-                    f"{lam_diff / lam_off * 100:+.2f} % ± {lam_se / lam_off * 100:.2f} %",
-                ],
-                [
-                    "invoke round trip p50 (client → local Runtime API → function → client)",
-                    f"{statistics.mean(lam['off_wall']):.0f}",
-                    f"{statistics.mean(lam['on_wall']):.0f}",
-                    f"{wall_diff:+.1f} ± {wall_se:.1f}",
-                    f"{wall_diff / statistics.mean(lam['off_wall']) * 100:+.2f} % of the round trip",
-                ],
-            ],
-        )
+    wall = _rows(
+        {"wall": lam_figures["wall"]},
+        {"wall": "invoke round trip p50 (client → Runtime API → function → client)"},
+        statistics.mean(lam["off_wall"]),
     )
+    print(table(["what", "without", "with", "difference (± SE)", "relative"], [*duration, *wall]))
     print(f"\nplot: {plot(http, request, out)}")
     return 0
 

@@ -6,7 +6,9 @@ command, acknowledged by a line on the file descriptor named by ``OCLAW_SWITCH_A
 
 - ``off``: flush what is queued, then take every sink away (the request path then captures nothing and adds no
   header: exactly what ``OCLAW_METERING_SINKS=none OCLAW_METRICS=false`` give a request);
-- ``on``: give the sinks back (the log sink and Prometheus, ``oclaw serve``'s defaults);
+- ``metrics``: keep only the metrics sinks (Prometheus on a server, EMF on Lambda): usages are captured for the
+  metrics, no record is written and no header sent (``OCLAW_METERING_SINKS=none``, or ``emf`` on Lambda);
+- ``on``: give every sink back (``oclaw serve``'s defaults: ``log:packed`` and Prometheus);
 - ``flush``: send what is queued now (a round's records belong to that round's cost).
 
 Separate server processes differ by ±10 µs a request on their own (memory layout, core placement), more than
@@ -27,12 +29,15 @@ _saved: list[Any] = []
 
 
 def switch(meter: Meter, command: str) -> int:
-    """Apply one command (``on``, ``off`` or ``flush``); the number of sinks now on."""
-    if command in ("off", "flush"):
-        meter.flush()
-    if command == "off" and meter.sinks:
-        _saved[:], meter.sinks = meter.sinks, []
-    elif command == "on" and not meter.sinks:
+    """Apply one command (``on``, ``metrics``, ``off`` or ``flush``); the number of sinks now on."""
+    meter.flush()  # what was queued belongs to the round that queued it
+    if not _saved:
+        _saved[:] = meter.sinks  # the configured sinks, taken away and given back by the commands
+    if command == "off":
+        meter.sinks = []
+    elif command == "metrics":
+        meter.sinks = [sink for sink in _saved if getattr(sink, "metrics_only", False)]
+    elif command == "on":
         meter.sinks = list(_saved)
     return len(meter.sinks)
 

@@ -72,6 +72,9 @@ class PrometheusSink:
     bucket counts), not once per record: prometheus-client's per-observation locking cost ~5 µs a request.
     """
 
+    #: Metrics only: with no other sink, responses carry no ``oclaw-metering`` header.
+    metrics_only = True
+
     def __init__(self, runtime: Runtime, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self._series: dict[tuple[str, str], _Series] = {}

@@ -14,6 +14,7 @@ import time
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, overload
 
 import orjson
@@ -165,19 +166,19 @@ def split_evenly(total: float, weights: Sequence[int], unit: float = 1e-3) -> li
 #: ``X-Request-Id`` when the client sent one (or ask for the whole record: ``"parameters": {"metering": true}``).
 METERING_HEADER = b"oclaw-metering"
 
-#: Header values by (compute µs, billed ms, cold): a model's requests repeat few of them, and formatting one cost
-#: more than looking it up (uvicorn also scans every header byte: the value is kept short). Bounded.
-_header_values: dict[int, bytes] = {}
+#: Header values by ``header_key(compute µs, billed ms, cold)``: a model's requests repeat few of them, and
+#: formatting one costs more than looking it up (uvicorn also scans every header byte: the value is kept short).
+HEADER_VALUES: dict[int, bytes] = {}
 
 
 def header_value(compute_us: int, billed_ms: int, cold: bool) -> bytes:
-    """The ``oclaw-metering`` header value of a request, encoded (ASCII)."""
+    """The ``oclaw-metering`` header value of a request, encoded (ASCII); ``HEADER_VALUES`` keeps it."""
     key = compute_us << 32 | billed_ms << 1 | cold
-    value = _header_values.get(key)
+    value = HEADER_VALUES.get(key)
     if value is None:
-        if len(_header_values) >= 4096:
-            _header_values.clear()
-        value = _header_values[key] = b"compute-ms=%d.%03d, billed-ms=%d, cold=?%d" % (
+        if len(HEADER_VALUES) >= 4096:
+            HEADER_VALUES.clear()
+        value = HEADER_VALUES[key] = b"compute-ms=%d.%03d, billed-ms=%d, cold=?%d" % (
             compute_us // 1000,
             compute_us % 1000,
             billed_ms,
@@ -214,6 +215,8 @@ _OWN_LINE = b'{"request_id":%b,"items":%d,"bytes_in":%d,"bytes_out":%d,"queue_ms
 _MS: dict[int, bytes] = {}
 
 
+#: Requests in one packed line at most (``Batch.packed_lines``): ~60 bytes each, far below log entry limits.
+PACK = 2000
 #: ...then what it shares with them (``_shared_json``): one line.
 _LINE = _OWN_LINE + b"%b"
 
@@ -316,6 +319,65 @@ class Batch(Sequence[MeteringRecord]):
         done = (dumps(record.__dict__ | tag, option=newline) for record in self.done)
         return b"".join(chain(map(_LINE.__mod__, lines), done))
 
+    def packed_lines(self, event: str | None = None) -> bytes | bytearray:
+        """Like ``json_lines``, but the requests that share a line's shared fields (second, tenant, model,
+        version, cold, billed ms and so bill, status, source) go in one line, their own figures as lists:
+        ``{"requests": 3, "request_id": [...], "items": [...], ..., "time": ..., "tenant": ...}``, at most
+        ``PACK`` a line. A request alone in its group gets a plain record line. ``unpack`` reads both.
+
+        A busy server's second of requests becomes a few lines: ~3x less work, ~5x fewer bytes to ingest.
+        """
+        import numpy as np
+
+        tag = {} if event is None else {"event": event}
+        n = len(self.usages)
+        if n < 16 or self._records is not None:
+            return self.json_lines(event)
+        (rids, tenants, models, versions, items, sizes_in, sizes_out, queues, computes, totals, _, colds, sources,
+         seconds, statuses) = self.fields()  # fmt: skip
+        keys = list(zip(seconds, tenants, models, versions, colds, self.billed(), statuses, sources, strict=True))
+        distinct = list(dict.fromkeys(keys))
+        if len(distinct) == 1:
+            groups: list[tuple[tuple[Any, ...], Any]] = [(distinct[0], np.arange(n))]
+        else:
+            index = {key: i for i, key in enumerate(distinct)}
+            codes = np.fromiter(map(index.__getitem__, keys), np.intp, n)
+            order = np.argsort(codes, kind="stable")  # each group's requests in the order they were served
+            ends = np.cumsum(np.bincount(codes, minlength=len(distinct)))
+            groups = [
+                (key, order[end - size : end])
+                for key, end, size in zip(distinct, ends, np.diff(ends, prepend=0), strict=True)
+            ]
+        ms = np.array([queues, computes, totals], dtype=np.float64) / 1000  # exactly µs / 1000, as in a record
+        own = (rids, items, sizes_in, sizes_out)
+        out = []
+        dumps = orjson.dumps
+        for key, members in groups:
+            for start in range(0, len(members), PACK):
+                part = members[start : start + PACK]
+                if len(part) == 1:
+                    i = int(part[0])
+                    out.append(self._line(self.usages[i], keys[i][5], tag))
+                    continue
+                take = itemgetter(*part.tolist())
+                rid, size, size_in, size_out = (list(take(column)) for column in own)
+                queue, compute, total = ms[:, part].tolist()
+                head = dumps(
+                    {
+                        "requests": len(part),
+                        "request_id": rid,
+                        "items": size,
+                        "bytes_in": size_in,
+                        "bytes_out": size_out,
+                        "queue_ms": queue,
+                        "compute_ms": compute,
+                        "total_ms": total,
+                    }
+                )
+                out += (head[:-1], b",", self._shared_json(key, tag))
+        out += (dumps(record.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for record in self.done)
+        return b"".join(out)
+
     def _shared_json(self, key: tuple[Any, ...], tag: dict[str, str]) -> bytes:
         """What the lines of one (second, tenant, model, version, cold, billed, status, source) share: the end of
         their JSON object, from the comma after their own figures to the newline."""
@@ -348,55 +410,58 @@ class Batch(Sequence[MeteringRecord]):
 
     def _own_lines(self, tag: dict[str, str]) -> bytearray:
         """``json_lines`` of a few usages and the done records: one object a line."""
-        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-        platform, instance = self.meter.platform, self.meter.instance_id
         out = bytearray()
         for usage, billed in zip(self.usages, self.billed(), strict=True):
-            (
-                rid,
-                tenant,
-                model,
-                version,
-                items,
-                size_in,
-                size_out,
-                queue,
-                compute,
-                total,
-                _,
-                cold,
-                source,
-                second,
-                status,
-            ) = usage
-            gb_s, vcpu_s, gib_s, cost = self._bill(billed)
-            line = {
-                "request_id": rid,
-                "time": _time_of(second),
-                "tenant": tenant,
-                "model": model,
-                "version": version,
-                "platform": platform,
-                "instance_id": instance,
-                "cold": cold,
-                "items": items,
-                "bytes_in": size_in,
-                "bytes_out": size_out,
-                "queue_ms": queue / 1000,
-                "compute_ms": compute / 1000,
-                "total_ms": total / 1000,
-                "billed_ms": float(billed),
-                "gb_seconds": gb_s,
-                "vcpu_seconds": vcpu_s,
-                "gib_seconds": gib_s,
-                "cost_usd": cost,
-                "status": status,
-                "source": source,
-            }
-            out += dumps(line | tag if tag else line, option=newline)
+            out += self._line(usage, billed, tag)
         for record in self.done:
-            out += dumps(record.__dict__ | tag, option=newline)
+            out += orjson.dumps(record.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE)
         return out
+
+    def _line(self, usage: Usage, billed: int, tag: dict[str, str]) -> bytes:
+        """One request's record line, straight from its usage (no record object)."""
+        (
+            rid,
+            tenant,
+            model,
+            version,
+            items,
+            size_in,
+            size_out,
+            queue,
+            compute,
+            total,
+            _,
+            cold,
+            source,
+            second,
+            status,
+        ) = usage
+        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+        line = {
+            "request_id": rid,
+            "time": _time_of(second),
+            "tenant": tenant,
+            "model": model,
+            "version": version,
+            "platform": self.meter.platform,
+            "instance_id": self.meter.instance_id,
+            "cold": cold,
+            "items": items,
+            "bytes_in": size_in,
+            "bytes_out": size_out,
+            "queue_ms": queue / 1000,
+            "compute_ms": compute / 1000,
+            "total_ms": total / 1000,
+            "billed_ms": float(billed),
+            "gb_seconds": gb_s,
+            "vcpu_seconds": vcpu_s,
+            "gib_seconds": gib_s,
+            "cost_usd": cost,
+            "status": status,
+            "source": source,
+            **tag,
+        }
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
     def billed(self) -> list[int]:
         """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""
@@ -455,6 +520,22 @@ class Batch(Sequence[MeteringRecord]):
         for i, r in enumerate(self.done, n):
             rows[i] = (r.total_ms, r.queue_ms, r.compute_ms, r.items, r.billed_ms, r.cost_usd, r.cold)
         return keys, codes, rows
+
+
+#: A packed line's per-request lists, in record field order.
+PACKED_FIELDS = ("request_id", "items", "bytes_in", "bytes_out", "queue_ms", "compute_ms", "total_ms")
+
+
+def unpack(line: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a metering line: itself, or each request of a packed line (``Batch.packed_lines``)."""
+    count = line.get("requests")
+    if not isinstance(count, int) or not isinstance(line.get("request_id"), list):
+        return [line]
+    shared = {k: v for k, v in line.items() if k not in PACKED_FIELDS and k != "requests"}
+    columns = [line[name] for name in PACKED_FIELDS]
+    if any(len(column) != count for column in columns):
+        raise ValueError(f"packed metering line: {count} requests but lists of {[len(c) for c in columns]}")
+    return [dict(zip(PACKED_FIELDS, values, strict=True)) | shared for values in zip(*columns, strict=True)]
 
 
 def figures_of(r: MeteringRecord) -> tuple[str, int, bool, float, float, float, bool, float]:

@@ -44,13 +44,26 @@ class LineSink:
 
 
 class LogSink(LineSink):
-    """One JSON line per record on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write."""
+    """JSON lines on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write a flush.
 
-    def __init__(self, stream: Any = None) -> None:
+    One line per record; ``packed``: the requests of a flush that share their second, tenant, model, bill and
+    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.records.unpack``).
+    """
+
+    def __init__(self, stream: Any = None, *, packed: bool = False) -> None:
         self.stream = stream
+        self.packed = packed
 
     def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
+        if self.packed and isinstance(records, Batch):
+            return records.packed_lines("metering")
         return json_lines(records, "metering")
+
+
+def _log_sink(arg: str) -> LogSink:
+    if arg not in ("", "packed"):
+        raise ValueError(f"unknown log sink option {arg!r}; use log or log:packed")
+    return LogSink(packed=arg == "packed")
 
 
 def write(stream: Any, lines: bytes | bytearray) -> None:
@@ -89,7 +102,7 @@ class CallbackSink:
 
 
 SINKS = (
-    "log, emf, jsonl:PATH, sqs:QUEUE_URL, kinesis:STREAM, firehose:STREAM, callback:module:function, "
+    "log, log:packed, emf, jsonl:PATH, sqs:QUEUE_URL, kinesis:STREAM, firehose:STREAM, callback:module:function, "
     "class:module:Class or none"
 )
 
@@ -102,7 +115,7 @@ def _class_sink(arg: str) -> Sink:
 
 #: OCLAW_METERING_SINKS entries: ``kind`` or ``kind:argument``.
 FACTORIES: dict[str, Callable[[str], Sink | None]] = {
-    "log": lambda _: LogSink(),
+    "log": _log_sink,
     "emf": lambda arg: EmfSink(arg or "oclaw"),
     "jsonl": JsonlSink,
     "sqs": lambda arg: QueueSink("sqs", arg),
@@ -119,10 +132,7 @@ def make_sink(spec: str) -> Sink | None:
     """A sink from its OCLAW_METERING_SINKS entry."""
     kind, _, arg = spec.partition(":")
     if kind not in FACTORIES or (kind in NEEDS_ARGUMENT and not arg):
-        raise ValueError(
-            f"unknown metering sink {spec!r}; expected log, emf, jsonl:PATH, sqs:QUEUE_URL, kinesis:STREAM, "
-            "firehose:STREAM, callback:module:function, class:module:Class or none"
-        )
+        raise ValueError(f"unknown metering sink {spec!r}; expected {SINKS}")
     return FACTORIES[kind](arg)
 
 
@@ -167,6 +177,8 @@ class QueueSink:
 class EmfSink(LineSink):
     """CloudWatch metrics as Embedded Metric Format log lines (no network call), one line per model per flush.
 
+    Metrics only: with no other sink, records are not kept and responses carry no ``oclaw-metering`` header.
+
     Per model: request, item, failure and cold-start counts, the sums of compute ms, billed ms and cost, and each
     request's latency (up to 100 values, so CloudWatch can give percentiles). Tenants are not dimensions (their
     cardinality would multiply the metric cost). The lines are the ones Powertools Metrics writes for the same
@@ -184,6 +196,8 @@ class EmfSink(LineSink):
         ("ColdStarts", "Count"),
         ("LatencyMs", "Milliseconds"),
     )
+
+    metrics_only = True
 
     def __init__(self, namespace: str = "oclaw", stream: Any = None) -> None:
         self.namespace = namespace

@@ -223,7 +223,8 @@ class ServerApp:
             log.warning("prometheus-client is not installed: no /metrics")
             return
         self.prometheus = PrometheusSink(self.runtime, lambda: self.in_flight)
-        self.runtime.meter.sinks.append(self.prometheus)
+        meter = self.runtime.meter
+        meter.sinks = [*meter.sinks, self.prometheus]  # metrics only: no header unless a sink takes records
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -147,8 +147,10 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
 
 
 def _metering_records(path: str) -> list[dict[str, Any]]:
-    """Metering records in a file: the jsonl sink's lines, or log lines that carry one JSON record each."""
-    records = []
+    """Metering records in a file: the jsonl sink's lines, or log lines that carry a JSON record (or packed ones)."""
+    from engine.records import unpack
+
+    records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             start = line.find("{")
@@ -159,7 +161,7 @@ def _metering_records(path: str) -> list[dict[str, Any]]:
             except ValueError:
                 continue  # other log lines
             if isinstance(record, dict) and record.get("event", "metering") == "metering" and "cost_usd" in record:
-                records.append(record)
+                records += unpack(record)  # a record, or a packed line of them
     return records
 
 

@@ -106,7 +106,8 @@ class Recorder:
     def __call__(
         self, model: LoadedModel, response: InferResponse, bytes_out: int, preview: Usage | None = None
     ) -> bytes | None:
-        """Queue the served request's usage (``preview``'s, when the request was shown it); its header value."""
+        """Queue the served request's usage (``preview``'s, when the request was shown it); its header value (None
+        when metering is off, or only metrics are kept)."""
         runtime = self.runtime
         cold, runtime.cold = runtime.cold, False
         if not runtime.meter.sinks:

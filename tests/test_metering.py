@@ -276,8 +276,8 @@ def test_queue_sinks_deliver_batches_over_real_http(tmp_path: Path, moto: str, m
     aws.reset()
 
 
-def test_v2_response_parameters_carry_the_record_when_asked(repo: Path) -> None:
-    srv = start_server(repo, metering_sinks=("none",))
+def test_v2_response_parameters_carry_the_record_when_asked(repo: Path, tmp_path: Path) -> None:
+    srv = start_server(repo, metering_sinks=(f"jsonl:{tmp_path / 'records.jsonl'}",))
     try:
         body = {
             "parameters": {"metering": True},

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine import records as records_module
 from engine.config import Settings
 from engine.metering import Meter
-from engine.records import Batch, MeteringRecord, Usage, json_lines
-from engine.sinks import EmfSink, LineSink
+from engine.records import Batch, MeteringRecord, Usage, json_lines, unpack
+from engine.sinks import EmfSink, LineSink, LogSink, make_sink
 from tests.meterkit import meter, one
 
 SEEN: list[list[MeteringRecord]] = []
@@ -239,3 +240,90 @@ def test_a_line_sink_failing_once_writes_nothing_twice(tmp_path: Path, monkeypat
     m.flush()
     (written,) = out.writes
     assert len(written.splitlines()) == 1 and m.failures == 1  # the retry's line only
+
+
+def _canonical(records: list[dict[str, object]]) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True) for r in records)
+
+
+@pytest.mark.parametrize("size", [3, 40, 400])  # a few (a line each), then packed lines (and requests alone)
+@pytest.mark.parametrize("platform", ["cloudrun", "lambda"])
+def test_packed_lines_unpack_to_exactly_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str, size: int
+) -> None:
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+    m = meter(tmp_path, platform)
+    batch = Batch(m, usages(size, seed=11), [one(m, total_ms=2.5)])
+    lines = [json.loads(line) for line in batch.packed_lines("metering").splitlines()]
+    assert batch._records is None  # made from the captured tuples
+    want = [r.as_dict() | {"event": "metering"} for r in batch.records()]
+    assert _canonical([r for line in lines for r in unpack(line)]) == _canonical(want)
+    packed = [line for line in lines if "requests" in line]
+    if size >= 16:
+        assert packed and len(lines) < size + 1  # requests sharing second, tenant, model, bill... share a line
+        assert all(line["requests"] == len(line["request_id"]) >= 2 for line in packed)
+    else:
+        assert not packed
+
+
+def test_packed_lines_hold_at_most_pack_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records_module, "PACK", 7)
+    m = meter(tmp_path, "cloudrun")
+    fixed = {"tenant": "t", "model": "m", "version": "1", "cold": False, "init_ms": 0.0, "status": 200}
+    same = [u._replace(**fixed, second=1_790_000_000, total_us=400, source="http") for u in usages(30, seed=5)]
+    lines = [json.loads(line) for line in Batch(m, same, []).packed_lines("metering").splitlines()]
+    assert [line["requests"] for line in lines] == [7, 7, 7, 7, 2]
+    got = [r for line in lines for r in unpack(line)]
+    assert [r["request_id"] for r in got] == [u.request_id for u in same]  # one group: served order kept
+    assert _canonical(got) == _canonical([m.complete(u).as_dict() | {"event": "metering"} for u in same])
+
+
+def test_unpack_refuses_a_malformed_packed_line() -> None:
+    line = {"requests": 2, "request_id": ["a", "b"], "items": [1], "bytes_in": [1, 1], "bytes_out": [1, 1]}
+    with pytest.raises(ValueError, match="2 requests"):
+        unpack(line | {"queue_ms": [0.1, 0.1], "compute_ms": [0.1, 0.1], "total_ms": [0.1, 0.1]})
+    assert unpack({"request_id": "r", "cost_usd": 0.0}) == [{"request_id": "r", "cost_usd": 0.0}]
+
+
+def test_log_sink_packed_and_metrics_only_sinks(tmp_path: Path) -> None:
+    sink = make_sink("log:packed")
+    assert isinstance(sink, LogSink) and sink.packed and not LogSink().packed
+    with pytest.raises(ValueError, match="log:packed"):
+        make_sink("log:fancy")
+    m = meter(tmp_path, "cloudrun")
+    batch = Batch(m, usages(50, seed=2), [])
+    assert sink.lines(batch) == batch.packed_lines("metering")
+    assert LogSink().lines(batch) == json_lines(batch, "metering")
+
+    usage = usages(1)[0]
+    emf_only = meter(tmp_path, "lambda", metering_sinks=("emf",))  # metrics only: no records kept, no header
+    assert not emf_only.records_out and emf_only.submit_usage(usage) is None
+    both = meter(tmp_path, "lambda", metering_sinks=("log", "emf"))
+    assert both.records_out and isinstance(both.submit_usage(usage), bytes)
+    both.sinks = [s for s in both.sinks if isinstance(s, EmfSink)]  # the header follows the sinks
+    assert both.submit_usage(usage) is None
+
+
+def test_usage_command_reads_packed_lines(tmp_path: Path) -> None:
+    import csv
+    import io
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    m = meter(tmp_path, "cloudrun")
+    batch = Batch(m, usages(300, seed=9), [])
+    log = tmp_path / "server.log"
+    log.write_text(
+        "INFO started\n" + "".join(f"stdout: {x}\n" for x in batch.packed_lines("metering").decode().splitlines())
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "handler.cli", "usage", str(log), "--by", "tenant", "--csv"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    rows = {row["tenant"]: int(row["requests"]) for row in csv.DictReader(io.StringIO(out.stdout))}
+    want: dict[str, int] = {}
+    for record in batch.records():
+        want[record.tenant] = want.get(record.tenant, 0) + 1
+    assert rows == want and sum(rows.values()) == 300

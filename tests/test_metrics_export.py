@@ -57,7 +57,8 @@ def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
     try:
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 4], "data": [0.0] * 12}]}
         for _ in range(4):
-            assert httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body).status_code == 200
+            answer = httpx.post(f"{srv.url}/v2/models/versioned/infer", json=body)
+            assert answer.status_code == 200 and "oclaw-metering" not in answer.headers  # metrics only: no header
         bad = httpx.post(f"{srv.url}/v2/models/versioned/infer", json={"inputs": []})
         assert bad.status_code == 400
         for name in ("nope-1", "nope-2"):  # unknown names must not become label values
