@@ -166,24 +166,25 @@ def split_evenly(total: float, weights: Sequence[int], unit: float = 1e-3) -> li
 #: ``X-Request-Id`` when the client sent one (or ask for the whole record: ``"parameters": {"metering": true}``).
 METERING_HEADER = b"oclaw-metering"
 
-#: Header values by ``header_key(compute µs, billed ms, cold)``: a model's requests repeat few of them, and
-#: formatting one costs more than looking it up (uvicorn also scans every header byte: the value is kept short).
-HEADER_VALUES: dict[int, bytes] = {}
+#: Header values by (compute µs, billed ms, cold): a model's requests repeat few of them, and formatting one
+#: costs more than looking it up (uvicorn also scans every header byte: the value is kept short). Bounded.
+HEADER_VALUES: dict[tuple[int, int, bool], bytes] = {}
 
 
 def header_value(compute_us: int, billed_ms: int, cold: bool) -> bytes:
     """The ``oclaw-metering`` header value of a request, encoded (ASCII); ``HEADER_VALUES`` keeps it."""
-    key = compute_us << 32 | billed_ms << 1 | cold
+    key = (compute_us, billed_ms, cold)
     value = HEADER_VALUES.get(key)
     if value is None:
         if len(HEADER_VALUES) >= 4096:
             HEADER_VALUES.clear()
-        value = HEADER_VALUES[key] = b"compute-ms=%d.%03d, billed-ms=%d, cold=?%d" % (
+        value = b"compute-ms=%d.%03d, billed-ms=%d, cold=?%d" % (
             compute_us // 1000,
             compute_us % 1000,
             billed_ms,
             cold,
         )
+        HEADER_VALUES[key] = value
     return value
 
 
