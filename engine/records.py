@@ -326,7 +326,8 @@ class Batch(Sequence[MeteringRecord]):
         ``{"requests": 3, "request_id": [...], "items": [...], ..., "time": ..., "tenant": ...}``, at most
         ``PACK`` a line. A request alone in its group gets a plain record line. ``unpack`` reads both.
 
-        A busy server's second of requests becomes a few lines: ~3x less work, ~5x fewer bytes to ingest.
+        A busy server's second of requests becomes a few lines: ~8x fewer bytes to ingest (~52 a request instead
+        of ~430), for about the CPU of a line per request (~10 % less in a flush).
         """
         import numpy as np
 
