@@ -1,16 +1,19 @@
-"""Cost of metering on the warm path: a tiny model's request with metering on vs off.
+"""Cost of metering on the warm path: a tiny model's request with every sink on, metrics only, and nothing.
 
 ``python -m benchmarks.metering_cost [N] [PROCESSES] [ROUNDS] [OUT]``: a tiny model (add_sub FP32 [1,16] x2,
-V2 JSON), measured three ways:
+V2 JSON), measured four ways:
 
 1. in-process: the request through ``oclaw serve``'s data plane (ASGI, no network), alternating between an app
-   with metering + Prometheus on (log sink to /dev/null) and one with both off, N times each, plus the
-   background flush per request: the request path's own cost, precisely, in a hot loop;
-2. over HTTP: PROCESSES ``oclaw serve`` processes whose metering is switched on and off between rounds
-   (benchmarks.metering_switch), ROUNDS pairs of rounds each on a keep-alive socket: p50 latency, the event-loop
-   thread's CPU time and the whole process's (the flusher included) per request;
-3. the same server kept busy by benchmarks.loadgen (8 connections): requests per second and CPU per request;
-4. on Lambda: the invocation Duration p50 under awslambdaric, one function's ``log,emf`` sinks switched.
+   with every sink on (log sink to /dev/null) and one with nothing, max(N, 20,000) times each, plus the
+   background flush per request: the request path's own cost, in a hot loop;
+2. over HTTP: PROCESSES ``oclaw serve`` processes whose sinks are switched between rounds
+   (benchmarks.metering_switch), ROUNDS rounds of N/10 requests per state on a keep-alive socket (short rounds:
+   the VM's speed drifts less between neighbours): p50 latency, the event-loop thread's CPU time and the whole
+   process's (the flusher included) per request;
+3. the same server kept busy by benchmarks.loadgen (8 connections, ROUNDS/10 rounds of 2.5 s per state):
+   requests per second and CPU per request;
+4. on Lambda: the invocation Duration p50 under awslambdaric, one function per process with the ``log,emf``
+   sinks switched, ROUNDS rounds of max(50, 6000/ROUNDS) invokes per state.
 
 Prints the tables and writes OUT/metering_cost.png (default bench-results/).
 """
@@ -342,18 +345,19 @@ def main() -> int:
     instances = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
     out = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("bench-results")
+    per_round = max(100, n // 10)  # short rounds: the VM's speed drifts less between neighbouring rounds
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         _save(add_sub(16), repo, "add_sub")
-        off, on, flush_us = in_process(repo, n)
-        http = over_http(repo, Path(tmp), max(1000, n // 10), instances, rounds)
-        busy = saturated(repo, Path(tmp), instances, max(2, rounds // 2))
-        lam = on_lambda(repo, Path(tmp), 300, instances, rounds)
+        off, on, flush_us = in_process(repo, max(n, 20_000))
+        http = over_http(repo, Path(tmp), per_round, instances, rounds)
+        busy = saturated(repo, Path(tmp), instances, max(2, rounds // 10))
+        lam = on_lambda(repo, Path(tmp), max(50, 6000 // rounds), instances, rounds)
     request = statistics.mean(http["p50_us"]["off"])
     pairs = len(http["p50_us"]["on"])
     print(
         f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON, c1; {instances} `oclaw serve` "
-        f"processes x {rounds} rounds of {max(1000, n // 10)} requests in each state: every sink on "
+        f"processes x {rounds} rounds of {per_round} requests in each state: every sink on "
         "(log:packed + Prometheus), metrics only, nothing)\n"
     )
     header = ["what", "without", "with", "difference (± SE)", "of the request p50 (nothing on)"]
