@@ -27,6 +27,15 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"
 
 
+class _RuntimeServer(ThreadingHTTPServer):
+    """The Runtime API's HTTP server; a function process stopped while it waits for ``/next`` is not an error."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 @dataclass
 class Invocation:
     """One event on its way through the runtime."""
@@ -100,7 +109,7 @@ class RuntimeAPI:
         self.init_error_type: str | None = None
         self.restore_error: dict[str, Any] | None = None
         self.failed = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _RuntimeServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

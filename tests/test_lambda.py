@@ -177,3 +177,27 @@ def test_broken_repository_is_reported_to_init_error(tmp_path: Path) -> None:
         assert lam.proc is not None and lam.proc.wait(timeout=30) != 0
     finally:
         lam.stop()
+
+
+def test_runtime_api_server_is_quiet_about_a_runtime_gone_mid_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """A runtime stopped while its /next request is open resets the connection: not an error worth a traceback
+    (the demo ended with one); anything else still is."""
+    from http.server import BaseHTTPRequestHandler
+
+    from handler.local_lambda import _RuntimeServer
+
+    server = _RuntimeServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    try:
+        for exc in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe")):
+            try:
+                raise exc
+            except ConnectionError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a real bug")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a real bug" in capsys.readouterr().err
+    finally:
+        server.server_close()
