@@ -277,29 +277,13 @@ class Meter:
             usages = [usage.popleft() for _ in range(len(usage))]
             self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
 
-    def _one_line(self, batch: Batch) -> tuple[int, int] | None:
-        """(log sink, EMF sink) when a flush's one record would go to both on stdout: its EMF line carries it."""
-        if len(batch.usages) != 1 or batch.done or self._spooled or not batch.usages[0][2]:
-            return None
-        log = emf = -1
-        for index, sink in enumerate(self.sinks):
-            if isinstance(sink, sink_kinds.LineSink) and sink.stream is None:
-                if isinstance(sink, sink_kinds.LogSink) and log < 0:
-                    log = index
-                elif isinstance(sink, sink_kinds.EmfSink) and emf < 0:
-                    emf = index
-        return (log, emf) if log >= 0 and emf >= 0 else None
-
     def _send(self, batch: Batch) -> None:
-        # what the sinks on stdout make, written once below (one write a Lambda invocation)
-        out: list[bytes | bytearray] = []
+        out: list[
+            bytes | bytearray
+        ] = []  # what the sinks on stdout make, written once below (one write a Lambda invocation)
         on_stdout: list[tuple[int, Sequence[MeteringRecord]]] = []
         queued = bool(batch.usages or batch.done)
-        one_line = self._one_line(batch)  # a Lambda invocation with log and emf: one line, record and metrics
-        merged = False
         for index, sink in enumerate(self.sinks):
-            if one_line is not None and index == one_line[0]:
-                continue  # the log sink's record goes in the EMF sink's line (or after the loop if that fails)
             records: Sequence[MeteringRecord] = batch
             if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush (per Lambda invoke)
                 self._spooled.discard(index)
@@ -312,10 +296,6 @@ class Meter:
                 try:
                     if lines is None:
                         sink.emit(records)
-                    elif one_line is not None and index == one_line[1]:
-                        out.append(sink.lines(records, batch.record_dict("metering")))
-                        on_stdout.append((index, records))
-                        merged = True
                     else:
                         out.append(lines(records))
                         on_stdout.append((index, records))
@@ -325,15 +305,6 @@ class Meter:
                     records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
                     if attempt == 2:
                         self._spool(index, sink, records, exc)
-        if one_line is not None:
-            log_index = one_line[0]
-            try:
-                if not merged:  # the EMF line failed: the log sink writes its own
-                    out.append(self.sinks[log_index].lines(batch))
-                on_stdout.append((log_index, batch))
-            except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
-                self.failures += 1
-                self._spool(log_index, self.sinks[log_index], batch, exc)
         if out:
             try:
                 sink_kinds.write(None, out[0] if len(out) == 1 else b"".join(out))

@@ -421,14 +421,6 @@ class Batch(Sequence[MeteringRecord]):
 
     def _line(self, usage: Usage, billed: int, tag: dict[str, str]) -> bytes:
         """One request's record line, straight from its usage (no record object)."""
-        return orjson.dumps(self._record_dict(usage, billed, tag), option=orjson.OPT_APPEND_NEWLINE)
-
-    def record_dict(self, event: str | None = None) -> dict[str, Any]:
-        """The one record of a batch of one usage, as a JSON-ready dict (with an ``event`` field when given)."""
-        (usage,) = self.usages
-        return self._record_dict(usage, self.billed()[0], {} if event is None else {"event": event})
-
-    def _record_dict(self, usage: Usage, billed: int, tag: dict[str, str]) -> dict[str, Any]:
         (
             rid,
             tenant,
@@ -447,7 +439,7 @@ class Batch(Sequence[MeteringRecord]):
             status,
         ) = usage
         gb_s, vcpu_s, gib_s, cost = self._bill(billed)
-        return {
+        line = {
             "request_id": rid,
             "time": _time_of(second),
             "tenant": tenant,
@@ -471,6 +463,7 @@ class Batch(Sequence[MeteringRecord]):
             "source": source,
             **tag,
         }
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
     def billed(self) -> list[int]:
         """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""

@@ -211,14 +211,12 @@ class EmfSink(LineSink):
         ]
         self._directive_json = orjson.dumps(directive)
 
-    def lines(self, records: Sequence[MeteringRecord], record: dict[str, Any] | None = None) -> bytes | bytearray:
-        """The EMF lines of a batch; ``record``: the batch's one record, carried by its line (``Meter`` asks when
-        the log sink would write it too: one line a Lambda invocation, as Powertools Metrics' metadata)."""
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
         figures = records.figures() if isinstance(records, Batch) else list(map(figures_of, records))
         head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (int(time.time() * 1000), self._directive_json)
         if len(figures) == 1:  # a Lambda invocation's one request: no sums to make
             model, items, failed, compute, billed, cost, cold, total = figures[0]
-            return head + _emf_blob(model, (1, items, failed, compute, billed, cost, cold, [float(total)]), record)
+            return head + _emf_blob(model, (1, items, failed, compute, billed, cost, cold, [float(total)]))
         # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
         by_model: dict[str, list[Any]] = {}
         for model, items, failed, compute, billed, cost, cold, total in figures:
@@ -241,13 +239,11 @@ class EmfSink(LineSink):
         return lines
 
 
-def _emf_blob(model: str, sums: Sequence[Any], record: dict[str, Any] | None = None) -> bytes:
+def _emf_blob(model: str, sums: Sequence[Any]) -> bytes:
     """The members of one model's EMF line after its ``_aws`` directive (from its comma to the newline), from
-    its sums: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies; a ``record``'s fields
-    first (its model is the dimension's)."""
+    its sums: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies."""
     requests, items, failures, compute, billed, cost, cold, latency = sums
     blob = {
-        **(record or {}),
         "model": model,
         "service": "oclaw",
         "Requests": [float(requests)],

@@ -327,37 +327,3 @@ def test_usage_command_reads_packed_lines(tmp_path: Path) -> None:
     for record in batch.records():
         want[record.tenant] = want.get(record.tenant, 0) + 1
     assert rows == want and sum(rows.values()) == 300
-
-
-def test_a_lambda_invocation_writes_its_record_and_metrics_in_one_emf_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from handler.cli import _metering_records
-
-    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-    out = CountingStdout()
-    monkeypatch.setattr("sys.stdout", out)
-    m = meter(tmp_path, "lambda", metering_sinks=("log", "emf"))
-    usage = usages(1, seed=3)[0]._replace(model="add_sub", status=200)
-    m.submit_usage(usage)
-    m.flush()
-    (written,) = out.writes
-    (line,) = [json.loads(x) for x in written.splitlines()]  # one line: the record, with its EMF metrics
-    record = m.complete(usage).as_dict()
-    assert {k: line[k] for k in record} == record and line["event"] == "metering"
-    directive = line["_aws"]["CloudWatchMetrics"][0]
-    assert directive["Dimensions"] == [["model", "service"]] and line["model"] == "add_sub"
-    assert all(isinstance(line[metric["Name"]], list) for metric in directive["Metrics"])
-    assert line["Requests"] == [1.0] and line["BilledMs"] == [record["billed_ms"]]
-    (tmp_path / "lambda.log").write_text(written.decode())
-    assert _metering_records(str(tmp_path / "lambda.log")) == [line]  # oclaw usage counts it once
-
-    # the EMF sink failing: the record still goes out in its own log line, the metrics are spooled
-    def broken(self: EmfSink, records: Sequence[MeteringRecord], record: object = None) -> bytes:
-        raise ValueError("emf down")
-
-    monkeypatch.setattr(EmfSink, "lines", broken)
-    m.submit_usage(usage)
-    m.flush()
-    (again,) = [json.loads(x) for x in out.writes[1].splitlines()]
-    assert "_aws" not in again and again["request_id"] == usage.request_id and m.failures == 3 and m.spooled == 1
