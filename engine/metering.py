@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from engine import sinks as sink_kinds
+from engine.batch import Batch, json_lines
 from engine.config import Settings
 from engine.records import (
     HEADER_VALUES,
     PRICES,
-    Batch,
     MeteringRecord,
     Price,
     Usage,
     _now,
     _time_of,
     header_value,
-    json_lines,
     split_evenly,
 )
 

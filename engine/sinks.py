@@ -11,7 +11,8 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.records import Batch, MeteringRecord, figures_of, json_lines
+from engine.batch import Batch, figures_of, json_lines
+from engine.records import MeteringRecord
 
 
 class PartialFailure(Exception):
@@ -47,7 +48,7 @@ class LogSink(LineSink):
     """JSON lines on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write a flush.
 
     One line per record; ``packed``: the requests of a flush that share their second, tenant, model, bill and
-    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.records.unpack``).
+    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.batch.unpack``).
     """
 
     def __init__(self, stream: Any = None, *, packed: bool = False) -> None:

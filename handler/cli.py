@@ -148,7 +148,7 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
 
 def _metering_records(path: str) -> list[dict[str, Any]]:
     """Metering records in a file: the jsonl sink's lines, or log lines that carry a JSON record (or packed ones)."""
-    from engine.records import unpack
+    from engine.batch import unpack
 
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:

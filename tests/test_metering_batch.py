@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import records as records_module
+from engine import batch as batch_module
+from engine.batch import Batch, json_lines, unpack
 from engine.config import Settings
 from engine.metering import Meter
-from engine.records import Batch, MeteringRecord, Usage, json_lines, unpack
+from engine.records import MeteringRecord, Usage
 from engine.sinks import EmfSink, LineSink, LogSink, make_sink
 from tests.meterkit import meter, one
 
@@ -267,7 +268,7 @@ def test_packed_lines_unpack_to_exactly_the_records(
 
 
 def test_packed_lines_hold_at_most_pack_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(records_module, "PACK", 7)
+    monkeypatch.setattr(batch_module, "PACK", 7)
     m = meter(tmp_path, "cloudrun")
     fixed = {"tenant": "t", "model": "m", "version": "1", "cold": False, "init_ms": 0.0, "status": 200}
     same = [u._replace(**fixed, second=1_790_000_000, total_us=400, source="http") for u in usages(30, seed=5)]

@@ -1,0 +1,361 @@
+"""A flush's records as the sinks see them: ``Batch`` (built lazily from the usages requests captured), its JSON
+lines (one a record, or packed: the requests sharing a second, tenant, model and bill in one line) and metric
+columns; ``unpack`` turns a packed line back into records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import chain
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, overload
+
+import orjson
+
+from engine.records import MeteringRecord, Usage, _time_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.metering import Meter
+
+
+def json_lines(records: Sequence[MeteringRecord], event: str | None = None) -> bytes | bytearray:
+    """Records as JSON Lines (with an ``event`` field when given); a ``Batch`` writes its own, faster."""
+    if isinstance(records, Batch):
+        return records.json_lines(event)
+    tag = {} if event is None else {"event": event}
+    return b"".join(orjson.dumps(r.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for r in records)
+
+
+#: A line's own figures, before what it shares with the others of its second (the ms are exact: µs / 1000).
+_OWN_LINE = b'{"request_id":%b,"items":%d,"bytes_in":%d,"bytes_out":%d,"queue_ms":%b,"compute_ms":%b,"total_ms":%b,'
+#: µs -> JSON ms (``b"0.045"``), for the values requests repeat; formatting each costs more than the lookup. Bounded.
+_MS: dict[int, bytes] = {}
+
+
+#: ...then what it shares with them (``_shared_json``): one line.
+_LINE = _OWN_LINE + b"%b"
+#: Requests in one packed line at most (``Batch.packed_lines``): ~60 bytes each, far below log entry limits.
+PACK = 2000
+
+
+def _ms_table(values: set[int]) -> dict[int, bytes]:
+    """``_MS`` holding every one of ``values``: µs as a JSON number of ms, exactly ``us / 1000`` once parsed."""
+    missing = values - _MS.keys()
+    if len(_MS) + len(missing) > 65536:
+        _MS.clear()
+        missing = values
+    for us in missing:
+        _MS[us] = b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
+    return _MS
+
+
+class Batch(Sequence[MeteringRecord]):
+    """The records of one flush: a ``Sequence[MeteringRecord]`` for any sink, built lazily.
+
+    Requests served alone stay the ``Usage`` tuples the request path captured until a sink asks for record
+    objects: the built-in sinks take JSON lines (``json_lines``) or columns (``columns``) straight from them,
+    ~1 µs a request instead of ~4 for building each record and serialising it. ``done`` holds records already
+    built (batch paths, failures, a spool being re-sent).
+    """
+
+    __slots__ = ("_billed", "_bills", "_fields", "_records", "done", "meter", "usages")
+
+    def __init__(self, meter: Meter, usages: list[Usage], done: list[MeteringRecord]) -> None:
+        self.meter = meter
+        self.usages = usages
+        self.done = done
+        self._records: list[MeteringRecord] | None = None
+        self._billed: list[int] | None = None
+        self._fields: list[tuple[Any, ...]] | None = None
+        self._bills: dict[int, tuple[float, float, float, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.usages) + len(self.done)
+
+    @overload
+    def __getitem__(self, index: int) -> MeteringRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[MeteringRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> MeteringRecord | list[MeteringRecord]:
+        return self.records()[index]
+
+    def __iter__(self) -> Iterator[MeteringRecord]:
+        return iter(self.records())
+
+    def records(self) -> list[MeteringRecord]:
+        """Every record as an object (built once)."""
+        if self._records is None:
+            self._records = [self.meter.complete(u) for u in self.usages] + self.done
+        return self._records
+
+    def _bill(self, billed: int) -> tuple[float, float, float, float]:
+        """``Meter.bill`` of a request billed ``billed`` ms, computed once per distinct value."""
+        bill = self._bills.get(billed)
+        if bill is None:
+            bill = self._bills[billed] = self.meter.bill(float(billed))
+        return bill
+
+    def json_lines(self, event: str | None = None) -> bytes | bytearray:
+        """One JSON object a line, in ``records()`` order, each with an ``event`` field when given.
+
+        A request's own figures are serialised per line; what it shares with others served in the same second
+        (time, tenant, model, cold, bill, status...) once, then appended: lines carry the same fields and values
+        as ``MeteringRecord.json``, its own figures first. A small batch (a Lambda invocation's) has little to
+        share: each line is one object, in the record's field order.
+        """
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        tag = {} if event is None else {"event": event}
+        if self._records is not None:
+            out = bytearray()
+            for record in self._records:
+                out += dumps(record.__dict__ | tag, option=newline)
+            return out
+        if len(self.usages) < 16:
+            return self._own_lines(tag)
+        (rids, tenants, models, versions, items, sizes_in, sizes_out, queues, computes, totals, _, colds, sources,
+         seconds, statuses) = self.fields()  # fmt: skip
+        billed = self.billed()
+        shared_by = (seconds, tenants, models, versions, colds, billed, statuses, sources)
+        shared = {key: self._shared_json(key, tag) for key in set(zip(*shared_by, strict=True))}
+        ms = _ms_table({*queues, *computes, *totals}).__getitem__
+        tails = map(shared.__getitem__, zip(*shared_by, strict=True))
+        lines = zip(
+            map(dumps, rids),
+            items,
+            sizes_in,
+            sizes_out,
+            map(ms, queues),
+            map(ms, computes),
+            map(ms, totals),
+            tails,
+            strict=True,
+        )
+        # no Python code per line: C loops (map, zip) format them; a Python loop building a dict a line cost ~15 % more
+        done = (dumps(record.__dict__ | tag, option=newline) for record in self.done)
+        return b"".join(chain(map(_LINE.__mod__, lines), done))
+
+    def packed_lines(self, event: str | None = None) -> bytes | bytearray:
+        """Like ``json_lines``, but the requests that share a line's shared fields (second, tenant, model,
+        version, cold, billed ms and so bill, status, source) go in one line, their own figures as lists:
+        ``{"requests": 3, "request_id": [...], "items": [...], ..., "time": ..., "tenant": ...}``, at most
+        ``PACK`` a line. A request alone in its group gets a plain record line. ``unpack`` reads both.
+
+        A busy server's second of requests becomes a few lines: ~8x fewer bytes to ingest (~52 a request instead
+        of ~430), for about the CPU of a line per request (~10 % less in a flush).
+        """
+        import numpy as np
+
+        tag = {} if event is None else {"event": event}
+        n = len(self.usages)
+        if n < 16 or self._records is not None:
+            return self.json_lines(event)
+        (rids, tenants, models, versions, items, sizes_in, sizes_out, queues, computes, totals, _, colds, sources,
+         seconds, statuses) = self.fields()  # fmt: skip
+        keys = list(zip(seconds, tenants, models, versions, colds, self.billed(), statuses, sources, strict=True))
+        distinct = list(dict.fromkeys(keys))
+        if len(distinct) == 1:
+            groups: list[tuple[tuple[Any, ...], Any]] = [(distinct[0], np.arange(n))]
+        else:
+            index = {key: i for i, key in enumerate(distinct)}
+            codes = np.fromiter(map(index.__getitem__, keys), np.intp, n)
+            order = np.argsort(codes, kind="stable")  # each group's requests in the order they were served
+            ends = np.cumsum(np.bincount(codes, minlength=len(distinct)))
+            groups = [
+                (key, order[end - size : end])
+                for key, end, size in zip(distinct, ends, np.diff(ends, prepend=0), strict=True)
+            ]
+        ms = np.array([queues, computes, totals], dtype=np.float64) / 1000  # exactly µs / 1000, as in a record
+        own = (rids, items, sizes_in, sizes_out)
+        out = []
+        dumps = orjson.dumps
+        for key, members in groups:
+            for start in range(0, len(members), PACK):
+                part = members[start : start + PACK]
+                if len(part) == 1:
+                    i = int(part[0])
+                    out.append(self._line(self.usages[i], keys[i][5], tag))
+                    continue
+                take = itemgetter(*part.tolist())
+                rid, size, size_in, size_out = (list(take(column)) for column in own)
+                queue, compute, total = ms[:, part].tolist()
+                head = dumps(
+                    {
+                        "requests": len(part),
+                        "request_id": rid,
+                        "items": size,
+                        "bytes_in": size_in,
+                        "bytes_out": size_out,
+                        "queue_ms": queue,
+                        "compute_ms": compute,
+                        "total_ms": total,
+                    }
+                )
+                out += (head[:-1], b",", self._shared_json(key, tag))
+        out += (dumps(record.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for record in self.done)
+        return b"".join(out)
+
+    def _shared_json(self, key: tuple[Any, ...], tag: dict[str, str]) -> bytes:
+        """What the lines of one (second, tenant, model, version, cold, billed, status, source) share: the end of
+        their JSON object, from the comma after their own figures to the newline."""
+        second, tenant, model, version, cold, billed, status, source = key
+        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+        shared = {
+            "time": _time_of(second),
+            "tenant": tenant,
+            "model": model,
+            "version": version,
+            "platform": self.meter.platform,
+            "instance_id": self.meter.instance_id,
+            "cold": cold,
+            "billed_ms": float(billed),
+            "gb_seconds": gb_s,
+            "vcpu_seconds": vcpu_s,
+            "gib_seconds": gib_s,
+            "cost_usd": cost,
+            "status": status,
+            "source": source,
+            **tag,
+        }
+        return orjson.dumps(shared, option=orjson.OPT_APPEND_NEWLINE)[1:]
+
+    def fields(self) -> list[tuple[Any, ...]]:
+        """The captured usages transposed: one tuple per ``Usage`` field, in ``usages`` order (built once)."""
+        if self._fields is None:
+            self._fields = list(zip(*self.usages, strict=True)) if self.usages else [() for _ in Usage._fields]
+        return self._fields
+
+    def _own_lines(self, tag: dict[str, str]) -> bytearray:
+        """``json_lines`` of a few usages and the done records: one object a line."""
+        out = bytearray()
+        for usage, billed in zip(self.usages, self.billed(), strict=True):
+            out += self._line(usage, billed, tag)
+        for record in self.done:
+            out += orjson.dumps(record.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE)
+        return out
+
+    def _line(self, usage: Usage, billed: int, tag: dict[str, str]) -> bytes:
+        """One request's record line, straight from its usage (no record object)."""
+        (
+            rid,
+            tenant,
+            model,
+            version,
+            items,
+            size_in,
+            size_out,
+            queue,
+            compute,
+            total,
+            _,
+            cold,
+            source,
+            second,
+            status,
+        ) = usage
+        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
+        line = {
+            "request_id": rid,
+            "time": _time_of(second),
+            "tenant": tenant,
+            "model": model,
+            "version": version,
+            "platform": self.meter.platform,
+            "instance_id": self.meter.instance_id,
+            "cold": cold,
+            "items": items,
+            "bytes_in": size_in,
+            "bytes_out": size_out,
+            "queue_ms": queue / 1000,
+            "compute_ms": compute / 1000,
+            "total_ms": total / 1000,
+            "billed_ms": float(billed),
+            "gb_seconds": gb_s,
+            "vcpu_seconds": vcpu_s,
+            "gib_seconds": gib_s,
+            "cost_usd": cost,
+            "status": status,
+            "source": source,
+            **tag,
+        }
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+    def billed(self) -> list[int]:
+        """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""
+        if self._billed is None:
+            fields = self.fields()
+            if self.meter.platform == "lambda" and any(fields[10]):  # INIT billed with the request that paid it
+                self._billed = list(map(self.meter.billed_ms, self.usages))
+            else:  # Meter.billed_ms without INIT: the duration rounded up to 1 ms
+                self._billed = [-(-total // 1000) for total in fields[9]]
+        return self._billed
+
+    def figures(self) -> list[tuple[str, int, bool, float, float, float, bool, float]]:
+        """What metrics are made of, per record in ``records()`` order (see ``figures_of``), without the records."""
+        out = []
+        for usage, billed in zip(self.usages, self.billed(), strict=True):
+            failed = usage[14] >= 400
+            out.append(
+                (
+                    usage[2] or "-",
+                    usage[4],
+                    failed,
+                    usage[8] / 1000,
+                    float(billed),
+                    self._bill(billed)[3],
+                    usage[11],
+                    usage[9] / 1000,
+                )
+            )
+        out += map(figures_of, self.done)
+        return out
+
+    def columns(self) -> tuple[list[tuple[str, str, int]], Any, Any]:
+        """What metrics are made of, in ``records()`` order: the distinct (model, version, status) keys, each
+        record's index into them, and a float64 array of (total_ms, queue_ms, compute_ms, items, billed_ms,
+        cost_usd, cold) rows."""
+        import numpy as np
+
+        fields, n = self.fields(), len(self.usages)
+        rows = np.empty((len(self), 7))
+        triples = list(zip(fields[2], fields[3], fields[14], strict=True)) + [
+            (r.model, r.version, r.status) for r in self.done
+        ]
+        keys = list(dict.fromkeys(triples))
+        if len(keys) == 1:
+            codes = np.zeros(len(triples), dtype=np.intp)
+        else:
+            index = {key: i for i, key in enumerate(keys)}
+            codes = np.fromiter(map(index.__getitem__, triples), np.intp, len(triples))
+        if n:
+            for column, field in ((0, 9), (1, 7), (2, 8), (3, 4), (6, 11)):  # total, queue, compute µs; items; cold
+                rows[:n, column] = fields[field]
+            rows[:n, :3] /= 1000
+            billed, where = np.unique(np.array(self.billed(), dtype=np.int64), return_inverse=True)
+            rows[:n, 4] = billed[where]
+            rows[:n, 5] = np.array([self._bill(int(b))[3] for b in billed])[where]
+        for i, r in enumerate(self.done, n):
+            rows[i] = (r.total_ms, r.queue_ms, r.compute_ms, r.items, r.billed_ms, r.cost_usd, r.cold)
+        return keys, codes, rows
+
+
+#: A packed line's per-request lists, in record field order.
+PACKED_FIELDS = ("request_id", "items", "bytes_in", "bytes_out", "queue_ms", "compute_ms", "total_ms")
+
+
+def unpack(line: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a metering line: itself, or each request of a packed line (``Batch.packed_lines``)."""
+    count = line.get("requests")
+    if not isinstance(count, int) or not isinstance(line.get("request_id"), list):
+        return [line]
+    shared = {k: v for k, v in line.items() if k not in PACKED_FIELDS and k != "requests"}
+    columns = [line[name] for name in PACKED_FIELDS]
+    if any(len(column) != count for column in columns):
+        raise ValueError(f"packed metering line: {count} requests but lists of {[len(c) for c in columns]}")
+    return [dict(zip(PACKED_FIELDS, values, strict=True)) | shared for values in zip(*columns, strict=True)]
+
+
+def figures_of(r: MeteringRecord) -> tuple[str, int, bool, float, float, float, bool, float]:
+    """What the EMF metrics read of a record: (model, items, failed, compute ms, billed ms, cost, cold, total ms)."""
+    return (r.model or "-", r.items, r.status >= 400, r.compute_ms, r.billed_ms, r.cost_usd, r.cold, r.total_ms)
