@@ -49,9 +49,7 @@ class Meter:
         self.settings = settings
         self.instance_id = instance_id
         self.platform = platform_name or detect_platform()
-        self.sinks: list[Any] = [
-            s for s in (sink_kinds.make_sink(spec) for spec in settings.metering_sinks) if s is not None
-        ]
+        self.sinks = [s for s in (sink_kinds.make_sink(spec) for spec in settings.metering_sinks) if s is not None]
         self.price = self._price()
         self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
         self.failures = 0
@@ -277,9 +275,8 @@ class Meter:
             self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
 
     def _send(self, batch: Batch) -> None:
-        out: list[
-            bytes | bytearray
-        ] = []  # what the sinks on stdout make, written once below (one write a Lambda invocation)
+        # what the sinks on stdout make, written once below (one write a Lambda invocation)
+        out: list[bytes | bytearray] = []
         on_stdout: list[tuple[int, Sequence[MeteringRecord]]] = []
         queued = bool(batch.usages or batch.done)
         for index, sink in enumerate(self.sinks):
