@@ -40,13 +40,27 @@ PACK = 2000
 
 def _ms_table(values: set[int]) -> dict[int, bytes]:
     """``_MS`` holding every one of ``values``: µs as a JSON number of ms, exactly ``us / 1000`` once parsed."""
-    missing = values - _MS.keys()
+    missing = values.difference(_MS)  # looks up each of values (``values - _MS.keys()`` would walk all of _MS)
     if len(_MS) + len(missing) > 65536:
         _MS.clear()
         missing = values
     for us in missing:
-        _MS[us] = b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
+        _MS[us] = _ms_text(us)
     return _MS
+
+
+def _ms_text(us: int) -> bytes:
+    return b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
+
+
+def ms_json(us: int) -> bytes:
+    """µs as a JSON number of ms (``b"0.045"``: exactly ``us / 1000`` once parsed), kept in ``_MS``."""
+    value = _MS.get(us)
+    if value is None:
+        if len(_MS) >= 65536:
+            _MS.clear()
+        value = _MS[us] = _ms_text(us)
+    return value
 
 
 class Batch(Sequence[MeteringRecord]):

@@ -71,6 +71,10 @@ class Meter:
         self._sinks = sinks
         #: A sink takes the records themselves, not only metrics from them: responses carry the header.
         self.records_out = any(not getattr(sink, "metrics_only", False) for sink in sinks)
+        #: Every sink writes lines to stdout (Lambda's log and emf): a flush of one request takes ``_send_one``.
+        self._on_stdout = bool(sinks) and all(
+            isinstance(sink, sink_kinds.LineSink) and sink.stream is None for sink in sinks
+        )
 
     @property
     def enabled(self) -> bool:
@@ -270,9 +274,31 @@ class Meter:
         if not (usage or pending or self._spooled):  # nothing to send (a Lambda invocation with metering off)
             return
         with self._flushing:  # one flush at a time (the timer, a /metrics scrape, shutdown): spools stay consistent
+            if len(usage) == 1 and self._on_stdout and not (pending or self._spooled):  # a Lambda invocation's
+                self._send_one(usage.popleft())
+                return
             # what was queued so far; later ones wait
             usages = [usage.popleft() for _ in range(len(usage))]
             self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
+
+    def _send_one(self, usage: Usage) -> None:
+        """Send one request's usage (a Lambda invocation's) to sinks that all write lines to stdout: each makes
+        its line straight from the usage (``LineSink.one``), written in one call. Whatever fails takes the
+        general path's retries and spools."""
+        billed = self.billed_ms(usage) if usage[10] else -(-usage[9] // 1000)  # INIT billed with its request
+        try:
+            lines = b"".join([sink.one(self, usage, billed) for sink in self._sinks])
+        except Exception:  # noqa: BLE001 - a sink could not make its line: retried (and spooled) by _send
+            self.failures += 1
+            self._send(Batch(self, [usage], []))
+            return
+        try:
+            sink_kinds.write(None, lines)
+        except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the record
+            self.failures += 1
+            batch = Batch(self, [usage], [])
+            for index, sink in enumerate(self._sinks):
+                self._spool(index, sink, batch, exc)
 
     def _send(self, batch: Batch) -> None:
         # what the sinks on stdout make, written once below (one write a Lambda invocation)

@@ -70,6 +70,7 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     imports_ms = (perf_counter_ns() - _IMPORT_START) / 1e6
     start = perf_counter_ns()
     runtime.preload()
+    _ = runtime.meter  # metering's sinks and prices made in INIT (and the snapshot), not by the first request
     models = runtime.pool.loaded()
     record: dict[str, Any] = {
         "event": "cold_start",
@@ -324,7 +325,7 @@ def _register_snapstart_hooks() -> None:
 
         import numpy as np
 
-        RUNTIME.instance_id = os.urandom(8).hex()
+        RUNTIME.instance_id = RUNTIME.meter.instance_id = os.urandom(8).hex()
         random.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
         for model in RUNTIME.pool.loaded():

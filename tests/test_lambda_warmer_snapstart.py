@@ -96,12 +96,17 @@ def test_snapstart_hooks_run_and_restore_gets_a_new_identity(small_repo: Path, t
         assert fn.api.restore_polled.is_set()
         ping = fn.invoke({"oclaw": "warm"}).json()
         assert ping["cold"] is True
+        inputs = [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0] * 4}]
+        request = {"model_name": "plus_one", "inputs": inputs}
+        assert fn.invoke(request).error is None
     log = (tmp_path / "log").read_text()
     records = [json.loads(line) for line in log.splitlines() if line.startswith('{"event"')]
     init = next(r for r in records if r["event"] == "cold_start")
     restore = next(r for r in records if r["event"] == "restore")
     assert init["init_type"] == "snap-start"
     assert restore["instance_id"] == ping["instance_id"] != init["instance_id"]
+    (metered,) = [json.loads(line) for line in log.splitlines() if '"event":"metering"' in line]
+    assert metered["instance_id"] == restore["instance_id"]  # records name the restored instance, not the snapshot's
 
 
 def test_failing_after_restore_hook_is_reported(tmp_path: Path) -> None:

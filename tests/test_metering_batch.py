@@ -218,6 +218,71 @@ def test_stdout_sinks_write_once_a_flush_and_keep_records_when_stdout_fails(
     assert not list(tmp_path.glob("spool.jsonl*"))
 
 
+@pytest.mark.parametrize("platform", ["lambda", "cloudrun", "local"])
+def test_one_request_lines_equal_those_of_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str
+) -> None:
+    """A Lambda invocation's flush makes its lines from fragments (``sink.one``): the same members, order, values."""
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
+    monkeypatch.setattr("time.time", lambda: 1_790_000_000.25)  # the EMF Timestamp
+    m = meter(tmp_path, platform)
+    sinks = [LogSink(), LogSink(packed=True), EmfSink("oclaw")]
+    odd = [u._replace(model='50%s "off"', tenant="%d\\n") for u in usages(20, seed=13)]  # % and escapes
+    for _ in range(2):
+        for usage in usages(300, seed=12) + odd:
+            billed = m.billed_ms(usage)
+            for sink in sinks:
+                one = sink.one(m, usage, billed)
+                (want,) = sink.lines(Batch(m, [usage], [])).splitlines()
+                assert one.endswith(b"\n") and one.count(b"\n") == 1
+                assert list(json.loads(one).items()) == list(json.loads(want).items())
+        m.instance_id = "restored"  # the fragments follow the meter (a SnapStart restore's new identity)
+    (record,) = unpack(json.loads(LogSink().one(m, usage, m.billed_ms(usage))))
+    assert record == m.complete(usage).as_dict() | {"event": "metering"} and record["instance_id"] == "restored"
+
+
+def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = CountingStdout()
+    monkeypatch.setattr("sys.stdout", out)
+    m = meter(tmp_path, "lambda", metering_sinks=("log:packed", "emf"))
+    first, second = usages(2, seed=14)
+    m.submit_usage(first)
+    m.flush()
+    (written,) = out.writes
+    log_line, emf_line = (json.loads(line) for line in written.splitlines())
+    assert log_line == m.complete(first).as_dict() | {"event": "metering"}
+    assert emf_line["Requests"] == [1.0] and emf_line["LatencyMs"] == [first.total_us / 1000]
+
+    out.down = True
+    m.submit_usage(second)
+    m.flush()
+    assert m.failures == 1 and m.spooled == 2  # each sink's record spooled
+    out.down = False
+    m.flush()
+    resent = [json.loads(line) for line in out.writes[1].splitlines()]
+    assert [line for line in resent if line.get("event") == "metering"] == [
+        m.complete(second).as_dict() | {"event": "metering"}
+    ]
+    assert sum(line.get("Requests", [0])[0] for line in resent) == 1
+
+
+def test_lines_go_straight_to_the_descriptor_after_what_the_stream_holds(tmp_path: Path) -> None:
+    from awslambdaric.bootstrap import Unbuffered
+
+    from engine.sinks import write
+
+    path = tmp_path / "out"
+    with path.open("w", encoding="utf-8") as text:
+        text.write("held in the text buffer\n")  # not flushed yet: written before the lines
+        write(text, b"line 1\n")
+        wrapped = Unbuffered(text)  # Lambda's stdout: flushes after each write
+        wrapped.write("through the wrapper\n")
+        write(wrapped, b"line 2\n" * 3)
+        assert path.read_text() == "held in the text buffer\nline 1\nthrough the wrapper\n" + "line 2\n" * 3
+
+
 class FlakyLineSink(LineSink):
     """A stdout line sink that fails the first time, after making its lines."""
 
