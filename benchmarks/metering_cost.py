@@ -1,4 +1,5 @@
-"""Cost of metering on the warm path: a tiny model's request with every sink on, metrics only, and nothing.
+"""Cost of metering on the warm path: a tiny model's request with every sink on, metrics only, records only (the
+log, no metrics) and nothing.
 
 ``python -m benchmarks.metering_cost [N] [PROCESSES] [ROUNDS] [OUT]``: a tiny model (add_sub FP32 [1,16] x2,
 V2 JSON), measured four ways:
@@ -42,11 +43,13 @@ from engine.sinks import LogSink
 from handler.asgi import ServerApp
 from tests.modelgen import _save, add_sub
 
-#: Every sink on (metering records + metrics), metrics only (no record, no header), nothing.
-STATES = ["on", "metrics", "off"]
+#: Every sink on (metering records + metrics), metrics only (no record, no header), records only (no metrics),
+#: nothing.
+STATES = ["on", "metrics", "records", "off"]
 #: (what is compared, state with it, state without it)
 COMPARISONS = (
     ("metering (records + header), metrics kept", "on", "metrics"),
+    ("metering (records + header) alone, vs nothing", "records", "off"),
     ("metering + metrics, vs neither", "on", "off"),
 )
 BODY = json.dumps(
@@ -299,9 +302,9 @@ def plot(http: dict[str, dict[str, list[float]]], request: float, out: Path) -> 
     labels = {"p50_us": "HTTP p50", "loop_cpu_us": "event-loop CPU", "cpu_us": "process CPU"}
     fig, ax = plt.subplots(figsize=(8, 4))
     for x, key in enumerate(labels):
-        for shift, (_, with_, without) in zip((-0.15, 0.15), COMPARISONS, strict=True):
+        for i, (shift, (_, with_, without)) in enumerate(zip((-0.2, 0.0, 0.2), COMPARISONS, strict=True)):
             diffs = [a - b for a, b in zip(http[key][with_], http[key][without], strict=True)]
-            ax.scatter([x + shift] * len(diffs), diffs, alpha=0.35, s=12, color=f"C{int(shift > 0)}")
+            ax.scatter([x + shift] * len(diffs), diffs, alpha=0.35, s=12, color=f"C{i}")
             mean, se = paired(http[key][with_], http[key][without])
             ax.errorbar([x + shift], [mean], yerr=[2 * se], fmt="o", color="black", capsize=4)
     for i, (what, _, _) in enumerate(COMPARISONS):
@@ -358,7 +361,7 @@ def main() -> int:
     print(
         f"\n## Metering cost on the warm path (add_sub FP32 [1,16] x2, V2 JSON, c1; {instances} `oclaw serve` "
         f"processes x {rounds} rounds of {per_round} requests in each state: every sink on "
-        "(log:packed + Prometheus), metrics only, nothing)\n"
+        "(log:packed + Prometheus), metrics only, records only, nothing)\n"
     )
     header = ["what", "without", "with", "difference (± SE)", "of the request p50 (nothing on)"]
     http_names = {"p50_us": "HTTP p50", "loop_cpu_us": "event-loop CPU", "cpu_us": "process CPU (flush included)"}
@@ -401,7 +404,7 @@ def main() -> int:
     }
     print(
         f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event; {instances} functions x {rounds} rounds "
-        "per state: log,emf / emf only / none)\n"
+        "per state: log,emf / emf only / log only / none)\n"
     )
     duration = _rows(
         {"duration": lam_figures["duration"]},

@@ -8,6 +8,8 @@ command, acknowledged by a line on the file descriptor named by ``OCLAW_SWITCH_A
   header: exactly what ``OCLAW_METERING_SINKS=none OCLAW_METRICS=false`` give a request);
 - ``metrics``: keep only the metrics sinks (Prometheus on a server, EMF on Lambda): usages are captured for the
   metrics, no record is written and no header sent (``OCLAW_METERING_SINKS=none``, or ``emf`` on Lambda);
+- ``records``: keep only the sinks that take the records (the log): metering without the metrics
+  (``OCLAW_METERING_SINKS=log:packed OCLAW_METRICS=false``, or ``log`` on Lambda);
 - ``on``: give every sink back (``oclaw serve``'s defaults: ``log:packed`` and Prometheus);
 - ``flush``: send what is queued now (a round's records belong to that round's cost).
 
@@ -29,7 +31,7 @@ _saved: list[Any] = []
 
 
 def switch(meter: Meter, command: str) -> int:
-    """Apply one command (``on``, ``metrics``, ``off`` or ``flush``); the number of sinks now on."""
+    """Apply one command (``on``, ``metrics``, ``records``, ``off`` or ``flush``); the number of sinks now on."""
     meter.flush()  # what was queued belongs to the round that queued it
     if not _saved:
         _saved[:] = meter.sinks  # the configured sinks, taken away and given back by the commands
@@ -37,6 +39,8 @@ def switch(meter: Meter, command: str) -> int:
         meter.sinks = []
     elif command == "metrics":
         meter.sinks = [sink for sink in _saved if getattr(sink, "metrics_only", False)]
+    elif command == "records":
+        meter.sinks = [sink for sink in _saved if not getattr(sink, "metrics_only", False)]
     elif command == "on":
         meter.sinks = list(_saved)
     return len(meter.sinks)

@@ -69,17 +69,14 @@ class Meter:
     @sinks.setter
     def sinks(self, sinks: list[Any]) -> None:
         self._sinks = sinks
+        #: False when no sink is configured: usages are not even captured (a plain attribute: read per request).
+        self.enabled = bool(sinks)
         #: A sink takes the records themselves, not only metrics from them: responses carry the header.
         self.records_out = any(not getattr(sink, "metrics_only", False) for sink in sinks)
         #: Every sink writes lines to stdout (Lambda's log and emf): a flush of one request takes ``_send_one``.
         self._on_stdout = bool(sinks) and all(
             isinstance(sink, sink_kinds.LineSink) and sink.stream is None for sink in sinks
         )
-
-    @property
-    def enabled(self) -> bool:
-        """False when no sink is configured (records are then not even built)."""
-        return bool(self.sinks)
 
     def price_key(self) -> str:
         """The price-table entry for this platform, architecture and billing mode."""
@@ -286,8 +283,10 @@ class Meter:
         its line straight from the usage (``LineSink.one``), written in one call. Whatever fails takes the
         general path's retries and spools."""
         billed = self.billed_ms(usage) if usage[10] else -(-usage[9] // 1000)  # INIT billed with its request
+        lines = b""
         try:
-            lines = b"".join([sink.one(self, usage, billed) for sink in self._sinks])
+            for sink in self._sinks:  # one or two (log, emf): a loop, not a comprehension's function call
+                lines += sink.one(self, usage, billed)
         except Exception:  # noqa: BLE001 - a sink could not make its line: retried (and spooled) by _send
             self.failures += 1
             self._send(Batch(self, [usage], []))

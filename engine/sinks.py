@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
 
-from engine.batch import Batch, figures_of, json_lines, ms_json
+from engine.batch import _MS, _OWN_LINE, Batch, figures_of, json_lines, ms_json
 from engine.records import MeteringRecord, Usage, _time_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,11 +54,9 @@ class LineSink:
         write(self.stream, self.lines(records))
 
 
-#: A record line from its usage (``LogSink.one``): the fields in record order, what requests repeat as fragments.
-_RECORD_LINE = (
-    b'{"request_id":%b,"time":"%b",%b"items":%d,"bytes_in":%d,"bytes_out":%d,"queue_ms":%b,"compute_ms":%b,'
-    b'"total_ms":%b,%b%b'
-)
+#: One request's record line (``LogSink.one``): its own figures first (as ``Batch.json_lines`` writes them), then
+#: what it shares with the requests of its tenant, model and bill (kept), then its time.
+_ONE_LINE = _OWN_LINE + b'%b"time":"%b"}\n'
 
 
 class LogSink(LineSink):
@@ -71,8 +69,9 @@ class LogSink(LineSink):
     def __init__(self, stream: Any = None, *, packed: bool = False) -> None:
         self.stream = stream
         self.packed = packed
-        #: JSON fragments requests repeat, by what they are made of (bounded): ``one`` joins them
-        self._parts: dict[Any, bytes] = {}
+        #: What record lines share, by what decides it (``_shared``; bounded), and the time of the last one
+        self._parts: dict[tuple[Any, ...], bytes] = {}
+        self._second, self._time = -1, b""
 
     def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
         if self.packed and isinstance(records, Batch):
@@ -80,52 +79,50 @@ class LogSink(LineSink):
         return json_lines(records, "metering")
 
     def one(self, meter: Meter, usage: Usage, billed: int) -> bytes:
-        """The record line of one request: what ``lines`` writes for it (same fields, order and values)."""
+        """The record line of one request: what ``lines`` writes for it (the same fields and values)."""
         (rid, tenant, model, version, items, size_in, size_out, queue, compute, total, _, cold, source, second,
          status) = usage  # fmt: skip
-        parts = self._parts
-        who = (tenant, model, version, cold, meter.instance_id, meter.platform)
-        bill = (meter, billed)
-        tail = (status, source)
-        try:
-            return _RECORD_LINE % (
-                orjson.dumps(rid),
-                _time_of(second).encode(),
-                parts[who],
-                items,
-                size_in,
-                size_out,
-                ms_json(queue),
-                ms_json(compute),
-                ms_json(total),
-                parts[bill],
-                parts[tail],
-            )
-        except KeyError:  # a fragment not made yet: make what is missing, then the line
-            if len(parts) > 4096:
-                parts.clear()
-            gb_s, vcpu_s, gib_s, cost = meter.bill(float(billed))
-            fragments = {
-                who: {
-                    "tenant": tenant,
-                    "model": model,
-                    "version": version,
-                    "platform": meter.platform,
-                    "instance_id": meter.instance_id,
-                    "cold": cold,
-                },
-                bill: {
-                    "billed_ms": float(billed),
-                    "gb_seconds": gb_s,
-                    "vcpu_seconds": vcpu_s,
-                    "gib_seconds": gib_s,
-                    "cost_usd": cost,
-                },
-            }
-            for key, members in fragments.items():
-                parts.setdefault(key, orjson.dumps(members)[1:-1] + b",")
-            parts.setdefault(tail, orjson.dumps({"status": status, "source": source, "event": "metering"})[1:] + b"\n")
-            return self.one(meter, usage, billed)
+        key = (tenant, model, version, cold, billed, status, source, meter, meter.instance_id)
+        shared = self._parts.get(key) or self._shared(key)
+        if second != self._second:
+            self._second, self._time = second, _time_of(second).encode()
+        ms = _MS.get
+        return _ONE_LINE % (
+            orjson.dumps(rid),
+            items,
+            size_in,
+            size_out,
+            ms(queue) or ms_json(queue),
+            ms(compute) or ms_json(compute),
+            ms(total) or ms_json(total),
+            shared,
+            self._time,
+        )
+
+    def _shared(self, key: tuple[Any, ...]) -> bytes:
+        """The members of a record line that its tenant, model, bill, status and source decide, kept."""
+        tenant, model, version, cold, billed, status, source, meter, instance_id = key
+        gb_s, vcpu_s, gib_s, cost = meter.bill(float(billed))
+        members = {
+            "tenant": tenant,
+            "model": model,
+            "version": version,
+            "platform": meter.platform,
+            "instance_id": instance_id,
+            "cold": cold,
+            "billed_ms": float(billed),
+            "gb_seconds": gb_s,
+            "vcpu_seconds": vcpu_s,
+            "gib_seconds": gib_s,
+            "cost_usd": cost,
+            "status": status,
+            "source": source,
+            "event": "metering",
+        }
+        if len(self._parts) >= 4096:
+            self._parts.clear()
+        shared = self._parts[key] = orjson.dumps(members)[1:-1] + b","
+        return shared
 
 
 def _log_sink(arg: str) -> LogSink:

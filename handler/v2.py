@@ -110,18 +110,16 @@ class Recorder:
         when metering is off, or only metrics are kept)."""
         runtime = self.runtime
         cold, runtime.cold = runtime.cold, False
-        if not runtime.meter.sinks:
+        meter = runtime.meter
+        if not meter.enabled:
             return None
-        usage = (
-            self._capture(model, response, bytes_out, cold)
-            if preview is None
-            else preview._replace(bytes_out=bytes_out)
-        )
-        return runtime.meter.submit_usage(usage)
+        if preview is not None:
+            return meter.submit_usage(preview._replace(bytes_out=bytes_out))
+        return meter.submit_usage(self._capture(model, response, bytes_out, cold))
 
     def preview(self, model: LoadedModel, response: InferResponse) -> Usage | None:
         """The usage so far, not queued (for a request that asks for its whole record); None when metering is off."""
-        return self._capture(model, response, 0, self.runtime.cold) if self.runtime.meter.sinks else None
+        return self._capture(model, response, 0, self.runtime.cold) if self.runtime.meter.enabled else None
 
     def _capture(self, model: LoadedModel, response: InferResponse, bytes_out: int, cold: bool) -> Usage:
         return _usage(
