@@ -34,6 +34,11 @@ _MS: dict[int, bytes] = {}
 
 #: ...then what it shares with them (``_shared_json``): one line.
 _LINE = _OWN_LINE + b"%b"
+#: A packed line's own figures (``Batch.packed_lines``), lists of its requests', before what they share.
+_PACKED = (
+    b'{"requests":%d,"request_id":%b,"items":%b,"bytes_in":%b,"bytes_out":%b,"queue_ms":[%b],"compute_ms":[%b],'
+    b'"total_ms":[%b],'
+)
 #: Requests in one packed line at most (``Batch.packed_lines``): ~60 bytes each, far below log entry limits.
 PACK = 2000
 
@@ -61,6 +66,32 @@ def ms_json(us: int) -> bytes:
             _MS.clear()
         value = _MS[us] = _ms_text(us)
     return value
+
+
+def factorize(columns: Sequence[Sequence[Any]]) -> tuple[list[tuple[Any, ...]], Any]:
+    """The distinct rows of equally long ``columns`` (first seen first) and each row's index into them, a numpy
+    array (None when all rows are one: no index needed). A column whose values are all equal (most are: one
+    tenant, model, status...) is found so by one C-level ``count`` and left out of the keys hashed per row."""
+    import numpy as np
+
+    n = len(columns[0])
+    if not n:
+        return [], np.zeros(0, dtype=np.intp)
+    first = [column[0] for column in columns]
+    varying = [i for i, column in enumerate(columns) if column.count(first[i]) != n]
+    if not varying:
+        return [tuple(first)], None
+    rows = columns[varying[0]] if len(varying) == 1 else list(zip(*(columns[i] for i in varying), strict=True))
+    distinct = list(dict.fromkeys(rows))
+    index = {row: i for i, row in enumerate(distinct)}
+    codes = np.fromiter(map(index.__getitem__, rows), np.intp, n)
+    keys = []
+    for row in distinct:
+        key = list(first)
+        for i, value in zip(varying, (row,) if len(varying) == 1 else row, strict=True):
+            key[i] = value
+        keys.append(tuple(key))
+    return keys, codes
 
 
 class Batch(Sequence[MeteringRecord]):
@@ -167,46 +198,45 @@ class Batch(Sequence[MeteringRecord]):
             return self.json_lines(event)
         (rids, tenants, models, versions, items, sizes_in, sizes_out, queues, computes, totals, _, colds, sources,
          seconds, statuses) = self.fields()  # fmt: skip
-        keys = list(zip(seconds, tenants, models, versions, colds, self.billed(), statuses, sources, strict=True))
-        distinct = list(dict.fromkeys(keys))
-        if len(distinct) == 1:
-            groups: list[tuple[tuple[Any, ...], Any]] = [(distinct[0], np.arange(n))]
+        billed = self.billed()
+        distinct, codes = factorize((seconds, tenants, models, versions, colds, billed, statuses, sources))
+        groups: list[tuple[tuple[Any, ...], Sequence[int]]]
+        if codes is None:
+            groups = [(distinct[0], range(n))]
         else:
-            index = {key: i for i, key in enumerate(distinct)}
-            codes = np.fromiter(map(index.__getitem__, keys), np.intp, n)
-            order = np.argsort(codes, kind="stable")  # each group's requests in the order they were served
-            ends = np.cumsum(np.bincount(codes, minlength=len(distinct)))
-            groups = [
-                (key, order[end - size : end])
-                for key, end, size in zip(distinct, ends, np.diff(ends, prepend=0), strict=True)
-            ]
-        ms = np.array([queues, computes, totals], dtype=np.float64) / 1000  # exactly µs / 1000, as in a record
-        own = (rids, items, sizes_in, sizes_out)
+            order = np.argsort(codes, kind="stable").tolist()  # each group's requests in the order they were served
+            ends = np.cumsum(np.bincount(codes, minlength=len(distinct))).tolist()
+            groups = [(key, order[a:b]) for key, a, b in zip(distinct, [0, *ends[:-1]], ends, strict=True)]
+        ms = _ms_table({*queues, *computes, *totals}).__getitem__  # JSON ms, exactly µs / 1000 once parsed
+        columns = (rids, items, sizes_in, sizes_out, queues, computes, totals)
         out = []
         dumps = orjson.dumps
         for key, members in groups:
             for start in range(0, len(members), PACK):
                 part = members[start : start + PACK]
                 if len(part) == 1:
-                    i = int(part[0])
-                    out.append(self._line(self.usages[i], keys[i][5], tag))
+                    i = part[0]
+                    out.append(self._line(self.usages[i], billed[i], tag))
                     continue
-                take = itemgetter(*part.tolist())
-                rid, size, size_in, size_out = (list(take(column)) for column in own)
-                queue, compute, total = ms[:, part].tolist()
-                head = dumps(
-                    {
-                        "requests": len(part),
-                        "request_id": rid,
-                        "items": size,
-                        "bytes_in": size_in,
-                        "bytes_out": size_out,
-                        "queue_ms": queue,
-                        "compute_ms": compute,
-                        "total_ms": total,
-                    }
+                if len(part) == n:  # every request of the flush: the columns as they are
+                    rid, size, size_in, size_out, queue, compute, total = columns
+                else:
+                    take = itemgetter(*part)
+                    rid, size, size_in, size_out, queue, compute, total = (take(column) for column in columns)
+                out += (
+                    _PACKED
+                    % (
+                        len(part),
+                        dumps(rid),
+                        dumps(size),
+                        dumps(size_in),
+                        dumps(size_out),
+                        b",".join(map(ms, queue)),
+                        b",".join(map(ms, compute)),
+                        b",".join(map(ms, total)),
+                    ),
+                    self._shared_json(key, tag),
                 )
-                out += (head[:-1], b",", self._shared_json(key, tag))
         out += (dumps(record.__dict__ | tag, option=orjson.OPT_APPEND_NEWLINE) for record in self.done)
         return b"".join(out)
 
@@ -333,20 +363,21 @@ class Batch(Sequence[MeteringRecord]):
 
         fields, n = self.fields(), len(self.usages)
         rows = np.empty((len(self), 7))
-        triples = list(zip(fields[2], fields[3], fields[14], strict=True)) + [
-            (r.model, r.version, r.status) for r in self.done
-        ]
-        keys = list(dict.fromkeys(triples))
-        if len(keys) == 1:
-            codes = np.zeros(len(triples), dtype=np.intp)
-        else:
-            index = {key: i for i, key in enumerate(keys)}
-            codes = np.fromiter(map(index.__getitem__, triples), np.intp, len(triples))
+        done = self.done
+        keys, codes = factorize(
+            (
+                fields[2] + tuple(r.model for r in done),
+                fields[3] + tuple(r.version for r in done),
+                fields[14] + tuple(r.status for r in done),
+            )
+        )
+        if codes is None:
+            codes = np.zeros(len(self), dtype=np.intp)
         if n:
             for column, field in ((0, 9), (1, 7), (2, 8), (3, 4), (6, 11)):  # total, queue, compute µs; items; cold
-                rows[:n, column] = fields[field]
+                rows[:n, column] = np.fromiter(fields[field], np.float64, n)  # a tuple's numbers: no type discovery
             rows[:n, :3] /= 1000
-            billed, where = np.unique(np.array(self.billed(), dtype=np.int64), return_inverse=True)
+            billed, where = np.unique(np.fromiter(self.billed(), np.int64, n), return_inverse=True)
             rows[:n, 4] = billed[where]
             rows[:n, 5] = np.array([self._bill(int(b))[3] for b in billed])[where]
         for i, r in enumerate(self.done, n):

@@ -118,6 +118,21 @@ def test_emf_lines_from_a_batch_equal_those_from_its_records(
         assert all(b["_aws"]["Timestamp"] == 1_790_000_000_250 for b in blobs)
 
 
+def test_factorize_keys_rows_by_their_varying_columns() -> None:
+    from engine.batch import factorize
+
+    tenant = "".join(["acme"])  # equal to "acme" but another object: columns are compared by value
+    columns = (("acme", tenant, "acme", "acme"), (1, 2, 1, 3), ("m", "m", "m", "m"), (True, True, False, False))
+    keys, codes = factorize(columns)
+    rows = list(zip(*columns, strict=True))
+    assert keys == list(dict.fromkeys(rows)) and [keys[c] for c in codes] == rows
+    assert factorize((("a", "a"), (1, 1))) == ([("a", 1)], None)  # one row for all: no index
+    one_varying, codes = factorize((("a", "a", "a"), (5, 7, 5)))
+    assert one_varying == [("a", 5), ("a", 7)] and codes.tolist() == [0, 1, 0]
+    empty, codes = factorize(((), ()))
+    assert empty == [] and len(codes) == 0
+
+
 @pytest.mark.parametrize("uniform", [False, True])  # several (model, version, status) keys, or one
 def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path, uniform: bool) -> None:
     from engine.metrics import PrometheusSink
