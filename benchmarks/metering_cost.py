@@ -13,8 +13,8 @@ V2 JSON), measured four ways:
    process's (the flusher included) per request;
 3. the same server kept busy by benchmarks.loadgen (8 connections, ROUNDS/10 rounds of 2.5 s per state):
    requests per second and CPU per request;
-4. on Lambda: the invocation Duration p50 under awslambdaric, one function per process with the ``log,emf``
-   sinks switched, ROUNDS rounds of max(50, 6000/ROUNDS) invokes per state.
+4. on Lambda: the invocation Duration p50 under awslambdaric, one function per process with the template's
+   ``log`` sink and the EMF metrics switched, ROUNDS rounds of max(50, 6000/ROUNDS) invokes per state.
 
 Prints the tables and writes OUT/metering_cost.png (default bench-results/).
 """
@@ -250,7 +250,7 @@ def saturated(repo: Path, work: Path, instances: int, rounds: int) -> dict[str, 
 def on_lambda(repo: Path, work: Path, invokes: int, instances: int, rounds: int) -> dict[str, list[float]]:
     """Lambda Duration p50 (µs) of a tiny-model HTTP API event under awslambdaric, metering switched on and off.
 
-    One function per instance with the template's sinks (log,emf; flushed before each invocation returns),
+    One function per instance with the template's sink and metrics (log + EMF; flushed before each invocation returns),
     switched between rounds of ``invokes`` invocations (benchmarks.metering_switch.lambda_handler).
     """
     from handler.local_lambda import LocalLambda
@@ -259,7 +259,7 @@ def on_lambda(repo: Path, work: Path, invokes: int, instances: int, rounds: int)
     event = json.loads((ROOT / "tests" / "events" / "apigw_v2_infer.json").read_text())
     out: dict[str, list[float]] = {key: [] for state in STATES for key in (state, f"{state}_wall")}
     for instance in range(instances):
-        env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": "log,emf"}
+        env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": "log"}
         with LocalLambda(
             "benchmarks.metering_switch.lambda_handler",
             env=env,
@@ -404,7 +404,7 @@ def main() -> int:
     }
     print(
         f"\n## On Lambda (awslambdaric + local Runtime API, HTTP API event; {instances} functions x {rounds} rounds "
-        "per state: log,emf / emf only / log only / none)\n"
+        "per state: log + EMF / EMF only / log only / none)\n"
     )
     duration = _rows(
         {"duration": lam_figures["duration"]},

@@ -40,6 +40,7 @@ from engine import aws as aws_clients  # noqa: E402
 from engine import logs  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
+from engine.sinks import EmfSink  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
 from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
 
@@ -70,7 +71,9 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     imports_ms = (perf_counter_ns() - _IMPORT_START) / 1e6
     start = perf_counter_ns()
     runtime.preload()
-    _ = runtime.meter  # metering's sinks and prices made in INIT (and the snapshot), not by the first request
+    meter = runtime.meter  # metering's sinks and prices made in INIT (and the snapshot), not by the first request
+    if runtime.settings.metrics and not any(isinstance(sink, EmfSink) for sink in meter.sinks):
+        meter.sinks = [*meter.sinks, EmfSink()]  # OCLAW_METRICS: CloudWatch metrics, as Prometheus on a server
     models = runtime.pool.loaded()
     record: dict[str, Any] = {
         "event": "cold_start",

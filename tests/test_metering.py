@@ -157,6 +157,25 @@ def test_lambda_paths_meter_every_request(repo: Path, tmp_path: Path) -> None:
     assert {r["tenant"] for r in sqs_records} == {"batchco"} and {r["status"] for r in sqs_records} == {400}
 
 
+@pytest.mark.parametrize("metrics", ["true", "false"])
+def test_lambda_metrics_are_on_by_oclaw_metrics_not_by_the_metering_sinks(
+    repo: Path, tmp_path: Path, metrics: str
+) -> None:
+    """``OCLAW_METERING_SINKS=none`` turns records and header off; EMF metrics follow ``OCLAW_METRICS``."""
+    env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_METERING_SINKS": "none", "OCLAW_METRICS": metrics}
+    http = json.loads((EVENTS / "apigw_v2_infer.json").read_text())
+    with LocalLambda(env=env, cwd=ROOT, memory_mb=1024, log=tmp_path / "log") as fn:
+        fn.wait_init()
+        answers = [fn.invoke(http).json() for _ in range(2)]
+    assert all(a["statusCode"] == 200 and "oclaw-metering" not in a["headers"] for a in answers)
+    lines = [json.loads(line) for line in (tmp_path / "log").read_text().splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line.get("event") == "metering"]
+    emf = [line for line in lines if "_aws" in line and line.get("model") == "add_sub"]
+    assert [line["Requests"] for line in emf] == ([[1.0], [1.0]] if metrics == "true" else [])
+    if emf:
+        assert emf[0]["ColdStarts"] == [1.0] and emf[1]["ColdStarts"] == [0.0]
+
+
 def test_usage_aggregates_records(tmp_path: Path) -> None:
     m = meter(tmp_path, "local")
     lines = []

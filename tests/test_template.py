@@ -182,7 +182,7 @@ def test_alarms_dashboard_and_memory_metric() -> None:
     widgets = json.loads(re.sub(r"\$\{[^}]+\}", "x", body))["widgets"]
     assert len(widgets) == 4
     env = Evaluator(cfn, {}).value(cfn["Resources"]["InferenceFunction"]["Properties"]["Environment"]["Variables"])
-    assert env["OCLAW_METERING_SINKS"] == "log,emf"
+    assert env["OCLAW_METERING_SINKS"] == "log"  # the EMF metrics are on by OCLAW_METRICS
 
 
 def test_memory_metric_filter_reads_the_report_line() -> None:
