@@ -68,6 +68,28 @@ def ms_json(us: int) -> bytes:
     return value
 
 
+def shared_members(meter: Meter, key: Sequence[Any], bill: tuple[float, float, float, float]) -> dict[str, Any]:
+    """A record's members that ``key`` (tenant, model, version, cold, billed ms, status, source) and its ``bill``
+    decide — all but its own figures and time — in record order: what lines share (``Batch``, ``LogSink.one``)."""
+    tenant, model, version, cold, billed, status, source = key
+    gb_s, vcpu_s, gib_s, cost = bill
+    return {
+        "tenant": tenant,
+        "model": model,
+        "version": version,
+        "platform": meter.platform,
+        "instance_id": meter.instance_id,
+        "cold": cold,
+        "billed_ms": float(billed),
+        "gb_seconds": gb_s,
+        "vcpu_seconds": vcpu_s,
+        "gib_seconds": gib_s,
+        "cost_usd": cost,
+        "status": status,
+        "source": source,
+    }
+
+
 def factorize(columns: Sequence[Sequence[Any]]) -> tuple[list[tuple[Any, ...]], Any]:
     """The distinct rows of equally long ``columns`` (first seen first) and each row's index into them, a numpy
     array (None when all rows are one: no index needed). A column whose values are all equal (most are: one
@@ -243,25 +265,8 @@ class Batch(Sequence[MeteringRecord]):
     def _shared_json(self, key: tuple[Any, ...], tag: dict[str, str]) -> bytes:
         """What the lines of one (second, tenant, model, version, cold, billed, status, source) share: the end of
         their JSON object, from the comma after their own figures to the newline."""
-        second, tenant, model, version, cold, billed, status, source = key
-        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
-        shared = {
-            "time": _time_of(second),
-            "tenant": tenant,
-            "model": model,
-            "version": version,
-            "platform": self.meter.platform,
-            "instance_id": self.meter.instance_id,
-            "cold": cold,
-            "billed_ms": float(billed),
-            "gb_seconds": gb_s,
-            "vcpu_seconds": vcpu_s,
-            "gib_seconds": gib_s,
-            "cost_usd": cost,
-            "status": status,
-            "source": source,
-            **tag,
-        }
+        second, *rest = key
+        shared = {"time": _time_of(second), **shared_members(self.meter, rest, self._bill(rest[4])), **tag}
         return orjson.dumps(shared, option=orjson.OPT_APPEND_NEWLINE)[1:]
 
     def fields(self) -> list[tuple[Any, ...]]:
@@ -280,50 +285,20 @@ class Batch(Sequence[MeteringRecord]):
         return out
 
     def _line(self, usage: Usage, billed: int, tag: dict[str, str]) -> bytes:
-        """One request's record line, straight from its usage (no record object)."""
-        (
-            rid,
-            tenant,
-            model,
-            version,
+        """One request's record line, straight from its usage (no record object): as ``json_lines`` writes it."""
+        (rid, tenant, model, version, items, size_in, size_out, queue, compute, total, _, cold, source, second,
+         status) = usage  # fmt: skip
+        shared = self._shared_json((second, tenant, model, version, cold, billed, status, source), tag)
+        return _LINE % (
+            orjson.dumps(rid),
             items,
             size_in,
             size_out,
-            queue,
-            compute,
-            total,
-            _,
-            cold,
-            source,
-            second,
-            status,
-        ) = usage
-        gb_s, vcpu_s, gib_s, cost = self._bill(billed)
-        line = {
-            "request_id": rid,
-            "time": _time_of(second),
-            "tenant": tenant,
-            "model": model,
-            "version": version,
-            "platform": self.meter.platform,
-            "instance_id": self.meter.instance_id,
-            "cold": cold,
-            "items": items,
-            "bytes_in": size_in,
-            "bytes_out": size_out,
-            "queue_ms": queue / 1000,
-            "compute_ms": compute / 1000,
-            "total_ms": total / 1000,
-            "billed_ms": float(billed),
-            "gb_seconds": gb_s,
-            "vcpu_seconds": vcpu_s,
-            "gib_seconds": gib_s,
-            "cost_usd": cost,
-            "status": status,
-            "source": source,
-            **tag,
-        }
-        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+            ms_json(queue),
+            ms_json(compute),
+            ms_json(total),
+            shared,
+        )
 
     def billed(self) -> list[int]:
         """Billed ms of each captured usage (``Meter.billed_ms``), computed once."""

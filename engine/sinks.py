@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
 
-from engine.batch import _MS, _OWN_LINE, Batch, figures_of, json_lines, ms_json
+from engine.batch import _MS, _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
 from engine.records import MeteringRecord, Usage, _time_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,24 +101,8 @@ class LogSink(LineSink):
 
     def _shared(self, key: tuple[Any, ...]) -> bytes:
         """The members of a record line that its tenant, model, bill, status and source decide, kept."""
-        tenant, model, version, cold, billed, status, source, meter, instance_id = key
-        gb_s, vcpu_s, gib_s, cost = meter.bill(float(billed))
-        members = {
-            "tenant": tenant,
-            "model": model,
-            "version": version,
-            "platform": meter.platform,
-            "instance_id": instance_id,
-            "cold": cold,
-            "billed_ms": float(billed),
-            "gb_seconds": gb_s,
-            "vcpu_seconds": vcpu_s,
-            "gib_seconds": gib_s,
-            "cost_usd": cost,
-            "status": status,
-            "source": source,
-            "event": "metering",
-        }
+        *decided, meter, _ = key  # the instance id is in the key: a restored instance makes new fragments
+        members = shared_members(meter, decided, meter.bill(float(decided[4]))) | {"event": "metering"}
         if len(self._parts) >= 4096:
             self._parts.clear()
         shared = self._parts[key] = orjson.dumps(members)[1:-1] + b","
