@@ -50,22 +50,13 @@ def _ms_table(values: set[int]) -> dict[int, bytes]:
         _MS.clear()
         missing = values
     for us in missing:
-        _MS[us] = _ms_text(us)
+        _MS[us] = b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
     return _MS
-
-
-def _ms_text(us: int) -> bytes:
-    return b"%d.%03d" % divmod(us, 1000) if us >= 0 else orjson.dumps(us / 1000)
 
 
 def ms_json(us: int) -> bytes:
     """µs as a JSON number of ms (``b"0.045"``: exactly ``us / 1000`` once parsed), kept in ``_MS``."""
-    value = _MS.get(us)
-    if value is None:
-        if len(_MS) >= 65536:
-            _MS.clear()
-        value = _MS[us] = _ms_text(us)
-    return value
+    return _MS.get(us) or _ms_table({us})[us]
 
 
 def shared_members(meter: Meter, key: Sequence[Any], bill: tuple[float, float, float, float]) -> dict[str, Any]:
@@ -169,8 +160,8 @@ class Batch(Sequence[MeteringRecord]):
 
         A request's own figures are serialised per line; what it shares with others served in the same second
         (time, tenant, model, cold, bill, status...) once, then appended: lines carry the same fields and values
-        as ``MeteringRecord.json``, its own figures first. A small batch (a Lambda invocation's) has little to
-        share: each line is one object, in the record's field order.
+        as ``MeteringRecord.json``, its own figures first. A small batch has little to share: each line's shared
+        part is made for it.
         """
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         tag = {} if event is None else {"event": event}

@@ -282,7 +282,7 @@ class Meter:
         """Send one request's usage (a Lambda invocation's) to sinks that all write lines to stdout: each makes
         its line straight from the usage (``LineSink.one``), written in one call. Whatever fails takes the
         general path's retries and spools."""
-        billed = self.billed_ms(usage) if usage[10] else -(-usage[9] // 1000)  # INIT billed with its request
+        billed = self.billed_ms(usage)
         lines = b""
         try:
             for sink in self._sinks:  # one or two (log, emf): a loop, not a comprehension's function call

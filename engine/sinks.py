@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
 
-from engine.batch import _MS, _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
+from engine.batch import _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
 from engine.records import MeteringRecord, Usage, _time_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +47,7 @@ class LineSink:
 
     def one(self, meter: Meter, usage: Usage, billed: int) -> bytes | bytearray:
         """``lines`` of a flush of one request (a Lambda invocation's), ``billed`` ms: the built-in sinks make them
-        straight from the usage, from fragments they keep (``Meter.flush_one``)."""
+        straight from the usage, from fragments they keep (``Meter._send_one``)."""
         return self.lines(Batch(meter, [usage], []))
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
@@ -86,15 +86,14 @@ class LogSink(LineSink):
         shared = self._parts.get(key) or self._shared(key)
         if second != self._second:
             self._second, self._time = second, _time_of(second).encode()
-        ms = _MS.get
         return _ONE_LINE % (
             orjson.dumps(rid),
             items,
             size_in,
             size_out,
-            ms(queue) or ms_json(queue),
-            ms(compute) or ms_json(compute),
-            ms(total) or ms_json(total),
+            ms_json(queue),
+            ms_json(compute),
+            ms_json(total),
             shared,
             self._time,
         )
@@ -317,9 +316,6 @@ class EmfSink(LineSink):
     def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
         figures = records.figures() if isinstance(records, Batch) else list(map(figures_of, records))
         head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (int(time.time() * 1000), self._directive_json)
-        if len(figures) == 1:  # a Lambda invocation's one request: no sums to make
-            model, items, failed, compute, billed, cost, cold, total = figures[0]
-            return head + _emf_blob(model, (1, items, failed, compute, billed, cost, cold, [float(total)]))
         # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
         by_model: dict[str, list[Any]] = {}
         for model, items, failed, compute, billed, cost, cold, total in figures:
