@@ -27,7 +27,7 @@ from benchmarks import common
 from benchmarks.common import child_env, fmt, fmt_ratio, ratio, table, write_json
 from benchmarks.resnet50 import cached_model
 from engine.config import Settings
-from engine.prepare import prepare_repository
+from engine.optimize.prepare import prepare_repository
 from engine.tensors import encode_request
 from handler.local_lambda import LocalLambda
 

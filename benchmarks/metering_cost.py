@@ -38,8 +38,8 @@ from benchmarks.common import infer_request, stop, table, tail
 from benchmarks.harness import rotated, start_server
 from benchmarks.overhead import _sequential
 from engine.config import Settings
+from engine.metering.sinks import LogSink
 from engine.runtime import Runtime
-from engine.sinks import LogSink
 from handler.asgi import ServerApp
 from tests.modelgen import _save, add_sub
 

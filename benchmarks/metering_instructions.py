@@ -34,8 +34,8 @@ from tests.modelgen import _save, add_sub
 FLUSH_SCRIPT = """
 import os, sys, time
 from engine.config import Settings
-from engine.metering import Meter
-from engine.records import Usage
+from engine.metering.meter import Meter
+from engine.metering.records import Usage
 sinks, n, flushes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 meter = Meter(Settings.from_env({}, metering_sinks=tuple(s for s in sinks.split(",") if s != "prometheus")
                                 or ("none",)), "0f3a9c2e1b7d4a66", platform_name="cloudrun")
@@ -43,7 +43,7 @@ for sink in meter.sinks:
     sink.stream = open(os.devnull, "w")
 meter.sinks = list(meter.sinks)  # the Meter reads where its sinks write when they are set
 if "prometheus" in sinks:
-    from engine.metrics import PrometheusSink
+    from engine.metering.metrics import PrometheusSink
     class Pool:
         states = staticmethod(lambda: {})
         loaded = staticmethod(lambda: [])

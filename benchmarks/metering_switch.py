@@ -24,7 +24,7 @@ import sys
 import threading
 from typing import Any
 
-from engine.metering import Meter
+from engine.metering.meter import Meter
 
 #: The sinks taken away by "off", given back by "on".
 _saved: list[Any] = []

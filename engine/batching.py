@@ -8,8 +8,8 @@ from time import perf_counter_ns
 import numpy as np
 
 from engine.errors import OclawError
+from engine.metering.records import split_int
 from engine.model import LoadedModel
-from engine.records import split_int
 from engine.tensors import InferRequest, InferResponse, OutputTensor
 
 #: Rows per run when the manifest sets no max_batch_size.

@@ -116,7 +116,7 @@ class Settings:
     batch_max_rows: int = 0
     #: Where SQS results go when a message names no ``reply_to``: ``s3://bucket/prefix`` or a queue URL.
     sqs_result_destination: str = ""
-    #: Metering sinks, comma-separated (``engine.sinks.SINKS``): ``log:packed`` (JSON lines on stdout, a busy
+    #: Metering sinks, comma-separated (``engine.metering.sinks.SINKS``): ``log:packed`` (JSON lines on stdout, a busy
     #: second's requests packed a few to a line), ``log`` (a line per request), ``jsonl:PATH``, ..., ``none``.
     metering_sinks: tuple[str, ...] = ("log:packed",)
     #: AWS X-Ray tracing on Lambda through Powertools Tracer (needs aws-xray-sdk; adds its import to INIT).

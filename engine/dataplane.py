@@ -11,7 +11,7 @@ from engine.model import LoadedModel
 from engine.tensors import InferRequest, decode_request, encode_response
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.records import UsageRecorder
+    from engine.metering.records import UsageRecorder
 
 #: Requests whose body is at most this many bytes may run on the caller's thread for cheap models.
 INLINE_BODY_BYTES = 64 * 1024

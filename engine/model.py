@@ -15,9 +15,9 @@ import numpy as np
 from engine.config import Settings
 from engine.datatypes import V2_TO_NUMPY, V2_TO_TRITON_CONFIG, ort_datatype
 from engine.errors import InvalidInput, ModelLoadError, OclawError
-from engine.manifest import Manifest, TensorOverride
 from engine.processing import classify, images_to_batch
-from engine.repository import ModelFiles, sha256_file
+from engine.repository.local import ModelFiles, sha256_file
+from engine.repository.manifest import Manifest, TensorOverride
 from engine.session import create_session
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor

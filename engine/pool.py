@@ -12,7 +12,7 @@ from typing import Any
 from engine.config import Settings
 from engine.errors import InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady, OclawError
 from engine.model import LoadedModel
-from engine.repository import LocalRepository, parse_version, select_versions, validate_name
+from engine.repository.local import LocalRepository, parse_version, select_versions, validate_name
 
 log = logging.getLogger("oclaw.pool")
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.errors import InvalidInput, PayloadTooLarge
-from engine.manifest import ImagePreprocess
+from engine.repository.manifest import ImagePreprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage

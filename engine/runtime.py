@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 from engine.config import Settings, get_settings
 from engine.errors import OclawError
 from engine.pool import ModelPool
-from engine.repository import FetchReport, open_repository
+from engine.repository import open_repository
+from engine.repository.local import FetchReport
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.metering import Meter
+    from engine.metering.meter import Meter
 
 log = logging.getLogger("oclaw.runtime")
 
@@ -48,7 +49,7 @@ class Runtime:
     @cached_property
     def meter(self) -> Meter:
         """Per-request metering for this process (sinks from OCLAW_METERING_SINKS)."""
-        from engine.metering import Meter
+        from engine.metering.meter import Meter
 
         return Meter(self.settings, self.instance_id)
 

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from engine.config import Settings
 from engine.errors import ModelLoadError
-from engine.prepare import prepared_path
+from engine.optimize.prepare import prepared_path
 
 log = logging.getLogger("oclaw.session")
 

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine import logs
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
-from engine.records import METERING_HEADER, UNKNOWN_MODEL
+from engine.metering.records import METERING_HEADER, UNKNOWN_MODEL
 from engine.runtime import Runtime
 from handler import v2
 
@@ -218,7 +218,7 @@ class ServerApp:
         if not self.runtime.settings.metrics:
             return
         try:
-            from engine.metrics import PrometheusSink
+            from engine.metering.metrics import PrometheusSink
         except ImportError:  # pragma: no cover - prometheus-client is a core dependency
             log.warning("prometheus-client is not installed: no /metrics")
             return

@@ -39,8 +39,8 @@ from typing import Any  # noqa: E402
 from engine import aws as aws_clients  # noqa: E402
 from engine import logs  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
+from engine.metering.sinks import EmfSink  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
-from engine.sinks import EmfSink  # noqa: E402
 from engine.tensors import decode_document, encode_response  # noqa: E402
 from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
 

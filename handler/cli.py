@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if settings.model_repository.startswith("s3:"):
         from engine.errors import OclawError
-        from engine.s3repo import parse_s3_uri
+        from engine.repository.s3 import parse_s3_uri
 
         try:
             parse_s3_uri(settings.model_repository)  # fetched at start-up into OCLAW_MODEL_CACHE
@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from engine.config import Settings
     from engine.errors import OclawError
-    from engine.prepare import prepare_repository
+    from engine.optimize.prepare import prepare_repository
 
     overrides = {"model_repository": args.model_repository} if args.model_repository else {}
     try:
@@ -77,7 +77,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _read_only_dirs(root: str, models: list[str]) -> list[str]:
     """Version directories of a local repository that this process cannot write to."""
-    from engine.repository import LocalRepository
+    from engine.repository.local import LocalRepository
 
     repo = LocalRepository(root)
     dirs = [repo.root / name / str(v) for name in models or repo.models() for v in repo.versions(name)]
@@ -87,7 +87,7 @@ def _read_only_dirs(root: str, models: list[str]) -> list[str]:
 def _publish(args: argparse.Namespace) -> int:
     from engine.config import Settings
     from engine.errors import OclawError
-    from engine.publish import publish
+    from engine.repository.publish import publish
 
     start = perf_counter_ns()
     try:
@@ -148,7 +148,7 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
 
 def _metering_records(path: str) -> list[dict[str, Any]]:
     """Metering records in a file: the jsonl sink's lines, or log lines that carry a JSON record (or packed ones)."""
-    from engine.batch import unpack
+    from engine.metering.batch import unpack
 
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
@@ -168,7 +168,7 @@ def _metering_records(path: str) -> list[dict[str, Any]]:
 def _usage(args: argparse.Namespace) -> int:
     import csv
 
-    from engine.records import USAGE_FIELDS, aggregate
+    from engine.metering.records import USAGE_FIELDS, aggregate
 
     records = []
     for path in args.files:

@@ -26,8 +26,8 @@ from engine import aws as aws_clients
 from engine.batching import infer_many
 from engine.datatypes import v2_datatype
 from engine.errors import InvalidInput, OclawError
+from engine.metering.records import model_label
 from engine.model import LoadedModel
-from engine.records import model_label
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, InputTensor, decode_request, encode_response
 

@@ -191,7 +191,7 @@ def _meter(runtime: Runtime, items: list[Item], failures: list[str], total_ms: f
     meter = runtime.meter
     if not meter.enabled:
         return
-    from engine.records import model_label, split_evenly
+    from engine.metering.records import model_label, split_evenly
 
     groups: dict[tuple[str, str | None], list[Item]] = {}
     for item in items:

@@ -17,13 +17,13 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
+from engine.metering.records import METERING_HEADER, Usage
 from engine.model import LoadedModel
-from engine.records import METERING_HEADER, Usage
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.records import MeteringRecord
+    from engine.metering.records import MeteringRecord
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from engine.repository import LocalRepository
+from engine.repository.local import LocalRepository
 from layers.build import ROOT, UNZIPPED_LIMIT, UPLOAD_LIMIT, Layer, mb, tree_bytes, zip_tree
 
 #: Where the layer's repository appears on Lambda (layers are extracted under /opt).

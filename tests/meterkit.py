@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Settings
-from engine.metering import Meter
-from engine.records import MeteringRecord
+from engine.metering.meter import Meter
+from engine.metering.records import MeteringRecord
 
 
 def meter(tmp_path: Path, platform: str, **overrides: Any) -> Meter:

@@ -10,10 +10,10 @@ import pytest
 from engine.batching import infer_many
 from engine.config import Settings
 from engine.errors import OclawError
+from engine.metering.records import split_int as split_evenly
 from engine.model import LoadedModel
 from engine.pool import ModelPool
-from engine.records import split_int as split_evenly
-from engine.repository import LocalRepository
+from engine.repository.local import LocalRepository
 from engine.tensors import InferRequest, InferResponse, InputTensor
 
 

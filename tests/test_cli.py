@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 
 from engine.config import Settings
+from engine.optimize.prepare import PREPARED, PREPARED_META, cpu_fingerprint, prepared_path
 from engine.pool import ModelPool
-from engine.prepare import PREPARED, PREPARED_META, cpu_fingerprint, prepared_path
-from engine.repository import LocalRepository
+from engine.repository.local import LocalRepository
 from tests.conftest import ROOT
 
 EVENTS = Path(__file__).parent / "events"

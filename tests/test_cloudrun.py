@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from engine.records import parse_header
+from engine.metering.records import parse_header
 from tests.conftest import ROOT, free_port, spawn_server, start_server
 from tests.modelgen import _save, mlp
 

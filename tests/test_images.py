@@ -14,8 +14,8 @@ import tritonclient.http as httpclient
 from PIL import Image
 from skimage import data as skdata
 
-from engine.manifest import load_manifest
 from engine.processing import image_to_tensor
+from engine.repository.manifest import load_manifest
 from tests.conftest import EXAMPLES, ServerThread, start_server
 
 EFFNET = EXAMPLES / "efficientnet_lite0"

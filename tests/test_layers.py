@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import Settings
-from engine.repository import LocalRepository
+from engine.repository.local import LocalRepository
 from engine.runtime import Runtime
 from handler.local_lambda import LocalLambda
 from layers import build, models

@@ -12,8 +12,8 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from engine.records import PRICES, MeteringRecord, Usage, aggregate, parse_header, split_evenly
-from engine.sinks import PartialFailure
+from engine.metering.records import PRICES, MeteringRecord, Usage, aggregate, parse_header, split_evenly
+from engine.metering.sinks import PartialFailure
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT, start_server, use_moto
 from tests.meterkit import meter, one
@@ -314,7 +314,7 @@ def test_v2_response_parameters_carry_the_record_when_asked(repo: Path, tmp_path
 
 
 def test_model_labels_are_never_client_chosen() -> None:
-    from engine.records import UNKNOWN_MODEL, model_label
+    from engine.metering.records import UNKNOWN_MODEL, model_label
 
     assert model_label({"mlp": {}}, "mlp") == "mlp"
     assert model_label({"mlp": {}}, "x" * 100) == UNKNOWN_MODEL

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import batch as batch_module
-from engine.batch import Batch, json_lines, unpack
 from engine.config import Settings
-from engine.metering import Meter
-from engine.records import MeteringRecord, Usage
-from engine.sinks import EmfSink, LineSink, LogSink, make_sink
+from engine.metering import batch as batch_module
+from engine.metering.batch import Batch, json_lines, unpack
+from engine.metering.meter import Meter
+from engine.metering.records import MeteringRecord, Usage
+from engine.metering.sinks import EmfSink, LineSink, LogSink, make_sink
 from tests.meterkit import meter, one
 
 SEEN: list[list[MeteringRecord]] = []
@@ -119,7 +119,7 @@ def test_emf_lines_from_a_batch_equal_those_from_its_records(
 
 
 def test_factorize_keys_rows_by_their_varying_columns() -> None:
-    from engine.batch import factorize
+    from engine.metering.batch import factorize
 
     tenant = "".join(["acme"])  # equal to "acme" but another object: columns are compared by value
     columns = (("acme", tenant, "acme", "acme"), (1, 2, 1, 3), ("m", "m", "m", "m"), (True, True, False, False))
@@ -135,7 +135,7 @@ def test_factorize_keys_rows_by_their_varying_columns() -> None:
 
 @pytest.mark.parametrize("uniform", [False, True])  # several (model, version, status) keys, or one
 def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path, uniform: bool) -> None:
-    from engine.metrics import PrometheusSink
+    from engine.metering.metrics import PrometheusSink
     from engine.runtime import Runtime
 
     runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
@@ -286,7 +286,7 @@ def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout
 def test_lines_go_straight_to_the_descriptor_after_what_the_stream_holds(tmp_path: Path) -> None:
     from awslambdaric.bootstrap import Unbuffered
 
-    from engine.sinks import write
+    from engine.metering.sinks import write
 
     path = tmp_path / "out"
     with path.open("w", encoding="utf-8") as text:

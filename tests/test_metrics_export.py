@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from engine.config import Settings
-from engine.records import MeteringRecord, Usage
+from engine.metering.records import MeteringRecord, Usage
 from tests.conftest import start_server
 from tests.meterkit import meter
 
@@ -93,7 +93,7 @@ def test_prometheus_batch_updates_equal_prometheus_client_per_record(repo: Path)
     from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from engine.metrics import BATCH_BUCKETS, BUCKETS, PrometheusSink
+    from engine.metering.metrics import BATCH_BUCKETS, BUCKETS, PrometheusSink
     from engine.runtime import Runtime
 
     runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
@@ -180,7 +180,7 @@ def test_emf_lines_equal_what_powertools_metrics_writes(tmp_path: Path, capsys: 
     """The EMF sink serialises directly; Powertools Metrics is the reference for the same figures."""
     from aws_lambda_powertools.metrics import Metrics, MetricUnit
 
-    from engine.sinks import EmfSink
+    from engine.metering.sinks import EmfSink
 
     m = meter(tmp_path, "lambda", metering_sinks=("none",))
     usages = [

@@ -11,7 +11,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import Settings
-from engine.metrics import PrometheusSink
+from engine.metering.metrics import PrometheusSink
 from engine.runtime import Runtime
 from tests.conftest import ROOT
 

@@ -12,9 +12,9 @@ import pytest
 
 from engine.config import Settings
 from engine.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
-from engine.manifest import load_manifest
 from engine.pool import ModelPool, State
-from engine.repository import LocalRepository, sha256_file, validate_name
+from engine.repository.local import LocalRepository, sha256_file, validate_name
+from engine.repository.manifest import load_manifest
 from engine.session import resolve_providers
 from tests.conftest import ServerThread, start_server
 from tests.modelgen import _save, add_constant, mlp

@@ -25,10 +25,10 @@ from engine import aws as aws_clients
 from engine.config import Settings
 from engine.errors import ModelLoadError
 from engine.logs import find_event
-from engine.publish import publish
-from engine.repository import RepositoryError
+from engine.repository.local import RepositoryError
+from engine.repository.publish import publish
+from engine.repository.s3 import INDEX, S3Repository, parse_s3_uri, s3_error
 from engine.runtime import Runtime
-from engine.s3repo import INDEX, S3Repository, parse_s3_uri, s3_error
 from engine.tensors import decode_response, encode_request
 from handler.local_lambda import LocalLambda
 from tests.conftest import AWS_ENV, ROOT, spawn_server, start_server, use_moto
@@ -357,7 +357,8 @@ def test_lambda_init_fetches_from_s3_then_a_second_instance_uses_the_cache(
 
 
 def test_engine_s3_module_imports_no_aws_sdk() -> None:
-    code = "import sys, engine.s3repo, engine.runtime; print([m for m in ('boto3', 'botocore') if m in sys.modules])"
+    code = "import sys, engine.repository.s3, engine.runtime; "
+    code += "print([m for m in ('boto3', 'botocore') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from engine import aws
 from engine.errors import ModelLoadError, ModelNotFound
-from engine.repository import (
+from engine.repository.local import (
     MODEL_FILE,
     LocalRepository,
     RepositoryError,
@@ -17,7 +17,7 @@ from engine.repository import (
     sha256_file,
     validate_name,
 )
-from engine.s3repo import parse_s3_uri, s3_error
+from engine.repository.s3 import parse_s3_uri, s3_error
 
 
 def _model_files(model_dir: Path) -> list[Path]:

@@ -25,8 +25,7 @@ from typing import Any
 
 from engine import aws
 from engine.errors import ModelLoadError, ModelNotFound, OclawError
-from engine.manifest import load_manifest
-from engine.repository import (
+from engine.repository.local import (
     MODEL_FILE,
     MODEL_NAME,
     FetchReport,
@@ -35,6 +34,7 @@ from engine.repository import (
     select_versions,
     validate_name,
 )
+from engine.repository.manifest import load_manifest
 
 log = logging.getLogger("oclaw.s3repo")
 

@@ -8,15 +8,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.batch import _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
-from engine.records import MeteringRecord, Usage, _time_of
-
-if TYPE_CHECKING:  # pragma: no cover
-    from engine.metering import Meter
+from engine.metering.batch import _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
+from engine.metering.records import Biller, MeteringRecord, Usage, _time_of
 
 
 class PartialFailure(Exception):
@@ -45,7 +42,7 @@ class LineSink:
         """What this sink writes for a batch of records."""
         raise NotImplementedError
 
-    def one(self, meter: Meter, usage: Usage, billed: int) -> bytes | bytearray:
+    def one(self, meter: Biller, usage: Usage, billed: int) -> bytes | bytearray:
         """``lines`` of a flush of one request (a Lambda invocation's), ``billed`` ms: the built-in sinks make them
         straight from the usage, from fragments they keep (``Meter._send_one``)."""
         return self.lines(Batch(meter, [usage], []))
@@ -63,7 +60,7 @@ class LogSink(LineSink):
     """JSON lines on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write a flush.
 
     One line per record; ``packed``: the requests of a flush that share their second, tenant, model, bill and
-    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.batch.unpack``).
+    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.metering.batch.unpack``).
     """
 
     def __init__(self, stream: Any = None, *, packed: bool = False) -> None:
@@ -78,7 +75,7 @@ class LogSink(LineSink):
             return records.packed_lines("metering")
         return json_lines(records, "metering")
 
-    def one(self, meter: Meter, usage: Usage, billed: int) -> bytes:
+    def one(self, meter: Biller, usage: Usage, billed: int) -> bytes:
         """The record line of one request: what ``lines`` writes for it (the same fields and values)."""
         (rid, tenant, model, version, items, size_in, size_out, queue, compute, total, _, cold, source, second,
          status) = usage  # fmt: skip
@@ -291,7 +288,7 @@ class EmfSink(LineSink):
         #: ``"BilledMs":[..],"CostUSD":[..],`` by (meter, billed ms), for ``one`` (bounded)
         self._costs: dict[tuple[Any, int], bytes] = {}
 
-    def one(self, meter: Meter, usage: Usage, billed: int) -> bytes:
+    def one(self, meter: Biller, usage: Usage, billed: int) -> bytes:
         """The EMF line of one request: what ``lines`` writes for it (same members and values)."""
         bill = (meter, billed)
         try:

@@ -1,5 +1,5 @@
 """What a request cost: the metering record, the usage a request captures, the price table, the response
-header; ``engine/batch.py`` holds a flush's records as the sinks see them.
+header; ``engine/metering/batch.py`` holds a flush's records as the sinks see them.
 
 Lambda bills each invocation's duration rounded up to 1 ms times its memory, plus a per-request charge, and
 (since 2025-08-01) its INIT phase too: the request that paid a cold start carries the INIT time. When one
@@ -105,6 +105,22 @@ class Usage(NamedTuple):
     #: Unix time, whole seconds.
     second: int
     status: int = 200
+
+
+class Biller(Protocol):
+    """What bills a usage (``engine.metering.meter.Meter``): the lines and batches that sinks write ask it."""
+
+    platform: str
+    instance_id: str
+
+    def bill(self, billed_ms: float, requests: float = 1.0) -> tuple[float, float, float, float]:
+        """(GB-s, vCPU-s, GiB-s, USD) for a billed duration and a share of requests."""
+
+    def billed_ms(self, usage: Usage) -> int:
+        """What is billed for a request served alone, in ms."""
+
+    def complete(self, usage: Usage) -> MeteringRecord:
+        """The metering record of a request served alone, with its bill."""
 
 
 class UsageRecorder(Protocol):

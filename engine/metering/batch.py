@@ -8,14 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import orjson
 
-from engine.records import MeteringRecord, Usage, _time_of
-
-if TYPE_CHECKING:  # pragma: no cover
-    from engine.metering import Meter
+from engine.metering.records import Biller, MeteringRecord, Usage, _time_of
 
 
 def json_lines(records: Sequence[MeteringRecord], event: str | None = None) -> bytes | bytearray:
@@ -59,7 +56,7 @@ def ms_json(us: int) -> bytes:
     return _MS.get(us) or _ms_table({us})[us]
 
 
-def shared_members(meter: Meter, key: Sequence[Any], bill: tuple[float, float, float, float]) -> dict[str, Any]:
+def shared_members(meter: Biller, key: Sequence[Any], bill: tuple[float, float, float, float]) -> dict[str, Any]:
     """A record's members that ``key`` (tenant, model, version, cold, billed ms, status, source) and its ``bill``
     decide — all but its own figures and time — in record order: what lines share (``Batch``, ``LogSink.one``)."""
     tenant, model, version, cold, billed, status, source = key
@@ -118,7 +115,7 @@ class Batch(Sequence[MeteringRecord]):
 
     __slots__ = ("_billed", "_bills", "_fields", "_records", "done", "meter", "usages")
 
-    def __init__(self, meter: Meter, usages: list[Usage], done: list[MeteringRecord]) -> None:
+    def __init__(self, meter: Biller, usages: list[Usage], done: list[MeteringRecord]) -> None:
         self.meter = meter
         self.usages = usages
         self.done = done

@@ -9,7 +9,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from engine.errors import InvalidInput, ModelNotFound, OclawError
-from engine.manifest import Manifest, VersionPolicy, load_manifest
+from engine.repository.manifest import Manifest, VersionPolicy, load_manifest
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILE = "model.onnx"
@@ -149,12 +149,3 @@ class LocalRepository:
         """Make sure one model's files are on local disk; milliseconds it took (0 when already there)."""
         validate_name(name)
         return 0.0
-
-
-def open_repository(source: str, *, cache: str, concurrency: int = 8) -> LocalRepository:
-    """The repository at ``source``: a local directory, or ``s3://bucket/prefix`` served from ``cache``."""
-    if source.startswith("s3:"):
-        from engine.s3repo import S3Repository
-
-        return S3Repository(source, cache=cache, concurrency=concurrency)
-    return LocalRepository(source)

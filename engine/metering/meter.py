@@ -1,5 +1,5 @@
 """Per-request metering: ``Meter`` bills captured usages and sends the records to the sinks, once a second on a
-server and before every Lambda invocation returns; what a record is lives in ``engine/records.py``.
+server and before every Lambda invocation returns; what a record is lives in ``engine/metering/records.py``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine import sinks as sink_kinds
-from engine.batch import Batch, json_lines
 from engine.config import Settings
-from engine.records import (
+from engine.metering import sinks as sink_kinds
+from engine.metering.batch import Batch, json_lines
+from engine.metering.records import (
     HEADER_VALUES,
     PRICES,
     MeteringRecord,

@@ -14,8 +14,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from engine.batch import Batch
-from engine.records import MeteringRecord
+from engine.metering.batch import Batch
+from engine.metering.records import MeteringRecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.runtime import Runtime

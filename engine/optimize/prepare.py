@@ -18,7 +18,7 @@ from typing import Any
 import onnxruntime as ort
 
 from engine.config import Settings
-from engine.repository import LocalRepository
+from engine.repository.local import LocalRepository
 
 log = logging.getLogger("oclaw.prepare")
 
