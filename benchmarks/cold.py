@@ -218,24 +218,41 @@ def section_cold(plan: Plan, resnet_file: Path, work: Path) -> dict[str, Any]:
     return results
 
 
-def _oclaw_phases(o: dict[str, Any]) -> str:
-    cs = o["cold_start"]
-    extra = {
-        k: v
-        for k, v in cs.items()
-        if k not in ("event", "instance_id", "platform", "web_imports_ms", "preload_ms", "models", "ready", "total_ms")
-    }
-    text = (
-        f"total_ms {cs['total_ms']:.0f} (web_imports {cs['web_imports_ms']:.0f} ∥ preload "
-        f"{cs['preload_ms']:.0f} ⊇ session {o['session_ms']:.0f} + warm-up {o['warmup_ms']:.0f}) · "
-        f"outside total_ms (interpreter start, bind, 1st request) {o['outside_total_ms']:.0f}"
-    )
-    model_extra = {
-        k: v for m in (cs.get("models") or {}).values() for k, v in m.items() if k not in ("session_ms", "warmup_ms")
-    }
-    if extra or model_extra:
-        text += " · " + json.dumps({**extra, **model_extra}, separators=(",", ":"))
-    return text
+#: Columns of the phases table: every variant's median run split into the same four named parts (ms).
+PHASE_COLUMNS = (
+    "outside the process's timers (interpreter start; oclaw: + port bind, 1st request)",
+    "imports + setup",
+    "session creation",
+    "first run (floor) / warm-up (oclaw)",
+)
+
+
+def phase_parts(variant: str, run: dict[str, Any]) -> tuple[list[float | None], str]:
+    """The median run of a variant as ``PHASE_COLUMNS`` (None where not measured) and a note in words."""
+    if variant == "floor":
+        f = run["phases"]
+        timed = [f["import_ms"], f["session_ms"], f["run_ms"]]
+        return [run["e2e_ms"] - sum(timed), *timed], "its own timers (import, session, run)"
+    if run.get("cold_start"):
+        cs = run["cold_start"]
+        setup = max(0.0, cs["total_ms"] - run["session_ms"] - run["warmup_ms"])
+        models = (cs.get("models") or {}).values()
+        prepared = sorted({"prepared graph" if m.get("prepared") else "graph optimised at load" for m in models})
+        note = [
+            f"from its cold_start record: web imports {cs['web_imports_ms']:.0f} ms in parallel with preload "
+            f"{cs['preload_ms']:.0f} ms",
+            *prepared,
+        ]
+        if cs.get("fetch_ms"):
+            note.append(f"repository fetch {cs['fetch_ms']:.0f} ms")
+        if cs.get("fastapi_loaded"):
+            note.append("FastAPI loaded on the cold path")
+        if cs.get("ready") is False:
+            note.append("NOT READY")
+        return [run["outside_total_ms"], setup, run["session_ms"], run["warmup_ms"]], "; ".join(note)
+    if variant.startswith("oclaw"):
+        return [None] * 4, "no cold_start log line found"
+    return [None] * 4, "not instrumented: spawn → first infer only"
 
 
 def print_cold(res: dict[str, Any]) -> None:
@@ -285,27 +302,16 @@ def print_cold(res: dict[str, Any]) -> None:
             rows,
         )
     )  # fmt: skip
-    print("\n**Phases of the median run** (floor: its own timers; oclaw: its `cold_start` log line)\n")
+    print("\n**Phases of the median run** (ms; the four parts add up to spawn → first infer)\n")
     rows = []
     for model, r in res.items():
         for variant, s in r["variants"].items():
             run = s["median_run"]
             if not run:
                 continue
-            if variant == "floor":
-                f = run["phases"]
-                text = (
-                    f"interpreter start {run['interpreter_ms']:.0f} · import ort+numpy {f['import_ms']:.0f} · "
-                    f"session {f['session_ms']:.0f} · run {f['run_ms']:.0f}"
-                )
-            elif run.get("cold_start"):
-                text = _oclaw_phases(run)
-            elif variant.startswith("oclaw"):
-                text = "no cold_start log line found"
-            else:
-                text = "(not instrumented)"
-            rows.append([model, variant, fmt(run["e2e_ms"], 0), text])
-    print(table(["model", "variant", "e2e", "phases (ms)"], rows))
+            parts, note = phase_parts(variant, run)
+            rows.append([model, variant, fmt(run["e2e_ms"], 0), *(fmt(p, 0) for p in parts), note])
+    print(table(["model", "variant", "spawn → first infer", *PHASE_COLUMNS, "how measured"], rows))
     for model, r in res.items():
         for note in r.get("notes", []):
             print(f"\n{model}: {note}")

@@ -8,7 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.cold import PHASE_COLUMNS, phase_parts
 from benchmarks.overhead import OVERHEAD_LABELS
+
+#: One colour per ``PHASE_COLUMNS`` part.
+_PHASE_COLOURS = ("#bbbbbb", "#8da0cb", "#fc8d62", "#66c2a5")
 
 
 def _cold(plt: Any, res: dict[str, Any]) -> Any:
@@ -21,36 +25,30 @@ def _cold(plt: Any, res: dict[str, Any]) -> Any:
             run = v[variant]["median_run"]
             if not run:
                 continue
-            if variant == "floor":
-                parts = [
-                    ("interpreter start (+ pipe)", run["interpreter_ms"], "#bbbbbb"),
-                    ("import ort+numpy", run["phases"]["import_ms"], "#8da0cb"),
-                    ("session", run["phases"]["session_ms"], "#fc8d62"),
-                    ("inference / warm-up", run["phases"]["run_ms"], "#66c2a5"),
-                ]
-            elif run.get("cold_start"):
-                total = run["cold_start"]["total_ms"]
-                parts = [
-                    ("outside total_ms (interp., bind, 1st req.)", run["outside_total_ms"], "#dddddd"),
-                    ("session", run["session_ms"], "#fc8d62"),
-                    ("inference / warm-up", run["warmup_ms"], "#66c2a5"),
-                    (
-                        "rest of total_ms (imports, setup)",
-                        max(0.0, total - run["session_ms"] - run["warmup_ms"]),
-                        "#e78ac3",
-                    ),
-                ]
+            values, _ = phase_parts(variant, run)
+            if values[0] is None:
+                parts = [("not instrumented: spawn → first infer", run["e2e_ms"], "#a6d854")]
             else:
-                parts = [("not instrumented (total)", run["e2e_ms"], "#a6d854")]
+                parts = [
+                    (label, value or 0.0, colour)
+                    for label, value, colour in zip(PHASE_COLUMNS, values, _PHASE_COLOURS, strict=True)
+                ]
             bottom = 0.0
             for lab, val, colour in parts:
                 ax.bar(x, val, bottom=bottom, color=colour, label=lab, edgecolor="white", linewidth=0.5)
                 bottom += val
             med = v[variant]["median_ms"]
-            ax.text(x, run["e2e_ms"] * 1.01, f"median {med:.0f} ms", ha="center", va="bottom", fontsize=8)
+            ax.text(
+                x,
+                run["e2e_ms"] * 1.01,
+                f"median of {v[variant]['n']}: {med:.0f} ms",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel("spawn → first infer (ms, median run)")
-        ax.set_title(f"Cold start: {model}")
+        ax.set_ylabel("ms from process spawn to the first successful infer\n(median run of each variant)")
+        ax.set_title(f"Cold start of {model}: where the time goes")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
         handles, labs = ax.get_legend_handles_labels()
         uniq = dict(zip(labs, handles, strict=True))
