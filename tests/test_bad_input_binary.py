@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -188,11 +187,9 @@ def test_declared_shape_over_element_limit_is_rejected_before_allocating(
         body, headers = binary_request({"inputs": [tensor("x", datatype, shape, binary_data_size=4)]}, b"\x00" * 4)
     else:
         body, headers = v2(tensor("x", datatype, shape, [1.0] if datatype == "FP32" else ["a"])), {}
-    start = time.perf_counter()
     resp = post(client, f"/v2/models/{model}/infer", body, headers)
-    elapsed = time.perf_counter() - start
+    # 413 (not the 400 a data/shape mismatch gets once decoding starts): the shape was checked first
     assert_error(resp, 413, "input 'x'", "10000000000 elements", f"limit of {MAX_ELEMENTS}")
-    assert elapsed < 2.0, f"413 took {elapsed:.2f} s: the shape was not checked before allocating"
     assert_still_serves(client)
 
 
