@@ -21,8 +21,10 @@ from engine.repository.manifest import Manifest, TensorOverride
 from engine.session import create_session
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
+from engine.warmup import Feed, declared_feed, synthetic_feeds
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
     from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("oclaw.model")
@@ -95,6 +97,13 @@ class LoadedModel:
         self._output_names = [s.name for s in self.outputs]
         self.image_input = self._image_input()
         self.classification_output = self._classification_output()
+        #: Each input's shape as onnxruntime reports it (symbolic dimension names kept for the warm-up).
+        self._dim_names = {node.name: list(node.shape or ()) for node in self.session.get_inputs()}
+        self._declared = declared_feed(manifest.warmup, self.inputs, self.name) if manifest.warmup else None
+        #: The inputs that warmed the model (the warm ping runs them again); None when none ran.
+        self.warm_feed: Feed | None = None
+        #: Why no warm-up input ran (the model still serves); None when the warm-up ran or has not been tried.
+        self.warmup_error: str | None = None
         self.stats = ModelStats()
         self.warm_ns: int | None = None
         self.inline = False
@@ -165,26 +174,37 @@ class LoadedModel:
 
     # -- warm-up ----------------------------------------------------------------------------------
 
-    def synthetic_feed(self) -> dict[str, np.ndarray]:
-        """Zero inputs of the right dtype, variable dimensions set to 1."""
-        feed = {}
-        for s in self.inputs:
-            shape = tuple(1 if d < 0 else d for d in s.shape)
-            if s.datatype == "BYTES":
-                feed[s.name] = np.full(shape, "", dtype=object)
-            else:
-                feed[s.name] = np.zeros(shape, dtype=V2_TO_NUMPY[s.datatype])
-        return feed
+    def warmup_feeds(self) -> Iterator[Feed]:
+        """Warm-up inputs to try in turn: the manifest's (and an image for an image model), the rest synthetic."""
+        fixed = dict(self._declared or {})
+        if self.image_input is not None and self.image_input not in fixed:
+            fixed[self.image_input] = self._images(InputTensor(self.image_input, "BYTES", (1,), _tiny_png()))
+        return synthetic_feeds(self.inputs, self._dim_names, fixed)
 
-    def warm_up(self) -> int:
-        """Run the model once (and the image path once) so the first request pays no first-run cost."""
+    def warm_up(self) -> int | None:
+        """Run the model once (and the image path once) so the first request pays no first-run cost.
+
+        Tries the warm-up inputs in turn; when none runs the model still serves: the error is kept in
+        ``warmup_error`` and logged as a ``warmup_failed`` warning. Returns the run's nanoseconds (None then).
+        """
         began = perf_counter_ns()
-        feed = self.synthetic_feed()
-        if self.image_input is not None:
-            feed[self.image_input] = self._images(InputTensor(self.image_input, "BYTES", (1,), _tiny_png()))
-        start = perf_counter_ns()
-        self.session.run(self._output_names, feed)
-        self.warm_ns = perf_counter_ns() - start
+        tried, first_error = 0, ""
+        for feed in self.warmup_feeds():
+            tried += 1
+            start = perf_counter_ns()
+            try:
+                self.session.run(self._output_names, feed)
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+                first_error = first_error or str(exc)
+                continue
+            self.warm_ns = perf_counter_ns() - start
+            self.warm_feed = feed
+            break
+        else:
+            self._warm_up_failed(tried, first_error)
+            self.warmup_ms = (perf_counter_ns() - began) / 1e6
+            return None
+        self.warmup_error = None
         if self.warm_ns < 10 * self.settings.inline_run_us * 1000:
             # cheap model: time steady-state runs to decide whether it may run on the event loop; the best of
             # three, so one run slowed by a busy machine does not send every later request through a thread hop
@@ -195,6 +215,32 @@ class LoadedModel:
         self.inline = self.warm_ns < self.settings.inline_run_us * 1000
         self.warmup_ms = (perf_counter_ns() - began) / 1e6
         return self.warm_ns
+
+    def _warm_up_failed(self, tried: int, error: str) -> None:
+        if self._declared is not None and len(self._declared) == len(self.inputs):
+            self.warmup_error = f"the warm-up input oclaw.json declares failed to run: {error}"
+        else:
+            self.warmup_error = (
+                f"{tried} synthetic warm-up input(s) failed to run (declare one in oclaw.json 'warmup'): {error}"
+            )
+        log.warning(
+            "model %s/%s serves without a warm-up: %s",
+            self.name,
+            self.version,
+            self.warmup_error,
+            extra={"oclaw": {"event": "warmup_failed", "model": self.name, "version": self.version}},
+        )
+
+    def load_record(self) -> dict[str, Any]:
+        """This version's entry in the cold-start record: session and warm-up times, a failed warm-up's error."""
+        record: dict[str, Any] = {
+            "session_ms": round(self.session_ms, 1),
+            "warmup_ms": round(self.warmup_ms, 1),
+            "prepared": self.prepared,
+        }
+        if self.warmup_error is not None:
+            record["warmup_error"] = self.warmup_error
+        return record
 
     #: Requests in a row, served on a worker thread under the inline threshold, that make a model run inline.
     INLINE_AFTER = 100
@@ -211,8 +257,15 @@ class LoadedModel:
             self._fast_offloaded = 0
 
     def ping(self) -> float:
-        """One synthetic inference (keeps a warm instance's model warm); returns its milliseconds."""
-        feed = self.synthetic_feed()
+        """One inference on the input that warmed the model (keeps a warm instance's model warm); its milliseconds.
+
+        Warms the model first if it never was; 0.0 (nothing run) for a model no warm-up input runs on.
+        """
+        if self.warm_feed is None and self.warmup_error is None:
+            self.warm_up()
+        feed = self.warm_feed
+        if feed is None:
+            return 0.0
         start = perf_counter_ns()
         self.session.run(self._output_names, feed)
         return (perf_counter_ns() - start) / 1e6

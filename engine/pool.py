@@ -194,16 +194,19 @@ class ModelPool:
         return rows
 
     def states(self) -> dict[str, dict[str, Any]]:
-        """Per-model state, reason and load time (for logs and health detail)."""
-        return {
-            n: {
+        """Per-model state, reason and load time (for logs and health detail); failed warm-ups by version."""
+        states: dict[str, dict[str, Any]] = {}
+        for n, e in list(self._entries.items()):
+            states[n] = {
                 "state": e.state.value,
                 "reason": e.reason,
                 "load_ms": round(e.load_ms, 1),
                 "versions": sorted(e.versions),
             }
-            for n, e in list(self._entries.items())
-        }
+            failed = {str(v): m.warmup_error for v, m in sorted(e.versions.items()) if m.warmup_error is not None}
+            if failed:
+                states[n]["warmup_errors"] = failed
+        return states
 
     def close(self) -> None:
         """Release every model."""

@@ -34,6 +34,10 @@ _OPT_LEVELS = {
 }
 
 
+#: onnxruntime's log severity for its fatal messages only (0 verbose, 1 info, 2 warning, 3 error, 4 fatal).
+ORT_FATAL = 4
+
+
 def resolve_providers(wanted: tuple[str, ...], available: list[str] | None = None) -> list[str]:
     """Map short names to ORT providers, drop unavailable ones with a warning, always end with CPU."""
     have = set(ort.get_available_providers() if available is None else available)
@@ -57,7 +61,9 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
-    opts.log_severity_level = 3
+    # onnxruntime writes its own ANSI-coloured lines to stderr, outside the JSON log stream; oclaw reports every
+    # error they would show (a failed session, run or warm-up raises and is logged), so only fatal ones remain
+    opts.log_severity_level = ORT_FATAL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
     return opts
 
@@ -77,6 +83,7 @@ def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession
 
     Falls back to CPU if an accelerator fails to start, and to the source model if a prepared one fails.
     """
+    ort.set_default_logger_severity(ORT_FATAL)  # the process-wide logger, used where no session's applies
     providers = resolve_providers(settings.providers)
     opts = session_options(settings)
     chosen, prepared = choose_model_file(path, settings, providers)

@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# real models for tests/test_real_models.py, read from their wheels, never installed (silero-vad declares torch)
+ls .cache/wheels/silero_vad-6.2.3-*.whl .cache/wheels/rapidocr_onnxruntime-1.4.4-*.whl >/dev/null 2>&1 ||
+  .venv/bin/pip download -q --no-deps --dest .cache/wheels silero-vad==6.2.3 rapidocr-onnxruntime==1.4.4
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -12,6 +12,8 @@ import pytest
 from engine import logs
 from handler.local_lambda import LocalLambda
 from tests.conftest import ROOT
+from tests.modelgen import _save
+from tests.realmodels import unwarmable
 
 
 def test_json_lines_carry_the_request_context(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,3 +149,23 @@ def test_opentelemetry_spans_for_server_requests(repo: Path) -> None:
         == 200
     )
     assert len(spans) >= 2
+
+
+def test_onnxruntime_errors_leave_the_json_log_stream_whole(tmp_path: Path) -> None:
+    """A warm-up and a request that onnxruntime rejects: every line the function writes is still one JSON object."""
+    repo = tmp_path / "repo"
+    _save(unwarmable(), repo, "m")
+    log = tmp_path / "log"
+    env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_LOG_FORMAT": "json"}
+    with LocalLambda(env=env, cwd=ROOT, log=log) as fn:
+        fn.wait_init()
+        bad = {"model_name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [5], "data": [0.0] * 5}]}
+        answer = fn.invoke(bad).json()  # Reshape of 5 elements to [7, 11] fails in onnxruntime
+        good = {"model_name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [77], "data": [1.0] * 77}]}
+        assert fn.invoke(good).json()["outputs"][0]["shape"] == [7, 11]
+    assert "could not run this input" in json.dumps(answer)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert all(line.startswith("{") and isinstance(json.loads(line), dict) for line in lines), log.read_text()
+    warning = logs.find_event(log.read_text(), "warmup_failed")
+    assert warning is not None and warning["level"] == "WARNING" and warning["model"] == "m"
+    assert "Reshape" in warning["message"]

@@ -18,6 +18,7 @@ from engine.repository.manifest import load_manifest
 from engine.session import resolve_providers
 from tests.conftest import ServerThread, start_server
 from tests.modelgen import _save, add_constant, mlp
+from tests.realmodels import unwarmable
 
 
 @pytest.fixture()
@@ -221,3 +222,116 @@ def test_a_cheap_model_misjudged_at_warm_up_moves_to_the_event_loop(tmp_path: Pa
         assert threads == {srv.thread.name}  # the server's event-loop thread, no worker
     finally:
         srv.stop()
+
+
+def test_a_misspelt_manifest_key_is_an_error_that_names_the_close_match(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    for raw, wrong, meant in [
+        ({"max_batch_sise": 8}, "max_batch_sise", "max_batch_size"),
+        ({"Labels": ["a"]}, "Labels", "labels"),
+        ({"preprocess": {"kind": "image", "sise": [8, 8]}}, "preprocess.sise", "preprocess.size"),
+        ({"postprocess": {"top-k": 3}}, "postprocess.top-k", "postprocess.top_k"),
+        ({"inputs": [{"name": "x", "shap": [1]}]}, "inputs[0].shap", "inputs[0].shape"),
+        ({"warmup": {"inputs": {"x": {"shape": [77], "fil": "ones"}}}}, "warmup.inputs.x.fil", "warmup.inputs.x.fill"),
+    ]:
+        (model_dir / "oclaw.json").write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as info:
+            load_manifest(model_dir)
+        assert str(model_dir / "oclaw.json") in info.value.message
+        assert f"unknown key {wrong!r}; did you mean {meant!r}?" in info.value.message
+
+
+def test_an_unknown_manifest_key_is_a_warning_naming_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _save(add_constant(1.0), tmp_path, "m", 1, {"description": "adds one", "max_batch_size": 4})
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    assert pool.load("m").versions[1].manifest.max_batch_size == 4
+    warnings = [r for r in caplog.records if r.name == "oclaw.manifest"]
+    assert len(warnings) == 1  # once, however often the manifest is read
+    assert str(tmp_path / "m" / "oclaw.json") in warnings[0].getMessage()
+    assert "unknown key 'description' ignored" in warnings[0].getMessage()
+
+
+def test_a_model_whose_warm_up_fails_serves_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _save(unwarmable(), tmp_path, "m")
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    model = pool.load("m").versions[1]
+    assert pool.states()["m"]["state"] == State.READY and pool.ready()
+    assert model.warm_feed is None and model.warm_ns is None and not model.inline
+    assert model.warmup_error is not None and "Reshape" in model.warmup_error and "oclaw.json" in model.warmup_error
+    assert pool.states()["m"]["warmup_errors"] == {"1": model.warmup_error}
+    assert model.load_record()["warmup_error"] == model.warmup_error
+    warning = next(r for r in caplog.records if getattr(r, "oclaw", {}).get("event") == "warmup_failed")
+    assert warning.levelname == "WARNING" and "m/1" in warning.getMessage()
+    assert model.ping() == 0.0  # no input to ping with; nothing is run, nothing raised
+    srv = start_server(tmp_path)
+    try:
+        with httpx.Client(base_url=srv.url) as c:
+            assert c.get("/v2/health/ready").status_code == 200
+            assert c.get("/v2/models/m/ready").status_code == 200
+            assert c.post("/v2/repository/index").json() == [
+                {"name": "m", "version": "1", "state": "READY", "reason": ""}
+            ]
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [77], "data": list(range(77))}]}
+            out = c.post("/v2/models/m/infer", json=body)
+            assert out.status_code == 200 and out.json()["outputs"][0]["shape"] == [7, 11]
+            assert c.post("/v2/warm").json()["warm_ms"] == {"m/1": 0.0}
+    finally:
+        srv.stop()
+
+
+def test_declared_warm_up_inputs_warm_the_model(tmp_path: Path) -> None:
+    """oclaw.json "warmup": inputs given by shape and values or fill, or a .npz sample beside the model."""
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    _save(unwarmable(), tmp_path, "m", 1, {"warmup": {"inputs": {"x": {"shape": [77], "data": list(range(77))}}}})
+    model = pool.load("m").versions[1]
+    assert model.warmup_error is None and model.warm_ns is not None and model.warm_feed is not None
+    np.testing.assert_array_equal(model.warm_feed["x"], np.arange(77, dtype=np.float32))
+    assert model.ping() > 0.0
+
+    _save(unwarmable(), tmp_path, "m", 1, {"warmup": {"inputs": {"x": {"shape": [77], "fill": "random"}}}})
+    random = pool.load("m").versions[1].warm_feed
+    assert random is not None and random["x"].dtype == np.float32 and len(np.unique(random["x"])) == 77
+
+    sample = np.linspace(-1, 1, 77, dtype=np.float32)
+    np.savez(tmp_path / "m" / "sample.npz", x=sample)
+    _save(unwarmable(), tmp_path, "m", 1, {"warmup": "sample.npz"})
+    from_file = pool.load("m").versions[1].warm_feed
+    assert from_file is not None
+    np.testing.assert_array_equal(from_file["x"], sample)
+
+    _save(unwarmable(), tmp_path, "m", 1, {"warmup": {"inputs": {"x": {"shape": [76]}}}})
+    declared_fails = pool.load("m").versions[1]
+    assert pool.states()["m"]["state"] == State.READY
+    assert declared_fails.warmup_error is not None and "declares" in declared_fails.warmup_error
+
+
+@pytest.mark.parametrize(
+    ("warmup", "error"),
+    [
+        ({"inputs": {"nope": {"shape": [77]}}}, "warmup.inputs.nope names no input of the model; inputs: ['x']"),
+        (
+            {"inputs": {"x": {"shape": [77], "datatype": "INT64"}}},
+            "warmup.inputs.x.datatype is 'INT64'; input 'x' is FP32",
+        ),
+        ({"inputs": {"x": {"shape": [7, 11]}}}, "shape [7, 11] does not fit input 'x' [-1]"),
+        ({"inputs": {"x": {"shape": [77], "data": [1, 2]}}}, "warmup.inputs.x.data has 2 values; shape [77] needs 77"),
+        ({"inputs": {"x": {"shape": [2], "data": ["a", "b"]}}}, "warmup.inputs.x.data: could not convert"),
+        ({"inputs": {"x": {"shape": [77], "fill": "noise"}}}, "warmup.inputs.x.fill must be one of"),
+        ({"inputs": {"x": {"data": [1.0]}}}, "warmup.inputs.x needs a 'shape'"),
+        ({"inputs": {"x": {"shape": [-1]}}}, "warmup.inputs.x.shape must be a list of non-negative integers"),
+        ({"inputs": {"x": {"shape": [1], "data": [1.0], "fill": "ones"}}}, "give 'data' or 'fill', not both"),
+        ({"inputs": {}}, "warmup must be a .npz file name or"),
+        ("missing.npz", "warmup sample 'missing.npz' must be a .npz file in"),
+        ("../../etc/passwd", "must lie inside the model directory"),
+        ("sample.npz", "warmup sample 'sample.npz' array 'y' names no input"),
+    ],
+)
+def test_a_wrong_warm_up_declaration_fails_the_load_naming_the_key(tmp_path: Path, warmup: object, error: str) -> None:
+    _save(unwarmable(), tmp_path, "m", 1, {"warmup": warmup})
+    np.savez(tmp_path / "m" / "sample.npz", y=np.zeros(77, np.float32))
+    pool = ModelPool(LocalRepository(tmp_path), Settings.from_env({}))
+    with pytest.raises((ConfigError, ModelLoadError)) as info:
+        pool.load("m")
+    assert error in info.value.message
+    assert pool.states()["m"]["state"] == State.UNAVAILABLE

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import ConfigError
+
+log = logging.getLogger("oclaw.manifest")
 
 VersionPolicy = Literal["latest", "all"] | tuple[int, ...]
 
@@ -45,6 +50,28 @@ class Classification:
     top_k: int = 5
 
 
+Fill = Literal["zeros", "ones", "random"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmupInput:
+    """One declared warm-up input: its shape and its values (``data``) or how to fill it."""
+
+    name: str
+    shape: tuple[int, ...]
+    datatype: str | None = None
+    data: tuple[Any, ...] | None = None
+    fill: Fill = "zeros"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Warmup:
+    """The warm-up a manifest declares: inputs given in ``oclaw.json`` or a ``.npz`` sample in the model directory."""
+
+    inputs: tuple[WarmupInput, ...] = ()
+    sample: Path | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything ``oclaw.json`` may declare; every field is optional."""
@@ -59,15 +86,56 @@ class Manifest:
     #: Expected sha256 per version ("1": "ab12…"); a mismatch fails the load.
     checksums: dict[str, str] = field(default_factory=dict)
     platform: str = "onnxruntime_onnx"
+    #: Declared warm-up inputs (None: synthetic ones, see engine.warmup).
+    warmup: Warmup | None = None
 
 
-def _overrides(raw: Any, where: str) -> tuple[TensorOverride, ...]:
+_TOP_KEYS = (*(f.name for f in fields(Manifest) if f.name != "classification"), "postprocess")
+_TENSOR_KEYS = ("name", "datatype", "shape")
+_PREPROCESS_KEYS = ("kind", *(f.name for f in fields(ImagePreprocess)))
+_POSTPROCESS_KEYS = ("kind", *(f.name for f in fields(Classification)))
+_WARMUP_INPUT_KEYS = ("datatype", "shape", "data", "fill")
+_FILLS = ("zeros", "ones", "random")
+_warned: set[tuple[Path, str]] = set()
+
+
+def check_keys(raw: dict[str, Any], known: Collection[str], where: str, path: Path) -> None:
+    """Reject a key that looks like a misspelt known one; warn (once) about any other unknown key."""
+    lowered = {k.lower(): k for k in known}
+    for key in raw:
+        if key in known:
+            continue
+        full = f"{where}.{key}" if where else key
+        close = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.75)
+        if close:
+            suggestion = f"{where}.{lowered[close[0]]}" if where else lowered[close[0]]
+            raise ConfigError(f"unknown key {full!r}; did you mean {suggestion!r}?")
+        if (path, full) not in _warned:
+            _warned.add((path, full))
+            log.warning("%s: unknown key %r ignored (known: %s)", path, full, ", ".join(known))
+
+
+def _inside(model_dir: Path, name: str, what: str) -> Path:
+    path = (model_dir / name).resolve()
+    if model_dir.resolve() not in path.parents:
+        raise ConfigError(f"{what} {name!r} must lie inside the model directory")
+    return path
+
+
+def _shape(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise ConfigError(f"{where}.shape must be a list of non-negative integers ([] for a scalar)")
+    return tuple(raw)
+
+
+def _overrides(raw: Any, where: str, path: Path) -> tuple[TensorOverride, ...]:
     if not isinstance(raw, list):
         raise ConfigError(f"{where} must be a list")
     out = []
-    for item in raw:
+    for i, item in enumerate(raw):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{where}: each entry needs a string 'name'")
+        check_keys(item, _TENSOR_KEYS, f"{where}[{i}]", path)
         shape = item.get("shape")
         out.append(
             TensorOverride(
@@ -83,9 +151,7 @@ def _labels(raw: Any, model_dir: Path) -> tuple[str, ...]:
     if isinstance(raw, list):
         return tuple(str(x) for x in raw)
     if isinstance(raw, str):
-        path = (model_dir / raw).resolve()
-        if model_dir.resolve() not in path.parents:
-            raise ConfigError(f"labels file {raw!r} must lie inside the model directory")
+        path = _inside(model_dir, raw, "labels file")
         return tuple(line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines())
     raise ConfigError("labels must be a list of strings or a file name")
 
@@ -103,6 +169,51 @@ _CHOICES = {
     "layout": ("NCHW", "NHWC"),
     "color": ("RGB", "BGR"),
 }
+
+
+def _warmup_input(name: str, raw: Any, path: Path) -> WarmupInput:
+    where = f"warmup.inputs.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object with 'shape' and 'data' or 'fill'")
+    check_keys(raw, _WARMUP_INPUT_KEYS, where, path)
+    if "shape" not in raw:
+        raise ConfigError(f"{where} needs a 'shape' ([] for a scalar)")
+    datatype = raw.get("datatype")
+    if datatype is not None and not isinstance(datatype, str):
+        raise ConfigError(f'{where}.datatype must be a V2 datatype name such as "INT64"')
+    data = raw.get("data")
+    fill = raw.get("fill", "zeros")
+    if data is not None and "fill" in raw:
+        raise ConfigError(f"{where}: give 'data' or 'fill', not both")
+    if data is not None and not isinstance(data, list):
+        raise ConfigError(f"{where}.data must be a list of values")
+    if fill not in _FILLS:
+        raise ConfigError(f"{where}.fill must be one of {_FILLS}, got {fill!r}")
+    return WarmupInput(
+        name=name,
+        shape=_shape(raw["shape"], where),
+        datatype=datatype,
+        data=None if data is None else tuple(data),
+        fill=fill,
+    )
+
+
+def _warmup(raw: Any, model_dir: Path, path: Path) -> Warmup:
+    if isinstance(raw, str):
+        sample = _inside(model_dir, raw, "warmup sample")
+        if sample.suffix != ".npz" or not sample.is_file():
+            raise ConfigError(f"warmup sample {raw!r} must be a .npz file in {model_dir}")
+        return Warmup(sample=sample)
+    if not isinstance(raw, dict) or not isinstance(raw.get("inputs"), dict) or not raw["inputs"]:
+        raise ConfigError('warmup must be a .npz file name or {"inputs": {"<input name>": {"shape": [...], ...}}}')
+    check_keys(raw, ("inputs",), "warmup", path)
+    return Warmup(inputs=tuple(_warmup_input(str(k), v, path) for k, v in raw["inputs"].items()))
+
+
+def _object(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object")
+    return raw
 
 
 def _image_preprocess(raw: dict[str, Any]) -> ImagePreprocess:
@@ -131,20 +242,25 @@ def load_manifest(model_dir: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the manifest must be a JSON object")
     try:
+        check_keys(raw, _TOP_KEYS, "", path)
         pre = raw.get("preprocess")
         if pre is not None:
+            pre = _object(pre, "preprocess")
             if pre.get("kind", "image") != "image":
                 raise ConfigError(f"preprocess.kind {pre.get('kind')!r} is not supported (only 'image')")
+            check_keys(pre, _PREPROCESS_KEYS, "preprocess", path)
             pre = _image_preprocess(pre)
         post = raw.get("postprocess")
         cls = None
         if post is not None:
+            post = _object(post, "postprocess")
             if post.get("kind", "classification") != "classification":
                 raise ConfigError(f"postprocess.kind {post.get('kind')!r} is not supported")
+            check_keys(post, _POSTPROCESS_KEYS, "postprocess", path)
             cls = Classification(**{k: v for k, v in post.items() if k != "kind"})
         return Manifest(
-            inputs=_overrides(raw.get("inputs", []), "inputs"),
-            outputs=_overrides(raw.get("outputs", []), "outputs"),
+            inputs=_overrides(raw.get("inputs", []), "inputs", path),
+            outputs=_overrides(raw.get("outputs", []), "outputs", path),
             max_batch_size=int(raw.get("max_batch_size", 0)),
             versions=_versions(raw.get("versions", "latest")),
             labels=_labels(raw["labels"], model_dir) if "labels" in raw else (),
@@ -152,6 +268,7 @@ def load_manifest(model_dir: Path) -> Manifest:
             classification=cls,
             checksums={str(k): str(v).lower() for k, v in raw.get("checksums", {}).items()},
             platform=str(raw.get("platform", "onnxruntime_onnx")),
+            warmup=_warmup(raw["warmup"], model_dir, path) if "warmup" in raw else None,
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}") from None
