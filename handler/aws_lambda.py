@@ -226,7 +226,8 @@ def _handler(event: Any, context: Any) -> Any:
         return _dispatch(event, context)
     finally:
         RUNTIME.cold = False
-        RUNTIME.meter.flush()
+        # done before the deadline (a sink that does not answer is spooled), not waited on until Lambda times out
+        RUNTIME.meter.flush((_clock(context)() - RUNTIME.settings.lambda_reserve_ms) / 1000)
 
 
 def correlation_of(event: Any) -> str | None:

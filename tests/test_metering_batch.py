@@ -204,32 +204,30 @@ class CountingStdout:
         pass
 
 
-def test_stdout_sinks_write_once_a_flush_and_keep_records_when_stdout_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stdout_sinks_keep_records_when_stdout_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = CountingStdout()
     monkeypatch.setattr("sys.stdout", out)
     m = meter(tmp_path, "lambda", metering_sinks=("log", "emf"))
     for usage in usages(3, seed=4):
         m.submit_usage(usage)
     m.flush()
-    (written,) = out.writes  # the log lines and the EMF blobs of a flush: one write (one syscall a Lambda invoke)
-    lines = [json.loads(line) for line in written.splitlines()]
-    assert [line["event"] for line in lines if "event" in line] == ["metering"] * 3
-    assert any("_aws" in line for line in lines)
+    log_lines, emf_lines = (out.writes[0].splitlines(), out.writes[1].splitlines())  # one write a sink
+    assert [json.loads(line)["event"] for line in log_lines] == ["metering"] * 3
+    assert all("_aws" in json.loads(line) for line in emf_lines)
 
     out.down = True  # stdout broken: nothing is lost, each sink's records are spooled
     second = usages(2, seed=5)
     for usage in second:
         m.submit_usage(usage)
     m.flush()
-    assert m.failures == 1 and m.spooled == 4 and len(out.writes) == 1
+    assert m.failures == 6 and m.spooled == 4 and len(out.writes) == 2  # three tries a sink
     out.down = False
     m.flush()  # re-sent from the spools
-    resent = [json.loads(line) for line in out.writes[1].splitlines()]
+    resent = [json.loads(line) for write in out.writes[2:] for line in write.splitlines()]
     assert sorted(line["request_id"] for line in resent if line.get("event") == "metering") == sorted(
         u.request_id for u in second
     )
+    assert sum(line["Requests"][0] for line in resent if "_aws" in line) == 2
     assert not list(tmp_path.glob("spool.jsonl*"))
 
 
@@ -276,7 +274,7 @@ def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout
     assert m.failures == 1 and m.spooled == 2  # each sink's record spooled
     out.down = False
     m.flush()
-    resent = [json.loads(line) for line in out.writes[1].splitlines()]
+    resent = [json.loads(line) for write in out.writes[1:] for line in write.splitlines()]
     assert [line for line in resent if line.get("event") == "metering"] == [
         m.complete(second).as_dict() | {"event": "metering"}
     ]

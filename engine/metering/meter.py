@@ -1,5 +1,9 @@
 """Per-request metering: ``Meter`` bills captured usages and sends the records to the sinks, once a second on a
 server and before every Lambda invocation returns; what a record is lives in ``engine/metering/records.py``.
+
+A flush has a deadline (on Lambda the invocation's remaining time less a reserve, on a server ``FLUSH_TIMEOUT_S``):
+no try starts after it and the queue sinks bound each call by it (``sinks.time_left``); what a sink did not take
+by then is spooled (``engine/metering/spool.py``) and re-sent by a later flush.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -17,7 +22,7 @@ from typing import Any
 
 from engine.config import Settings
 from engine.metering import sinks as sink_kinds
-from engine.metering.batch import Batch, json_lines
+from engine.metering.batch import Batch
 from engine.metering.records import (
     HEADER_VALUES,
     PRICES,
@@ -29,8 +34,14 @@ from engine.metering.records import (
     header_value,
     split_evenly,
 )
+from engine.metering.spool import Spool
 
 log = logging.getLogger("oclaw.metering")
+
+#: How long a server's flush may take (the flush thread, a /metrics scrape, shutdown); Lambda passes its own.
+FLUSH_TIMEOUT_S = 5.0
+#: Usages and records queued at most: past it (a sink stuck beyond the flush's bounds), they go to the spools.
+MAX_QUEUED = 50_000
 
 
 def detect_platform() -> str:
@@ -54,12 +65,15 @@ class Meter:
         self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
         self.failures = 0
         self.spooled = 0
+        #: Usages and records queued at most (``MAX_QUEUED``); past it they are spooled.
+        self.max_queued = MAX_QUEUED
         self._pending: deque[MeteringRecord] = deque()  # append and popleft are atomic: no lock per request
         self._usage: deque[Usage] = deque()  # requests served alone, completed into records at flush
-        #: Sinks with a spool file to re-send (left by an earlier process, or written by this one).
-        self._spooled = {i for i in range(len(self.sinks)) if self.spool(i).is_file()}
+        #: Sinks with spool files to re-send (left by an earlier process, or written by this one).
+        self._spooled = {i for i in range(len(self.sinks)) if self.spool(i).files()}
         self._stop = threading.Event()
         self._flushing = threading.Lock()
+        self._spilling = threading.Lock()
 
     @property
     def sinks(self) -> list[Any]:
@@ -245,11 +259,15 @@ class Meter:
     def submit(self, records: Iterable[MeteringRecord]) -> None:
         """Queue records for the next flush."""
         self._pending.extend(records)
+        if len(self._pending) + len(self._usage) > self.max_queued:
+            self._spill()
 
     def submit_usage(self, usage: Usage) -> bytes | None:
         """Queue one request's usage (one append: the record is built at flush); its ``oclaw-metering`` header
         value, or None when only metrics are kept (metering records off: no header)."""
         self._usage.append(usage)
+        if len(self._usage) > self.max_queued:
+            self._spill()
         if not self.records_out:
             return None
         compute, total, init_ms, cold = usage[8:12]
@@ -257,26 +275,32 @@ class Meter:
         # header_value's lookup inlined (one call less a request), formatted when new
         return HEADER_VALUES.get((compute, billed, cold)) or header_value(compute, billed, cold)
 
-    def spool(self, index: int) -> Path:
-        """The spool file of the ``index``-th sink."""
-        return Path(f"{self.settings.metering_spool}.{index}")
+    def spool(self, index: int) -> Spool:
+        """The spool of the ``index``-th sink."""
+        return Spool(self.settings.metering_spool, index)
 
-    def flush(self) -> None:
-        """Send queued records (and what a sink refused earlier) to every sink; never raises, loses nothing.
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Send queued records (and what a sink refused earlier) to every sink within ``timeout_s``; never raises,
+        loses nothing.
 
-        A sink that fails three times gets its batch written to its own spool file, re-sent on a later flush,
-        so a failing sink never makes the healthy ones see a record twice.
+        A sink gets three tries while time is left; what it has not taken then is written to its own spool, re-sent
+        on a later flush, so a failing sink never makes the healthy ones see a record twice.
         """
         usage, pending = self._usage, self._pending
         if not (usage or pending or self._spooled):  # nothing to send (a Lambda invocation with metering off)
             return
-        with self._flushing:  # one flush at a time (the timer, a /metrics scrape, shutdown): spools stay consistent
+        # one flush at a time (the timer, a /metrics scrape, shutdown): a later one waits no longer than it may run
+        if not self._flushing.acquire(timeout=max(0.0, min(timeout_s, threading.TIMEOUT_MAX))):
+            return
+        deadline = sink_kinds.FLUSH_DEADLINE.set(time.monotonic() + timeout_s)
+        try:
             if len(usage) == 1 and self._on_stdout and not (pending or self._spooled):  # a Lambda invocation's
                 self._send_one(usage.popleft())
                 return
-            # what was queued so far; later ones wait
-            usages = [usage.popleft() for _ in range(len(usage))]
-            self._send(Batch(self, usages, [pending.popleft() for _ in range(len(pending))] if pending else []))
+            self._send(Batch(self, _take(usage), _take(pending)))  # what was queued so far; later ones wait
+        finally:
+            sink_kinds.FLUSH_DEADLINE.reset(deadline)
+            self._flushing.release()
 
     def _send_one(self, usage: Usage) -> None:
         """Send one request's usage (a Lambda invocation's) to sinks that all write lines to stdout: each makes
@@ -300,52 +324,68 @@ class Meter:
                 self._spool(index, sink, batch, exc)
 
     def _send(self, batch: Batch) -> None:
-        # what the sinks on stdout make, written once below (one write a Lambda invocation)
-        out: list[bytes | bytearray] = []
-        on_stdout: list[tuple[int, Sequence[MeteringRecord]]] = []
-        queued = bool(batch.usages or batch.done)
+        """Give each sink the batch, with what its spool holds (the files no other process is re-sending)."""
         for index, sink in enumerate(self.sinks):
-            records: Sequence[MeteringRecord] = batch
-            if index in self._spooled:  # known without a stat (or a Path: ~2 µs) per flush (per Lambda invoke)
+            claims = list(self.spool(index).claims()) if index in self._spooled else []
+            spooled = [record for claim in claims for record in claim.records]
+            records = Batch(self, batch.usages, spooled + batch.done) if spooled else batch
+            refused, error = self._emit(sink, records) if records else ([], None)
+            if refused is records:  # nothing taken: the spool files stay as they are, the new records join them
+                for claim in claims:
+                    claim.settle(claim.records)
+                new: Sequence[MeteringRecord] = batch
+            else:  # each spool file keeps only what the sink refused
+                left = {id(record) for record in refused}
+                for claim in claims:
+                    claim.settle([record for record in claim.records if id(record) in left])
+                old = {id(record) for record in spooled}
+                new = [record for record in refused if id(record) not in old] if spooled else refused
+            if new:
+                self._spool(index, sink, new, error)
+            elif index in self._spooled and not self.spool(index).files():
                 self._spooled.discard(index)
-                if self.spool(index).is_file():
-                    records = Batch(self, batch.usages, self._read_spool(self.spool(index)) + batch.done)
-            elif not queued:
-                continue
-            lines = sink.lines if isinstance(sink, sink_kinds.LineSink) and sink.stream is None else None
-            for attempt in range(3):
-                try:
-                    if lines is None:
-                        sink.emit(records)
-                    else:
-                        out.append(lines(records))
-                        on_stdout.append((index, records))
-                    break
-                except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
-                    self.failures += 1
-                    records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
-                    if attempt == 2:
-                        self._spool(index, sink, records, exc)
-        if out:
-            try:
-                sink_kinds.write(None, out[0] if len(out) == 1 else b"".join(out))
-            except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the records
-                self.failures += 1
-                for index, records in on_stdout:
-                    self._spool(index, self.sinks[index], records, exc)
 
-    def _spool(self, index: int, sink: Any, records: Sequence[MeteringRecord], exc: Exception) -> None:
-        """Keep what a sink could not take in its spool file, re-sent on a later flush."""
+    def _emit(self, sink: Any, records: Sequence[MeteringRecord]) -> tuple[Sequence[MeteringRecord], Exception]:
+        """Give ``records`` to ``sink``: up to three tries while the flush has time; what it refused, and why."""
+        error: Exception = TimeoutError("no time left before the flush deadline")
+        for _ in range(3):
+            if sink_kinds.time_left() <= 0:
+                break
+            try:
+                sink.emit(records)
+                return [], error
+            except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
+                self.failures += 1
+                error = exc
+                records = getattr(exc, "failed", None) or records  # retry only what a batch API refused
+        return records, error
+
+    def _spool(self, index: int, sink: Any, records: Sequence[MeteringRecord], exc: Exception | None) -> None:
+        """Keep what a sink could not take in a spool file of its own, re-sent on a later flush."""
         log.warning("metering sink %s failed (%s); %d records spooled", type(sink).__name__, exc, len(records))
-        with self.spool(index).open("ab") as fh:
-            fh.write(json_lines(records))
+        self.spool(index).put(records)
         self.spooled += len(records)
         self._spooled.add(index)
 
-    @staticmethod
-    def _read_spool(spool: Path) -> list[MeteringRecord]:
-        taken = spool.with_name(spool.name + ".sending")
-        spool.replace(taken)
-        records = [MeteringRecord(**json.loads(line)) for line in taken.read_text().splitlines() if line.strip()]
-        taken.unlink()
-        return records
+    def _spill(self) -> None:
+        """Too much is queued (a sink holds the flush beyond its bounds): spool it for every sink, in this thread."""
+        if not self._spilling.acquire(blocking=False):  # another thread is spilling
+            return
+        try:
+            batch = Batch(self, _take(self._usage), _take(self._pending))
+            reason = OverflowError(f"more than {self.max_queued} records queued")
+            for index, sink in enumerate(self.sinks):
+                self._spool(index, sink, batch, reason)
+        finally:
+            self._spilling.release()
+
+
+def _take(queue: deque[Any]) -> list[Any]:
+    """What ``queue`` holds now, taken out (another thread may be taking too: each item goes to one of them)."""
+    out = []
+    for _ in range(len(queue)):
+        try:
+            out.append(queue.popleft())
+        except IndexError:
+            break
+    return out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -14,6 +16,14 @@ import orjson
 
 from engine.metering.batch import _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
 from engine.metering.records import Biller, MeteringRecord, Usage, _time_of
+
+#: When the flush in progress must be over (``time.monotonic()``), set by ``Meter.flush``.
+FLUSH_DEADLINE: ContextVar[float] = ContextVar("oclaw_flush_deadline", default=math.inf)
+
+
+def time_left() -> float:
+    """Seconds before the deadline of the flush in progress (inf outside one): what a sink's I/O may take."""
+    return FLUSH_DEADLINE.get() - time.monotonic()
 
 
 class PartialFailure(Exception):
@@ -25,7 +35,8 @@ class PartialFailure(Exception):
 
 
 class Sink(Protocol):
-    """Where metering records go; ``emit`` may raise, oclaw retries and spools."""
+    """Where metering records go; ``emit`` may raise, oclaw retries and spools. A sink that does network I/O
+    bounds it by ``time_left()`` (an invocation must not time out on a sink that does not answer)."""
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         """Take a batch of records."""
@@ -212,7 +223,12 @@ def make_sink(spec: str) -> Sink | None:
 
 
 class QueueSink:
-    """Batched writes to SQS (10 a call), Kinesis Data Streams or Firehose (500 a call), with boto3."""
+    """Batched writes to SQS (10 a call), Kinesis Data Streams or Firehose (500 a call), with boto3.
+
+    Each call is bounded by the flush's time left (``engine.aws.QUICK``: no retry inside a call, a short connect,
+    a read no longer than what is left); a call that cannot start or fails ends the batch: it and the rest are
+    refused (``PartialFailure``), the calls before it taken (never sent twice).
+    """
 
     LIMITS: ClassVar[dict[str, int]] = {"sqs": 10, "kinesis": 500, "firehose": 500}
 
@@ -220,14 +236,22 @@ class QueueSink:
         self.service, self.target = service, target
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
-        from engine import aws as aws_clients  # boto3 only when this sink is used
+        from engine import aws  # boto3 only when this sink is used
 
-        client = aws_clients.client(self.service)
+        client = aws.client(self.service, quick=True)
+        client.meta.events.register("before-call", _bounded_read, unique_id="oclaw-flush-deadline")
         step = self.LIMITS[self.service]
         failed: list[MeteringRecord] = []
         for start in range(0, len(records), step):
             chunk = list(records[start : start + step])
-            failed += [chunk[i] for i in self._send(client, chunk)]
+            try:
+                if time_left() < aws.QUICK_CONNECT_S + MIN_READ_S:
+                    raise TimeoutError(f"{time_left():.3f} s left before the flush deadline")
+                refused = self._send(client, chunk)
+            except Exception as exc:
+                unsent = failed + list(records[start:])
+                raise PartialFailure(f"{self.service}: {exc}", unsent) from exc
+            failed += [chunk[i] for i in refused]
         if failed:
             raise PartialFailure(f"{self.service} refused {len(failed)} of {len(records)} records", failed)
 
@@ -247,6 +271,18 @@ class QueueSink:
             DeliveryStreamName=self.target, Records=[{"Data": r.json() + b"\n"} for r in chunk]
         )
         return [i for i, e in enumerate(resp["RequestResponses"]) if e.get("ErrorCode")]
+
+
+#: A queue sink's call starts only with this long to read its answer, after the connect's bound.
+MIN_READ_S = 0.05
+
+
+def _bounded_read(context: dict[str, Any], **_: Any) -> None:
+    """botocore's ``before-call``: the call reads for no longer than the flush has left (botocore takes a call's
+    ``read_timeout`` from its request context; where it does not, the client's short one bounds it)."""
+    from engine import aws
+
+    context["read_timeout"] = max(MIN_READ_S, min(aws.QUICK_READ_S, time_left() - aws.QUICK_CONNECT_S))
 
 
 class EmfSink(LineSink):
