@@ -1,8 +1,8 @@
 """oclaw's inference core: settings, errors, the V2 codec, sessions, the model pool and one request's path.
 
 Flat modules here are the core (``config``, ``errors``, ``datatypes``, ``tensors``, ``processing``, ``session``,
-``warmup``, ``model``, ``pool``, ``dataplane``, ``batching``, ``runtime``, ``logs``, ``stats``, ``aws``); three packages hold
-the subsystems around it:
+``warmup``, ``model``, ``pool``, ``dataplane``, ``batching``, ``runtime``, ``logs``, ``stats``, ``aws``); three
+packages hold the subsystems around it:
 
 - ``engine.repository``: where models come from (local directory, ``s3://``, manifest, publish);
 - ``engine.metering``: what each request cost and where the records go (records, batches, sinks, meter, metrics);
