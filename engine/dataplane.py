@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import InvalidInput, OclawError
 from engine.model import LoadedModel
-from engine.tensors import InferRequest, decode_request, encode_response
+from engine.tensors import InferRequest, InferResponse, decode_request, encode_response
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.metering.records import UsageRecorder
@@ -90,14 +90,32 @@ def infer_bytes(
         model.stats.failure(perf_counter_ns() - started)
         raise
     response = model.infer(request, enqueue_ns or started, started)
-    preview = None
-    if recorder is not None and request.parameters.get("metering") is True:
-        preview = recorder.preview(model, response)
-        if preview is not None:
-            response.parameters["metering"] = recorder.record(preview).as_dict()
-    encoded, length = encode_response(response)
-    header = None if recorder is None else recorder(model, response, len(encoded), preview)
-    return Encoded(encoded, length, response.rows, response.queue_ns, perf_counter_ns() - started, header)
+    show = recorder is not None and request.parameters.get("metering") is True
+    body, length, header = encode_served(model, response, recorder, show_record=show)
+    return Encoded(body, length, response.rows, response.queue_ns, perf_counter_ns() - started, header)
+
+
+def encode_served(
+    model: LoadedModel, response: InferResponse, recorder: UsageRecorder | None, *, show_record: bool = False
+) -> tuple[bytes, int | None, bytes | None]:
+    """Encode a served response and queue its usage: (body, JSON header length, ``oclaw-metering`` value).
+
+    ``show_record``: the response ``parameters`` carry the request's whole record, the very one the sinks get;
+    its ``bytes_out`` is the size of the body that carries it (its own digits included).
+    """
+    preview = recorder.preview(model, response) if recorder is not None and show_record else None
+    if recorder is None or preview is None:
+        body, length = encode_response(response)
+        return body, length, None if recorder is None else recorder(model, response, len(body))
+    record = recorder.record(preview).as_dict()
+    response.parameters["metering"] = record
+    body, length = encode_response(response)  # with "bytes_out":0, one digit
+    size = len(body)
+    while (grown := len(body) - 1 + len(str(size))) != size:
+        size = grown
+    record["bytes_out"] = size
+    body, length = encode_response(response)
+    return body, length, recorder(model, response, len(body), preview)
 
 
 def runs_inline(model: LoadedModel, body_size: int) -> bool:

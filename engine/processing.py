@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,14 @@ def _pil() -> Any:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover - Pillow is a core dependency
         raise InvalidInput("image inputs need Pillow: pip install pillow") from exc
+    # one pixel limit, ours (OCLAW_MAX_TENSOR_ELEMENTS), checked in decode_image before any decoding: Pillow's own
+    # (a warning, then an error at twice its MAX_IMAGE_PIXELS) would refuse in other words, at another size
+    Image.MAX_IMAGE_PIXELS = None
     return Image
+
+
+#: ``<_io.BytesIO object at 0x7f...>`` and the like, which Pillow puts in some messages.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode_image(data: bytes, *, name: str, max_pixels: int) -> PILImage.Image:
@@ -29,20 +37,24 @@ def decode_image(data: bytes, *, name: str, max_pixels: int) -> PILImage.Image:
     image_mod = _pil()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning: we enforce our own limit below
-            img = image_mod.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")  # Pillow's warnings about odd files are not the client's answer
+            img = image_mod.open(io.BytesIO(data))  # lazy: reads the header only
             width, height = img.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(
-                    f"input {name!r}: image of {width}x{height} pixels exceeds the limit of {max_pixels}"
+                    f"input {name!r}: image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels "
+                    "(OCLAW_MAX_TENSOR_ELEMENTS)"
                 )
             img.load()
         rgb: PILImage.Image = img.convert("RGB")
         return rgb
     except (PayloadTooLarge, InvalidInput):
         raise
+    except image_mod.UnidentifiedImageError:
+        raise InvalidInput(f"input {name!r}: could not decode image: not an image format Pillow reads") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
-        raise InvalidInput(f"input {name!r}: could not decode image: {exc}") from None
+        reason = _OBJECT_REPR.sub("the image", str(exc)) or type(exc).__name__
+        raise InvalidInput(f"input {name!r}: could not decode image: {reason}") from None
 
 
 def image_to_tensor(img: PILImage.Image, spec: ImagePreprocess) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,17 +262,30 @@ def decode_document(doc: Any, binary: memoryview | None = None, *, max_elements:
     )
 
 
+#: What JSON (RFC 8259) has no number for travels as these strings, which requests accept as well; the binary
+#: tensor extension keeps every value exactly.
+NON_FINITE_JSON = {"nan": b'"NaN"', "inf": b'"Infinity"', "-inf": b'"-Infinity"'}
+
+
 def _json_data(array: np.ndarray) -> Any:
     flat = array.reshape(-1)
     if flat.dtype.kind in "OSU":
         return [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in flat.tolist()]
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        return _NonFinite(flat.tolist())
-    return np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+    flat = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("="))
+    if flat.dtype.kind == "f":
+        finite = np.isfinite(flat)
+        if not finite.all():
+            return _with_non_finite_strings(flat, finite)
+    return flat
 
 
-class _NonFinite(list[float]):
-    """Float data with NaN/Inf: written with stdlib json, which keeps NaN/Infinity tokens."""
+def _with_non_finite_strings(flat: np.ndarray, finite: np.ndarray) -> orjson.Fragment:
+    """Float data as JSON, NaN and ±Infinity as the strings of ``NON_FINITE_JSON`` (valid JSON, unlike the tokens)."""
+    names = iter([NON_FINITE_JSON[str(x)] for x in flat[~finite].tolist()])
+    # orjson writes each NaN and ±Inf of an array as null, and no other value as null: fill them in order
+    return orjson.Fragment(
+        re.sub(rb"null", lambda _: next(names), orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY))
+    )
 
 
 def _binary_bytes(array: np.ndarray) -> bytes:
@@ -289,7 +303,6 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     """Encode a response; returns the body and the JSON header length when binary outputs follow."""
     outputs = []
     chunks: list[bytes] = []
-    non_finite = False
     for out in response.outputs:
         entry: dict[str, Any] = {
             "name": out.name,
@@ -301,9 +314,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
             entry["parameters"] = {"binary_data_size": len(blob)}
             chunks.append(blob)
         else:
-            data = _json_data(out.array)
-            non_finite = non_finite or isinstance(data, _NonFinite)
-            entry["data"] = data
+            entry["data"] = _json_data(out.array)
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
@@ -311,10 +322,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     if response.parameters:
         doc["parameters"] = response.parameters
     doc["outputs"] = outputs
-    if non_finite:
-        head = json.dumps(doc, default=lambda a: a.tolist(), separators=(",", ":")).encode()
-    else:
-        head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from engine import logs
 from engine.dataplane import infer_bytes, parse_header_length, runs_inline
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
-from engine.metering.records import METERING_HEADER, UNKNOWN_MODEL
+from engine.metering.records import METERING_HEADER
 from engine.runtime import Runtime
 from handler import v2
 
@@ -89,24 +89,27 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def infer(runtime: Runtime, request: Request, model_name: str, model_version: str | None) -> Response:
     """``POST /v2/models/{m}[/versions/{v}]/infer``: cheap models inline, the rest on the model's threads."""
     enqueue = perf_counter_ns()
+    headers = request.headers
+    request_id = headers.get("x-request-id") or runtime.next_request_id()
+    logs.request_id.set(request_id)
+    logs.correlation_id.set(headers.get("x-correlation-id") or request_id)
+    record = v2.Recorder(
+        runtime,
+        request_id=request_id,
+        tenant=headers.get(runtime.settings.tenant_header) or "anonymous",
+        bytes_in=0,
+        source="http",
+        enqueue_ns=enqueue,
+    )
     try:
-        return await _infer(runtime, request, model_name, model_version, enqueue)
+        return await _infer(runtime, request, model_name, model_version, record)
     except OclawError as exc:
-        known = model_name in runtime.pool.states()  # never a client-chosen label (metric cardinality)
-        v2.meter_failure(
-            runtime,
-            model=model_name if known else UNKNOWN_MODEL,
-            version=model_version if known and model_version and model_version.isdigit() else "",
-            status=int(exc.status),
-            tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
-            total_ms=(perf_counter_ns() - enqueue) / 1e6,
-            source="http",
-        )
+        record.failed(model_name, model_version, int(exc.status))
         raise
 
 
 async def _infer(
-    runtime: Runtime, request: Request, model_name: str, model_version: str | None, enqueue: int
+    runtime: Runtime, request: Request, model_name: str, model_version: str | None, record: v2.Recorder
 ) -> Response:
     pool = runtime.pool
     try:
@@ -117,19 +120,10 @@ async def _infer(
         # still loading: wait for it off the event loop (requests never race a cold start to a 503)
         model = await asyncio.to_thread(pool.get, model_name, model_version)
     body = await read_body(request, runtime.settings.max_body_bytes)
+    record.bytes_in = len(body)
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
     ctype = request.headers.get("content-type")
-    request_id = request.headers.get("x-request-id") or runtime.next_request_id()
-    logs.request_id.set(request_id)
-    logs.correlation_id.set(request.headers.get("x-correlation-id") or request_id)
-    record = v2.Recorder(
-        runtime,
-        request_id=request_id,
-        tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
-        bytes_in=len(body),
-        source="http",
-        enqueue_ns=enqueue,
-    )
+    enqueue = record.enqueue_ns
     if runs_inline(model, len(body)):
         encoded = infer_bytes(model, body, header_length, ctype, enqueue, recorder=record)
     else:
@@ -141,7 +135,7 @@ async def _infer(
     if runtime.settings.otel:
         from handler import otel
 
-        otel.annotate(model=model.name, version=str(model.version), rows=encoded.rows, request_id=request_id)
+        otel.annotate(model=model.name, version=str(model.version), rows=encoded.rows, request_id=record.request_id)
     response = Response(encoded.body, media_type=encoded.content_type)
     raw = response.raw_headers  # appended already encoded: Starlette's header normalisation costs ~0.2 µs each
     if encoded.header_length is not None:

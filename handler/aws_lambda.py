@@ -38,10 +38,11 @@ from typing import Any  # noqa: E402
 
 from engine import aws as aws_clients  # noqa: E402
 from engine import logs  # noqa: E402
+from engine.dataplane import encode_served  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
 from engine.metering.sinks import EmfSink  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
-from engine.tensors import decode_document, encode_response  # noqa: E402
+from engine.tensors import decode_document  # noqa: E402
 from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
 
 ACCEPTED = (
@@ -157,23 +158,32 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
     if settings.api_base_path and path.startswith(settings.api_base_path):
         path = path[len(settings.api_base_path) :] or "/"
     reply: v2.Reply | None
+    match = _INFER_PATH.fullmatch(path) if ev.method == "POST" else None
+    record = None
+    if match is not None:
+        # the client's X-Request-Id ties its response to its record, as on the server
+        request_id = lambda_http.request_id(ev) or getattr(context, "aws_request_id", None)
+        record = v2.Recorder(
+            RUNTIME,
+            request_id=request_id or RUNTIME.next_request_id(),
+            tenant=tenant_of(event, ev.headers, context),
+            bytes_in=0,
+            source="lambda-http",
+            enqueue_ns=STATE.invocation_start_ns,
+            init_ms=INIT_MS,
+        )
     try:
         body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
+        if record is not None:
+            record.bytes_in = len(body)
         _check_time(context, path)
-        if ev.method == "POST" and (match := _INFER_PATH.fullmatch(path)):
-            record = v2.Recorder(
-                RUNTIME,
-                request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
-                tenant=tenant_of(event, ev.headers, context),
-                bytes_in=len(body),
-                source="lambda-http",
-                enqueue_ns=STATE.invocation_start_ns,
-                init_ms=INIT_MS,
-            )
+        if match is not None:
             reply = v2.infer(RUNTIME, match["name"], match["version"], body, ev.headers, record=record)
         else:
             reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
     except OclawError as exc:
+        if record is not None and match is not None:
+            record.failed(match["name"], match["version"], int(exc.status))
         reply = v2.error_reply(exc)
     if reply is None:
         return _full_app(event, context)
@@ -204,11 +214,7 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
             enqueue_ns=STATE.invocation_start_ns,
             init_ms=INIT_MS,
         )
-        preview = recorder.preview(model, response) if request.parameters.get("metering") is True else None
-        if preview is not None:
-            response.parameters["metering"] = recorder.record(preview).as_dict()
-        body, _ = encode_response(response)
-        recorder(model, response, len(body), preview)
+        body, _, _ = encode_served(model, response, recorder, show_record=request.parameters.get("metering") is True)
         result: dict[str, Any] = json.loads(body)
         return result
     except OclawError as exc:

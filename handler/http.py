@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,7 +14,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
-from engine.errors import InvalidInput, OclawError
+from engine.errors import InvalidInput, OclawError, Unsupported
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import loads_json
@@ -149,13 +150,42 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
         return json_response(rows)
 
     @app.post("/v2/repository/models/{model_name}/load")
-    async def repository_load(model_name: str) -> Response:
+    async def repository_load(model_name: str, request: Request) -> Response:
+        repository_parameters(await read_body(request, 1 << 20), "load", ())
         await asyncio.to_thread(pool.load, model_name)
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload")
-    async def repository_unload(model_name: str) -> Response:
+    async def repository_unload(model_name: str, request: Request) -> Response:
+        # tritonclient always sends unload_dependents; oclaw has no ensembles, so there are none to unload
+        repository_parameters(await read_body(request, 1 << 20), "unload", ("unload_dependents",))
         await asyncio.to_thread(pool.unload, model_name)
         return json_response({})
 
     return app
+
+
+def repository_parameters(body: bytes, action: str, accepted: tuple[str, ...]) -> dict[str, Any]:
+    """The ``parameters`` of a repository load/unload request (an empty body: none); 400 for a body that is not
+    a JSON object, 501 for a parameter oclaw does not act on (a config override, model files)."""
+    if not body.strip():
+        return {}
+    try:
+        doc = loads_json(body)
+    except InvalidInput as exc:
+        raise InvalidInput(f"the {action} request body: {exc.message}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"the {action} request body must be a JSON object, got {type(doc).__name__}")
+    if unknown := sorted(set(doc) - {"parameters"}):
+        raise InvalidInput(f"the {action} request has unknown keys {unknown}; only 'parameters' is read")
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInput(f"the {action} request's 'parameters' must be an object")
+    if ignored := sorted(set(params) - set(accepted)):
+        raise Unsupported(
+            f"the {action} request's parameters {ignored} are not supported: a model loads from its files and "
+            "oclaw.json in the repository, as they are"
+        )
+    if wrong := sorted(k for k, v in params.items() if not isinstance(v, bool)):
+        raise InvalidInput(f"the {action} request's parameters {wrong} must be true or false")
+    return params

@@ -67,6 +67,14 @@ def parse(event: dict[str, Any], source: str) -> HttpEvent:
     )
 
 
+def request_id(ev: HttpEvent) -> str | None:
+    """The client's ``X-Request-Id``, if it sent one (the first, when a multi-value event carries several)."""
+    value = ev.headers.get("x-request-id", "")
+    if ev.multi_value:
+        value = value.split(",", 1)[0]
+    return value.strip() or None
+
+
 def body_bytes(ev: HttpEvent, limit: int) -> bytes:
     """The request body, refused (413) before any decoding when it is over ``limit`` bytes."""
     if ev.body is None:

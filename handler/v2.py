@@ -17,7 +17,7 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
-from engine.metering.records import METERING_HEADER, Usage
+from engine.metering.records import METERING_HEADER, UNKNOWN_MODEL, Usage
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
@@ -147,30 +147,32 @@ class Recorder:
         """The whole record (with its bill) of a captured usage."""
         return self.runtime.meter.complete(usage)
 
-
-def meter_failure(
-    runtime: Runtime, *, model: str, version: str, status: int, tenant: str, total_ms: float, source: str
-) -> None:
-    """Queue the metering record of a request that failed (it is billed too)."""
-    meter = runtime.meter
-    if not meter.enabled:
-        return
-    meter.submit(
-        meter.records(
-            request_ids=[runtime.next_request_id()],
-            tenants=[tenant],
-            model=model,
-            version=version,
-            items=[0],
-            bytes_in=[0],
-            bytes_out=[0],
-            statuses=[status],
-            queue_ms=[0.0],
-            compute_ms=0.0,
-            total_ms=total_ms,
-            source=source,
+    def failed(self, name: str, version: str | None, status: int) -> None:
+        """Queue the usage of this request, failed with ``status`` (it is billed too) under its own id and size."""
+        runtime = self.runtime
+        cold, runtime.cold = runtime.cold, False
+        if not runtime.meter.enabled:
+            return
+        known = name in runtime.pool.states()  # never a client-chosen label (metric cardinality)
+        runtime.meter.submit_usage(
+            Usage(
+                self.request_id,
+                self.tenant,
+                name if known else UNKNOWN_MODEL,
+                version if known and version and version.isdigit() else "",
+                0,
+                self.bytes_in,
+                0,
+                0,
+                0,
+                (perf_counter_ns() - self.enqueue_ns) // 1000,
+                self.init_ms if cold else 0.0,
+                cold,
+                self.source,
+                int(time()),
+                status,
+            )
         )
-    )
 
 
 def infer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ MAX_BODY = 8 * 1024 * 1024  # the session server's max_body_bytes
 MAX_ELEMENTS = 1_000_000  # the session server's max_tensor_elements
 WIDTH = 16  # add_sub inputs are FP32 [batch, 16]
 ADD_SUB = "/v2/models/add_sub/infer"
+#: ``<_io.BytesIO object at 0x7f...>``: what no error message may show.
+OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 # -- request bodies -------------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ def error_message(status: int, content_type: str | None, body: bytes, expected: 
     assert message.strip(), "the error message is empty"
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not OBJECT_REPR.search(message), f"an object repr leaks into {message!r}"
     return message
 
 

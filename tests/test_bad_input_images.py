@@ -4,13 +4,16 @@ problem, and a server that still answers afterwards); NaN and Inf, which are not
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
+import zlib
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine.tensors import decode_response
 from tests.badinput import (
@@ -31,6 +34,31 @@ from tests.badinput import (
 )
 
 NOT_AN_IMAGE = b"\xff\xd8\xff\xe0 this is not a JPEG, only its first bytes look like one" * 4
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels and whose data is nearly nothing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def real_png(width: int, height: int) -> bytes:
+    """A real, decodable PNG of one colour (1 bit a pixel: small to make, ~20 KB for 12000x12000)."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height), 1).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+REAL_PNG_12000 = real_png(12000, 12000)
 
 IMAGE_CASES = [
     case(
@@ -85,6 +113,32 @@ IMAGE_CASES = [
         headers={"Content-Type": "image/png"},
     ),
     case(
+        "png-header-of-60000x60000",
+        png_header(60000, 60000),
+        413,
+        "input 'image'",
+        "60000x60000 pixels exceeds the limit of 1000000 pixels (OCLAW_MAX_TENSOR_ELEMENTS)",
+        model="tiny_classifier",
+        headers={"Content-Type": "image/png"},
+    ),
+    case(
+        "real-png-of-12000x12000",
+        REAL_PNG_12000,
+        413,
+        "input 'image'",
+        "12000x12000 pixels exceeds the limit of 1000000 pixels (OCLAW_MAX_TENSOR_ELEMENTS)",
+        model="tiny_classifier",
+        headers={"Content-Type": "image/png"},
+    ),
+    bcase(
+        "binary-bytes-tensor-png-header-of-60000x60000",
+        413,
+        ("input 'image'", "60000x60000 pixels exceeds the limit of 1000000 pixels (OCLAW_MAX_TENSOR_ELEMENTS)"),
+        "tiny_classifier",
+        {"inputs": [tensor("image", "BYTES", [1], binary_data_size=4 + len(png_header(60000, 60000)))]},
+        struct.pack("<I", len(png_header(60000, 60000))) + png_header(60000, 60000),
+    ),
+    case(
         "raw-image-to-model-without-preprocessing",
         jpeg(16, 16),
         400,
@@ -106,6 +160,13 @@ IMAGE_CASES = [
 @pytest.mark.parametrize("bad", IMAGE_CASES)
 def test_bad_infer_request(client: httpx.Client, bad: Case) -> None:
     check_bad_infer(client, bad)
+
+
+def test_the_large_png_is_a_real_image() -> None:
+    """The 12000x12000 case is a whole PNG Pillow decodes, not only a header."""
+    with Image.open(io.BytesIO(REAL_PNG_12000)) as img:
+        img.load()
+        assert img.size == (12000, 12000) and img.getextrema() == (255, 255)
 
 
 # -- NaN and Inf pass through ---------------------------------------------------------------------------
@@ -139,19 +200,23 @@ def test_nan_inf_pass_through_binary(client: httpx.Client) -> None:
     ("model", "datatype", "dtype"), [("identity_fp32", "FP32", "<f4"), ("identity_fp64", "FP64", "<f8")]
 )
 def test_nan_inf_pass_through_json_tokens(client: httpx.Client, model: str, datatype: str, dtype: str) -> None:
-    """Python's json writes NaN / Infinity / -Infinity tokens; the server accepts them and answers likewise."""
+    """Python's json writes NaN / Infinity / -Infinity tokens; the server accepts them and answers valid JSON, the
+    values as the strings "NaN", "Infinity", "-Infinity" (tests/test_non_finite.py has models that make them)."""
     body = v2(tensor("x", datatype, [1, 6], NON_FINITE))
     assert b"NaN" in body
     assert b"-Infinity" in body
     resp = post(client, f"/v2/models/{model}/infer", body)
     assert resp.status_code == 200, resp.text
-    assert b"NaN" in resp.content
-    assert b"-Infinity" in resp.content
-    (out,) = json.loads(resp.content)["outputs"]
+    (out,) = json.loads(resp.content, parse_constant=refuse_constant)["outputs"]
     assert out["datatype"] == datatype
     assert out["shape"] == [1, 6]
+    assert out["data"][:3] == ["NaN", "Infinity", "-Infinity"]
     assert_non_finite_equal(np.array(out["data"], dtype=dtype), dtype)
     assert_non_finite_equal(decode_response(resp.content)["y"], dtype)
+
+
+def refuse_constant(token: str) -> None:
+    raise AssertionError(f"{token} is not JSON")
 
 
 def test_nan_inf_pass_through_json_strings(client: httpx.Client) -> None:

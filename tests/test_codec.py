@@ -424,12 +424,28 @@ def test_non_finite_json_outputs_survive_decode_response(datatype: str) -> None:
         )
     )
     assert header_length is None
-    assert b"NaN" in body
-    assert b"-Infinity" in body
+    doc = json.loads(body, parse_constant=refuse_constant)  # RFC 8259 JSON: no NaN/Infinity tokens
+    assert orjson.loads(body) == doc
+    assert doc["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 1.5]
     decoded = decode_response(body, header_length)
     assert_same(decoded["y"], values, datatype)
     assert_same(decoded["u"], other, "UINT64")
     assert_same(decoded["s"], text, "BYTES")
+
+
+def refuse_constant(token: str) -> None:
+    raise AssertionError(f"{token} is not JSON")
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_non_finite_json_requests_keep_their_values(datatype: str) -> None:
+    values = np.array([[np.nan, 0.1], [-np.inf, np.inf]], dtype=V2_TO_NUMPY[datatype])
+    body, header_length = encode_request({"x": values}, binary=False)
+    doc = json.loads(body, parse_constant=refuse_constant)
+    data = doc["inputs"][0]["data"]
+    assert data[0] == "NaN" and data[2:] == ["-Infinity", "Infinity"]
+    assert np.array(data[1], dtype=values.dtype) == values[0, 1]  # the shortest text of its own type
+    assert_same(decode_request(body, header_length).inputs[0].array, values, datatype)
 
 
 def test_non_finite_binary_outputs_survive_decode_response() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,11 @@ from engine.repository.manifest import Manifest, VersionPolicy, load_manifest
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILE = "model.onnx"
+
+log = logging.getLogger("oclaw.repository")
+#: Why a model file is ignored (``LocalRepository._warn_ignored``).
+_FLAT = "a model's file goes in a numbered version folder"
+_NOT_A_VERSION = "version folders are named by positive integers (1, 2, ...)"
 
 
 def validate_name(name: str) -> str:
@@ -95,6 +101,8 @@ class LocalRepository:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.source = str(root)
+        #: Paths already warned about (each is named once, not at every scan).
+        self._warned: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"LocalRepository({str(self.root)!r})"
@@ -110,15 +118,26 @@ class LocalRepository:
         for child in sorted(self.root.iterdir()):
             if child.is_dir() and MODEL_NAME.fullmatch(child.name) and self._versions_in(child):
                 names.append(child.name)
+            elif child.name == MODEL_FILE:
+                self._warn_ignored(child, self.root / "<name>", _FLAT)
         return names
 
-    @staticmethod
-    def _versions_in(model_dir: Path) -> list[int]:
+    def _versions_in(self, model_dir: Path) -> list[int]:
         found = []
         for child in model_dir.iterdir():
             if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file():
                 found.append(int(child.name))
+            elif child.name == MODEL_FILE:
+                self._warn_ignored(child, model_dir, _FLAT)
+            elif not child.name.startswith(".") and child.is_dir() and (child / MODEL_FILE).is_file():
+                self._warn_ignored(child / MODEL_FILE, model_dir, _NOT_A_VERSION)
         return sorted(found)
+
+    def _warn_ignored(self, path: Path, model_dir: Path, why: str) -> None:
+        """Name a model file the layout does not take, and where it belongs, once."""
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("model %r: %s is ignored: %s, e.g. %s", model_dir.name, path, why, model_dir / "1" / MODEL_FILE)
 
     def versions(self, name: str) -> list[int]:
         """Versions available on disk, ascending; raises ModelNotFound when there are none."""
@@ -127,7 +146,10 @@ class LocalRepository:
             raise ModelNotFound(f"unknown model {name!r}")
         found = self._versions_in(model_dir)
         if not found:
-            raise ModelNotFound(f"model {name!r} has no version directory with {MODEL_FILE}")
+            raise ModelNotFound(
+                f"model {name!r} has no version directory with {MODEL_FILE}: "
+                f"expected {model_dir / '<version>' / MODEL_FILE}, the version a positive integer"
+            )
         return found
 
     def manifest(self, name: str) -> Manifest:
@@ -142,7 +164,11 @@ class LocalRepository:
         return ModelFiles(name=name, version=version, path=path)
 
     def prefetch(self, names: Sequence[str] | None) -> FetchReport:
-        """Bring the named models (None: all) to local disk before they load; a local repository is there."""
+        """Bring the named models (None: all) to local disk before they load; a local repository is there, so
+        this only checks that it is: RepositoryError when the root is not a directory."""
+        if not self.root.is_dir():
+            what = "does not exist" if not self.root.exists() else "is not a directory"
+            raise RepositoryError(f"model repository {self.source!r} {what} (OCLAW_MODEL_REPOSITORY)")
         return FetchReport()
 
     def fetch(self, name: str) -> float:
