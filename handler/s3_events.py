@@ -4,18 +4,23 @@ Key layout: ``<input prefix><model>/<path>`` → ``<output prefix><model>/<path>
 (one V2 infer request per line → one V2 response per line), ``.npy``/``.npz`` tensors (→ ``.npy``/``.npz``),
 images for models with image pre-processing (→ a V2 response as ``.json``). A bad object gets
 ``<output key>.error.json`` and never fails the others; a transient AWS error fails the invocation so Lambda
-retries it, and a retry overwrites the same keys. Long JSON Lines objects are saved in parts: when the Lambda
-deadline comes close the work stops, the parts stay, and the retry resumes after the last saved line.
+retries it, and a retry overwrites the same keys. Long JSON Lines objects are saved in parts
+(``<output key>.parts/<source digest>/<first>-<end>.part``): when the Lambda deadline comes close the work stops,
+the parts stay, and the retry resumes after the last saved line. Finishing joins the parts into the result (or,
+short of time, joins the first ones into one bigger part), then deletes them; every step is one S3 request whose
+effect the next try recognises, so an invocation may end between any two of them and nothing is lost or doubled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from time import perf_counter
 from typing import Any
 from urllib.parse import unquote_plus
@@ -35,6 +40,11 @@ log = logging.getLogger("oclaw.s3")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 SOURCE_META = "oclaw-source"
+#: Time kept besides OCLAW_LAMBDA_RESERVE_MS when deciding whether one more step fits before the deadline.
+SLACK_MS = 200
+#: Most keys one DeleteObjects request takes.
+DELETE_BATCH = 1000
+_PART_NAME = re.compile(r"(\d{10})-(\d{10})\.part")
 
 
 class BadObject(Exception):
@@ -42,7 +52,7 @@ class BadObject(Exception):
 
 
 class Incomplete(Exception):
-    """Stopped before the Lambda deadline; finished parts are saved and the retry resumes after them."""
+    """Stopped before finishing (deadline close, parts not deleted); what is saved stays and the retry resumes."""
 
 
 def is_s3_event(event: Any) -> bool:
@@ -69,13 +79,52 @@ class Job:
     source: str = ""  # identity of the input (etag + version), recorded on every output
 
 
+@dataclass
+class Pace:
+    """How fast S3 answers this invocation: its quickest request and an upper bound of milliseconds per byte."""
+
+    call_ms: float = 0.0
+    moved_ms: float = 0.0
+    moved_bytes: int = 0
+    calls: int = 0
+
+    def add(self, began: float, moved: int = 0) -> None:
+        """Count one request that began at ``began`` (``perf_counter``) and moved ``moved`` body bytes."""
+        ms = (perf_counter() - began) * 1000
+        self.call_ms = ms if not self.calls else min(self.call_ms, ms)
+        self.calls += 1
+        if moved:
+            self.moved_ms += ms
+            self.moved_bytes += moved
+
+    def ms(self, nbytes: int) -> float:
+        """Expected milliseconds of one request moving ``nbytes``."""
+        return self.call_ms + nbytes * self.moved_ms / max(self.moved_bytes, 1)
+
+
 @dataclass(frozen=True)
 class Env:
-    """What every step needs: the S3 client, the runtime and the Lambda clock."""
+    """What every step needs: the S3 client, the runtime, the Lambda clock and how fast S3 answers."""
 
     s3: Any
     runtime: Runtime
     remaining_ms: Callable[[], float]
+    pace: Pace = field(default_factory=Pace)
+
+    def has(self, ms: float) -> bool:
+        """Whether ``ms`` more of work ends before the Lambda deadline, with the reserve and some slack kept."""
+        return self.remaining_ms() >= ms + self.runtime.settings.lambda_reserve_ms + SLACK_MS
+
+
+@dataclass
+class Part:
+    """Saved result lines ``[start, end)`` of a JSON Lines object (blank lines not counted)."""
+
+    start: int
+    end: int
+    key: str
+    size: int
+    body: bytes | None = field(default=None, repr=False)  # kept when this invocation wrote it
 
 
 def output_key(runtime: Runtime, rel: str) -> str:
@@ -146,9 +195,14 @@ def _process(env: Env, job: Job) -> dict[str, Any]:
     except s3.exceptions.NoSuchKey:
         raise BadObject("the object no longer exists") from None
     job = replace(job, source=f"{obj.get('ETag', '').strip(chr(34))}:{obj.get('VersionId') or job.version or ''}")
+    suffix = os.path.splitext(job.key)[1].lower()
     try:
+        began = perf_counter()
         head = s3.head_object(Bucket=job.bucket, Key=job.out_key)
+        env.pace.add(began)
         if head.get("Metadata", {}).get(SOURCE_META) == job.source:
+            if suffix == ".jsonl":  # a try that ended after writing the result left its parts
+                _delete(env, job, [key for key, _ in _listed(env, job, _parts_root(job))])
             return {"key": job.key, "output": job.out_key, "skipped": "already done for this object version"}
     except s3.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
@@ -158,7 +212,6 @@ def _process(env: Env, job: Job) -> dict[str, Any]:
         model = env.runtime.pool.get(job.model_name)
     except OclawError as exc:
         raise BadObject(exc.message) from None
-    suffix = os.path.splitext(job.key)[1].lower()
     if suffix == ".jsonl":
         return {"key": job.key, "output": job.out_key, "lines": _jsonl(env, model, job, body)}
     if suffix in (".npy", ".npz"):
@@ -292,15 +345,14 @@ def _line_result(lineno: int, result: InferResponse | OclawError) -> bytes:
 
 
 def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
-    s3, settings = env.s3, env.runtime.settings
+    settings = env.runtime.settings
     chunk = settings.s3_chunk_lines
     lines = [(n + 1, line) for n, line in enumerate(body.split(b"\n")) if line.strip()]
-    parts_prefix = job.out_key + ".parts/"
-    done, parts = _saved_parts(s3, job, parts_prefix)
+    parts = _saved_parts(env, job)
+    done = parts[-1].end if parts else 0
     last_chunk_ms = model.estimate_ms() * chunk
     for start in range(done, len(lines), chunk):
-        need = 1.5 * last_chunk_ms + settings.lambda_reserve_ms + 200
-        if env.remaining_ms() < need:
+        if not env.has(1.5 * last_chunk_ms):
             raise Incomplete(
                 f"s3://{job.bucket}/{job.key}: stopped at line {start} of {len(lines)} before the "
                 "Lambda deadline; saved parts stay and the retry resumes there"
@@ -318,9 +370,7 @@ def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
         results = [next(answers) if isinstance(r, InferRequest) else r for r in requests]
         lines_out = [_line_result(n, res) for (n, _), res in zip(window, results, strict=True)]
         part = b"".join(line + b"\n" for line in lines_out)
-        part_key = f"{parts_prefix}{start:010d}-{start + len(window):010d}.jsonl"
-        _put(s3, job, part_key, part, "application/x-ndjson")
-        parts.append(part_key)
+        parts.append(_save_part(env, job, start, start + len(window), part))
         last_chunk_ms = (perf_counter() - began) * 1000
         _meter(
             env.runtime,
@@ -332,30 +382,119 @@ def _jsonl(env: Env, model: LoadedModel, job: Job, body: bytes) -> int:
             total_ms=last_chunk_ms,
             source="s3-line",
         )
-    chunks = [s3.get_object(Bucket=job.bucket, Key=k)["Body"].read() for k in parts]
-    _put(s3, job, job.out_key, b"".join(chunks), "application/x-ndjson")
-    for k in parts:
-        s3.delete_object(Bucket=job.bucket, Key=k)
+    _finish(env, job, parts, len(lines))
     return len(lines)
 
 
-def _saved_parts(s3: Any, job: Job, prefix: str) -> tuple[int, list[str]]:
-    """Lines already done by an earlier try for this same object version, and their part keys."""
-    keys: list[str] = []
+def _parts_root(job: Job) -> str:
+    """Where every version's parts of this object are saved."""
+    return job.out_key + ".parts/"
+
+
+def _parts_dir(job: Job) -> str:
+    """Where this object version's parts are saved: named by its source identity, so a listing tells it."""
+    return f"{_parts_root(job)}{hashlib.sha256(job.source.encode()).hexdigest()[:16]}/"
+
+
+def _part_key(job: Job, start: int, end: int) -> str:
+    return f"{_parts_dir(job)}{start:010d}-{end:010d}.part"
+
+
+def _save_part(env: Env, job: Job, start: int, end: int, body: bytes) -> Part:
+    key = _part_key(job, start, end)
+    began = perf_counter()
+    _put(env.s3, job, key, body, "application/x-ndjson")
+    env.pace.add(began, len(body))
+    return Part(start, end, key, len(body), body)
+
+
+def _saved_parts(env: Env, job: Job) -> list[Part]:
+    """The parts earlier tries saved for this object version, end to end from line 0; any other part is deleted."""
+    mine = _parts_dir(job)
+    found, stale = [], []
+    for key, size in _listed(env, job, _parts_root(job)):
+        name = _PART_NAME.fullmatch(key[len(mine) :]) if key.startswith(mine) else None
+        if name is not None and int(name[1]) < int(name[2]):
+            found.append(Part(int(name[1]), int(name[2]), key, size))
+        else:
+            stale.append(key)  # another version's, or not a part
+    chain: list[Part] = []
+    for part in sorted(found, key=lambda p: (p.start, -p.end)):
+        if part.start == (chain[-1].end if chain else 0):
+            chain.append(part)
+        else:
+            stale.append(part.key)  # inside a joined part whose sources a try had no time to delete, or past a gap
+    _delete(env, job, stale)
+    return chain
+
+
+def _finish(env: Env, job: Job, parts: list[Part], total: int) -> None:
+    """Join the parts into the result, then delete them; short of time, join the first ones into one part instead.
+
+    Each try thus ends with fewer, longer parts (or the result), however many parts there were.
+    """
+    bodies: list[bytes] = []
+    joined = 0
+    for part in parts:
+        read_ms = 0.0 if part.body is not None else env.pace.ms(part.size)
+        if not env.has(read_ms + 1.5 * (env.pace.ms(joined + part.size) + env.pace.call_ms)):  # + write, delete
+            break
+        if part.body is None:
+            began = perf_counter()
+            part.body = env.s3.get_object(Bucket=job.bucket, Key=part.key)["Body"].read()
+            env.pace.add(began, len(part.body))
+        bodies.append(part.body)
+        joined += len(part.body)
+    if len(bodies) == len(parts):
+        began = perf_counter()
+        _put(env.s3, job, job.out_key, b"".join(bodies), "application/x-ndjson")
+        env.pace.add(began, joined)
+        _delete(env, job, [p.key for p in parts])  # a try ending before this is done: the retry deletes them
+        return
+    where = f"s3://{job.bucket}/{job.key}: all {total} lines inferred, {len(parts)} parts"
+    if len(bodies) < 2:
+        raise Incomplete(f"{where} to join and no time to join two before the Lambda deadline; the retry joins them")
+    first = parts[: len(bodies)]
+    _save_part(env, job, first[0].start, first[-1].end, b"".join(bodies))
+    _delete(env, job, [p.key for p in first])  # a try ending before this is done: the retry deletes them
+    raise Incomplete(
+        f"{where} joined into {len(parts) - len(first) + 1} before the Lambda deadline; the retry goes on joining"
+    )
+
+
+def _listed(env: Env, job: Job, prefix: str) -> list[tuple[str, int]]:
+    """(key, size) of every object under ``prefix``; stops (Incomplete) when the deadline comes close."""
+    found: list[tuple[str, int]] = []
     token: dict[str, str] = {}
     while True:
-        page = s3.list_objects_v2(Bucket=job.bucket, Prefix=prefix, **token)
-        keys += [o["Key"] for o in page.get("Contents", [])]
+        if token and not env.has(1.5 * env.pace.call_ms):  # the first page always fits in the reserve
+            raise Incomplete(f"s3://{job.bucket}/{job.key}: stopped listing {prefix} before the Lambda deadline")
+        began = perf_counter()
+        page = env.s3.list_objects_v2(Bucket=job.bucket, Prefix=prefix, **token)
+        env.pace.add(began)
+        found += [(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
         if not page.get("IsTruncated"):
-            break
+            return found
         token = {"ContinuationToken": page["NextContinuationToken"]}
-    done, kept = 0, []
-    for key in sorted(keys):
-        start, end = (int(x) for x in key[len(prefix) : -len(".jsonl")].split("-"))
-        meta = s3.head_object(Bucket=job.bucket, Key=key).get("Metadata", {})
-        if start != done or meta.get(SOURCE_META) != job.source:
-            s3.delete_object(Bucket=job.bucket, Key=key)  # another version's or out-of-order part
-            continue
-        kept.append(key)
-        done = end
-    return done, kept
+
+
+def _delete(env: Env, job: Job, keys: list[str]) -> None:
+    """Delete ``keys``, DELETE_BATCH a request; stops (Incomplete) when the deadline comes close or a key stays."""
+    batch_ms = env.pace.call_ms
+    for at in range(0, len(keys), DELETE_BATCH):
+        if not env.has(1.5 * batch_ms):
+            raise Incomplete(
+                f"s3://{job.bucket}/{job.key}: {len(keys) - at} parts left to delete before the Lambda deadline; "
+                "the retry deletes them"
+            )
+        began = perf_counter()
+        batch = [{"Key": key} for key in keys[at : at + DELETE_BATCH]]
+        reply = env.s3.delete_objects(Bucket=job.bucket, Delete={"Objects": batch, "Quiet": True})
+        batch_ms = (perf_counter() - began) * 1000
+        env.pace.add(began)
+        if errors := reply.get("Errors"):
+            error = errors[0]
+            raise Incomplete(
+                f"s3://{job.bucket}/{job.key}: {len(errors)} parts not deleted ({error.get('Code')}: "
+                f"{error.get('Message')}, {error.get('Key')}); the retry deletes them"
+            )

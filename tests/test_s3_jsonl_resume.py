@@ -1,0 +1,273 @@
+"""Finishing a JSON Lines object (join the parts, write the result, delete the parts) may end anywhere.
+
+Two tests run the handler under the genuine ``awslambdaric`` (handler/local_lambda.py) against moto's server: one
+whose process is SIGKILLed right after S3 answered the result's PUT, one under a 2-second Lambda timeout. The
+third runs ``s3_events.handle`` in this process on Lambda time counted in S3 requests, and ends an invocation after
+each S3 write in turn. After the redeliveries every line is in the output prefix exactly once and no part is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from engine import aws as aws_clients
+from engine.config import Settings
+from engine.runtime import Runtime
+from handler import s3_events
+from handler.local_lambda import LocalLambda
+from tests.conftest import AWS_ENV, ROOT, use_moto
+
+BUCKET = "oclaw-resume"
+KILL_AFTER_PUT_OF = "TEST_KILL_AFTER_PUT_OF"  # read only by the handler below, never by oclaw
+
+
+def handler_killed_after_put(event: Any, context: Any) -> Any:
+    """oclaw's Lambda handler in a process that SIGKILLs itself once S3 has answered the PUT of one key.
+
+    The kill comes from a botocore ``after-call`` hook on the client oclaw's S3 event path uses: the object is
+    stored, and nothing of the handler runs after it (no ``except``, no ``finally``), as when an instance dies.
+    """
+    from handler import aws_lambda  # its import is INIT: here, in the Lambda process only
+
+    s3 = aws_clients.client("s3")
+    if not getattr(s3, "_test_kill_hook", False):
+        target = os.environ[KILL_AFTER_PUT_OF]
+
+        def note(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+            context["test_kill"] = params.get("Key") == target
+
+        def kill(context: dict[str, Any], **_: Any) -> None:
+            if context.get("test_kill"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        s3.meta.events.register("before-parameter-build.s3.PutObject", note)
+        s3.meta.events.register("after-call.s3.PutObject", kill)
+        s3._test_kill_hook = True
+    return aws_lambda.lambda_handler(event, context)
+
+
+@pytest.fixture()
+def aws(moto: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    use_moto(moto, monkeypatch)
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    yield {"s3": s3, "url": moto}
+    clear(s3, "")
+    s3.close()
+    aws_clients.reset()
+
+
+def clear(s3: Any, prefix: str) -> None:
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+
+
+def keys(s3: Any, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def put_jsonl(s3: Any, key: str, count: int) -> None:
+    lines = [
+        {
+            "id": f"line-{i}",
+            "inputs": [
+                {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [float(i)] * 16},
+                {"name": "INPUT1", "datatype": "FP32", "shape": [1, 16], "data": [1.0] * 16},
+            ],
+        }
+        for i in range(count)
+    ]
+    s3.put_object(Bucket=BUCKET, Key=key, Body="\n".join(map(json.dumps, lines)).encode() + b"\n")
+
+
+def s3_event(key: str) -> dict[str, Any]:
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put"}
+    return {"Records": [{**record, "s3": {"bucket": {"name": BUCKET}, "object": {"key": key}}}]}
+
+
+def lines_in_output(s3: Any) -> Counter[str]:
+    """How often each line's id appears in any object under the output prefix (what a reader of it would count)."""
+    seen: Counter[str] = Counter()
+    for key in keys(s3, "output/"):
+        for line in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines():
+            row = json.loads(line)
+            assert row["outputs"][0]["data"] == [float(row["id"].split("-")[1]) + 1] * 16
+            seen[row["id"]] += 1
+    return seen
+
+
+def once_each(count: int) -> Counter[str]:
+    return Counter(f"line-{i}" for i in range(count))
+
+
+def lambda_env(repo: Path, aws: dict[str, Any], chunk_lines: int, **extra: str) -> dict[str, str]:
+    return {
+        "OCLAW_MODEL_REPOSITORY": str(repo),
+        "OCLAW_PRELOAD": "add_sub",
+        "OCLAW_S3_CHUNK_LINES": str(chunk_lines),
+        "AWS_ENDPOINT_URL": aws["url"],
+        **AWS_ENV,
+        **extra,
+    }
+
+
+def test_killed_right_after_the_result_put_the_redelivery_leaves_each_line_once(
+    aws: dict[str, Any], repo: Path, tmp_path: Path
+) -> None:
+    """A real SIGKILL of the awslambdaric process right after the result's PUT, then Lambda's redelivery."""
+    s3, out = aws["s3"], "output/add_sub/kill.jsonl.out.jsonl"
+    put_jsonl(s3, "input/add_sub/kill.jsonl", 45)
+    event = s3_event("input/add_sub/kill.jsonl")
+    env = lambda_env(repo, aws, 10, **{KILL_AFTER_PUT_OF: out})
+    handler = f"{__name__}.{handler_killed_after_put.__name__}"
+    with LocalLambda(handler, env=env, cwd=ROOT, log=tmp_path / "killed.log") as fn:
+        fn.wait_init()
+        killed = fn.invoke(event)
+        assert fn.proc is not None and fn.proc.wait(timeout=30) == -signal.SIGKILL
+    assert killed.payload is None and killed.error is None  # the instance died: no answer at all
+    assert out in keys(s3, "output/") and len(keys(s3, out + ".parts/")) == 5  # the window the kill left
+    with LocalLambda(env=lambda_env(repo, aws, 10), cwd=ROOT, log=tmp_path / "retry.log") as fn:
+        fn.wait_init()
+        retry = fn.invoke(event)
+    assert retry.error is None, retry.error
+    assert retry.json()["processed"][0]["skipped"] == "already done for this object version"
+    assert lines_in_output(s3) == once_each(45)
+    assert keys(s3, "output/") == [out]
+
+
+def test_2000_lines_under_a_short_timeout_finish_after_retries(aws: dict[str, Any], repo: Path, tmp_path: Path) -> None:
+    """2 lines a part (1,000 parts) under a 2 s Lambda timeout, redelivered until done, as Lambda's retries do.
+
+    Each try makes progress whatever the machine's speed: it stops (``Incomplete``) before the deadline with
+    more parts, or fewer and longer ones; a try the timeout kills anyway leaves a state the next one resumes.
+    Joining 1,000 parts and deleting them one by one in a single try, as before, takes over 2 s on any machine
+    (2,000 S3 requests), so every try of that was killed and the object never finished.
+    """
+    s3, out = aws["s3"], "output/add_sub/long.jsonl.out.jsonl"
+    put_jsonl(s3, "input/add_sub/long.jsonl", 2000)
+    event = s3_event("input/add_sub/long.jsonl")
+    env = lambda_env(repo, aws, 2)
+    log = tmp_path / "lambda.log"
+    fn = LocalLambda(env=env, cwd=ROOT, log=log, timeout_s=2.0).start()
+    fn.wait_init()
+    state: tuple[list[str], bool] | None = None
+    stalled = stops = kills = 0
+    try:
+        for _ in range(200):
+            result = fn.invoke(event)
+            if result.timed_out or (fn.proc is not None and fn.proc.poll() is not None):
+                kills += 1  # Lambda replaces an instance its timeout killed
+                fn.stop()
+                fn = LocalLambda(env=env, cwd=ROOT, log=log, timeout_s=2.0).start()
+                fn.wait_init()
+            elif result.error is None:
+                break
+            else:
+                assert result.error["errorType"] == "Incomplete", result.error
+                stops += 1
+            now = (keys(s3, out + ".parts/"), out in keys(s3, "output/"))
+            stalled = stalled + 1 if now == state else 0
+            assert stalled < 3, f"3 tries in a row changed nothing ({kills} killed by the timeout); {now[0][:3]}"
+            state = now
+        else:
+            pytest.fail("not finished after 200 tries")
+    finally:
+        fn.stop()
+    assert result.json()["processed"][0]["lines"] == 2000
+    assert stops >= 1  # it did need several tries
+    assert lines_in_output(s3) == once_each(2000)
+    assert keys(s3, "output/") == [out]
+
+
+class Ended(BaseException):
+    """The invocation is over (killed, timed out): nothing of the handler runs after it."""
+
+
+class LambdaTime:
+    """Lambda time counted in S3 requests (100 ms each), with the invocation ended by its timeout or on cue.
+
+    Requests, not the wall clock, decide when time is up, so what each try does is the same on any machine.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.elapsed = self.budget = 0.0
+        self.timeouts = 0
+        self.writes: list[str] = []  # "Operation key" of each S3 write, over all invocations
+        self.end_after_write: int | None = None
+        client.meta.events.register("before-call.s3", self._request)
+        client.meta.events.register("before-parameter-build.s3", self._note)
+        client.meta.events.register("after-call.s3", self._answered)
+
+    def invocation(self, budget_ms: float) -> Callable[[], float]:
+        """A fresh invocation's clock: what ``context.get_remaining_time_in_millis`` would say."""
+        self.elapsed, self.budget = 0.0, budget_ms
+        return lambda: self.budget - self.elapsed
+
+    def _request(self, **_: Any) -> None:
+        if self.elapsed + 100 > self.budget:
+            self.timeouts += 1
+            raise Ended("Task timed out")
+        self.elapsed += 100
+
+    def _note(self, params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        if model.name in ("PutObject", "DeleteObject", "DeleteObjects"):
+            context["test_write"] = f"{model.name} {params.get('Key', '')}"
+
+    def _answered(self, context: dict[str, Any], **_: Any) -> None:
+        if "test_write" in context:
+            self.writes.append(context["test_write"])
+            if len(self.writes) == self.end_after_write:
+                raise Ended(f"ended right after {context['test_write']}")
+
+
+@pytest.fixture(scope="module")
+def runtime(repo: Path) -> Iterator[Runtime]:
+    rt = Runtime(Settings.from_env({}, model_repository=str(repo), preload=("add_sub",), s3_chunk_lines=2))
+    rt.preload()
+    yield rt
+    rt.close()
+
+
+def run_until_done(runtime: Runtime, clock: LambdaTime, event: dict[str, Any]) -> int:
+    """Redeliver ``event`` until an invocation succeeds; returns how many it took."""
+    for tries in range(1, 30):
+        try:
+            s3_events.handle(event, None, runtime, remaining_ms=clock.invocation(1500))
+            return tries
+        except (Ended, s3_events.Incomplete):
+            clock.end_after_write = None
+    raise AssertionError("not finished after 30 tries")
+
+
+def test_an_invocation_ended_after_any_s3_write_leaves_each_line_once(aws: dict[str, Any], runtime: Runtime) -> None:
+    """24 lines in 12 parts, 15 S3 requests an invocation: inferring takes two tries, joining them a third."""
+    s3, out = aws["s3"], "output/add_sub/anywhere.jsonl.out.jsonl"
+    put_jsonl(s3, "input/add_sub/anywhere.jsonl", 24)
+    event = s3_event("input/add_sub/anywhere.jsonl")
+    clock = LambdaTime(aws_clients.client("s3"))
+    assert run_until_done(runtime, clock, event) >= 3
+    assert clock.timeouts == 0  # every try stopped by itself (Incomplete) before its deadline
+    writes = list(clock.writes)
+    assert writes[-2] == f"PutObject {out}" and writes[-1].startswith("DeleteObjects")
+    spans = [re.search(r"/(\d+)-(\d+)\.part$", w) for w in writes if w.startswith(f"PutObject {out}.parts/")]
+    assert any(int(m[2]) - int(m[1]) > 2 for m in spans if m), writes  # longer than a chunk: parts were joined
+    assert lines_in_output(s3) == once_each(24) and keys(s3, "output/") == [out]
+    for end_after in range(1, len(writes) + 1):
+        clear(s3, "output/")
+        clock.writes, clock.end_after_write = [], end_after
+        run_until_done(runtime, clock, event)
+        assert clock.timeouts == 0
+        assert lines_in_output(s3) == once_each(24), (end_after, writes[end_after - 1])
+        assert keys(s3, "output/") == [out], (end_after, writes[end_after - 1])
