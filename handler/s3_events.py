@@ -9,6 +9,9 @@ retries it, and a retry overwrites the same keys. Long JSON Lines objects are sa
 the parts stay, and the retry resumes after the last saved line. Finishing joins the parts into the result (or,
 short of time, joins the first ones into one bigger part), then deletes them; every step is one S3 request whose
 effect the next try recognises, so an invocation may end between any two of them and nothing is lost or doubled.
+An S3 notification is invoked asynchronously, and Lambda retries such an event twice at most: a try that stopped
+after making progress therefore re-invokes the function itself with the same event (a continuation, with a fresh
+retry budget) and returns; a try without progress, or whose re-invoke failed, fails for Lambda's retries.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ SOURCE_META = "oclaw-source"
 SLACK_MS = 200
 #: Most keys one DeleteObjects request takes.
 DELETE_BATCH = 1000
+#: The event key counting the continuations of an S3 notification, and the most one notification may chain.
+CONTINUATION = "oclaw_continuation"
+MAX_CONTINUATIONS = 1000
 _PART_NAME = re.compile(r"(\d{10})-(\d{10})\.part")
 
 
@@ -53,6 +59,11 @@ class BadObject(Exception):
 
 class Incomplete(Exception):
     """Stopped before finishing (deadline close, parts not deleted); what is saved stays and the retry resumes."""
+
+    def __init__(self, message: str, *, progress: bool = False) -> None:
+        super().__init__(message)
+        #: Whether this try saved, joined or deleted anything (set by ``handle``).
+        self.progress = progress
 
 
 def is_s3_event(event: Any) -> bool:
@@ -102,6 +113,13 @@ class Pace:
         return self.call_ms + nbytes * self.moved_ms / max(self.moved_bytes, 1)
 
 
+@dataclass
+class Progress:
+    """The S3 writes this invocation made: parts saved (or joined), results written, deletions."""
+
+    writes: int = 0
+
+
 @dataclass(frozen=True)
 class Env:
     """What every step needs: the S3 client, the runtime, the Lambda clock and how fast S3 answers."""
@@ -110,6 +128,7 @@ class Env:
     runtime: Runtime
     remaining_ms: Callable[[], float]
     pace: Pace = field(default_factory=Pace)
+    progress: Progress = field(default_factory=Progress)
 
     def has(self, ms: float) -> bool:
         """Whether ``ms`` more of work ends before the Lambda deadline, with the reserve and some slack kept."""
@@ -164,6 +183,9 @@ def handle(
     """Process every object of an S3 event (or batch-job event); returns what was written."""
     if event.get("Event") == "s3:TestEvent":
         return {"ignored": "s3:TestEvent"}
+    continuation = event.get(CONTINUATION, 0)
+    if type(continuation) is not int or continuation < 0:
+        raise InvalidInput(f'"{CONTINUATION}" must be a non-negative integer (how often this S3 event was continued)')
     env = Env(aws_clients.client("s3"), runtime, remaining_ms)
     settings = runtime.settings
     done: list[dict[str, Any]] = []
@@ -184,7 +206,46 @@ def handle(
             )
             log.warning("s3://%s/%s: %s", bucket, key, exc)
             done.append({"key": key, "error": str(exc), "error_key": error_key})
+        except Incomplete as exc:
+            exc.progress = env.progress.writes > 0
+            if not is_s3_event(event):
+                raise  # a batch job: its Step Functions task retries Incomplete
+            _continue(event, context, continuation, exc)
+            done.append({"key": key, "incomplete": str(exc), CONTINUATION: continuation + 1})
+            break  # this object and the event's next ones are the continuation's
     return {"processed": done}
+
+
+def _continue(event: dict[str, Any], context: Any, number: int, stop: Incomplete) -> None:
+    """Invoke this function (same alias or version) asynchronously with the same event, or raise ``stop``.
+
+    Lambda retries an asynchronous event twice at most; a fresh invocation gets its retries anew, so an object that
+    needs many tries, each making progress, still finishes. Without progress, Lambda's retries apply.
+    """
+    function = getattr(context, "invoked_function_arn", None)
+    if not stop.progress or not isinstance(function, str):
+        raise stop
+    fields = {"event": "s3_continuation", CONTINUATION: number + 1, "function": function, "reason": str(stop)}
+    if number >= MAX_CONTINUATIONS:
+        log.error(
+            "S3 event not continued: %d continuations, the most; Lambda's retries take over",
+            number,
+            extra={"oclaw": {**fields, "event": "s3_continuation_limit"}},
+        )
+        raise stop
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    payload = json.dumps({**event, CONTINUATION: number + 1}).encode()
+    try:  # one quick attempt: it runs in the time kept before the deadline
+        aws_clients.client("lambda", quick=True).invoke(FunctionName=function, InvocationType="Event", Payload=payload)
+    except (BotoCoreError, ClientError) as exc:
+        log.warning(
+            "S3 event not continued (%s); Lambda's retries take over",
+            exc,
+            extra={"oclaw": {**fields, "event": "s3_continuation_failed"}},
+        )
+        raise stop from exc
+    log.info("S3 event continued in a new invocation", extra={"oclaw": fields})
 
 
 def _process(env: Env, job: Job) -> dict[str, Any]:
@@ -405,6 +466,7 @@ def _save_part(env: Env, job: Job, start: int, end: int, body: bytes) -> Part:
     began = perf_counter()
     _put(env.s3, job, key, body, "application/x-ndjson")
     env.pace.add(began, len(body))
+    env.progress.writes += 1
     return Part(start, end, key, len(body), body)
 
 
@@ -449,6 +511,7 @@ def _finish(env: Env, job: Job, parts: list[Part], total: int) -> None:
         began = perf_counter()
         _put(env.s3, job, job.out_key, b"".join(bodies), "application/x-ndjson")
         env.pace.add(began, joined)
+        env.progress.writes += 1
         _delete(env, job, [p.key for p in parts])  # a try ending before this is done: the retry deletes them
         return
     where = f"s3://{job.bucket}/{job.key}: all {total} lines inferred, {len(parts)} parts"
@@ -492,7 +555,9 @@ def _delete(env: Env, job: Job, keys: list[str]) -> None:
         reply = env.s3.delete_objects(Bucket=job.bucket, Delete={"Objects": batch, "Quiet": True})
         batch_ms = (perf_counter() - began) * 1000
         env.pace.add(began)
-        if errors := reply.get("Errors"):
+        errors = reply.get("Errors") or []
+        env.progress.writes += len(batch) > len(errors)
+        if errors:
             error = errors[0]
             raise Incomplete(
                 f"s3://{job.bucket}/{job.key}: {len(errors)} parts not deleted ({error.get('Code')}: "

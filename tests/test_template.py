@@ -117,6 +117,32 @@ def test_sam_transform_produces_what_the_runtime_relies_on() -> None:
     assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
 
 
+def test_an_s3_event_that_still_fails_after_the_async_retries_is_kept_in_a_queue() -> None:
+    """S3 invokes the alias asynchronously: 2 retries, then Lambda sends the event to a queue with an alarm."""
+    cfn = translate(sam_template())
+    bucket = cfn["Resources"]["DataBucket"]["Properties"]
+    (notification,) = bucket["NotificationConfiguration"]["LambdaConfigurations"]
+    assert notification["Function"] == {"Ref": "InferenceFunctionAliaslive"}
+    (config,) = of_type(cfn, "AWS::Lambda::EventInvokeConfig").values()
+    props = config["Properties"]
+    assert props["FunctionName"] == {"Ref": "InferenceFunction"} and props["Qualifier"] == "live"  # the alias S3 calls
+    assert props["MaximumRetryAttempts"] == 2
+    failed = {"Fn::GetAtt": ["FailedEventsQueue", "Arn"]}
+    assert props["DestinationConfig"]["OnFailure"]["Destination"] == failed
+    assert cfn["Resources"]["FailedEventsQueue"]["Type"] == "AWS::SQS::Queue"
+    assert failed != {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}  # not mixed with redrivable inference requests
+    statements = role_statements(cfn, {})
+    sends = [s for s in statements if s["Resource"] == "<FailedEventsQueue.Arn>"]
+    assert [s["Action"] for s in sends] == ["sqs:SendMessage"]  # Lambda sends the failed event as the function's role
+    alarm = cfn["Resources"]["FailedEventsAlarm"]["Properties"]
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["FailedEventsQueue", "QueueName"]}}]
+    assert alarm["Threshold"] == 0 and alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    # a long object's continuation invokes the alias it was invoked through: the role may invoke it
+    invoke = {s["Sid"]: s for s in statements}["InvokeItself"]
+    assert invoke["Action"] == "lambda:InvokeFunction"
+    assert "arn:aws:lambda:eu-west-1:123456789012:function:oc-inference:*" in invoke["Resource"]
+
+
 def test_batch_job_is_a_distributed_map_invoking_the_same_function() -> None:
     cfn = translate(sam_template())
     (machine,) = of_type(cfn, "AWS::StepFunctions::StateMachine").values()
@@ -172,7 +198,14 @@ def test_template_file_exists_at_the_documented_path() -> None:
 def test_alarms_dashboard_and_memory_metric() -> None:
     cfn = translate(sam_template())
     alarms = {k: v["Properties"] for k, v in of_type(cfn, "AWS::CloudWatch::Alarm").items()}
-    assert set(alarms) == {"LatencyAlarm", "ErrorsAlarm", "ThrottlesAlarm", "MemoryAlarm", "DeadLetterAlarm"}
+    assert set(alarms) == {
+        "LatencyAlarm",
+        "ErrorsAlarm",
+        "ThrottlesAlarm",
+        "MemoryAlarm",
+        "DeadLetterAlarm",
+        "FailedEventsAlarm",
+    }
     assert alarms["LatencyAlarm"]["Threshold"] == 50 and alarms["LatencyAlarm"]["Statistic"] == "Average"
     assert alarms["ErrorsAlarm"]["Period"] * alarms["ErrorsAlarm"]["EvaluationPeriods"] == 60
     assert alarms["MemoryAlarm"]["Threshold"] == 90
@@ -252,9 +285,14 @@ NO_VALUE = object()
 
 
 def role_statements(cfn: dict[str, Any], params: dict[str, str]) -> list[dict[str, Any]]:
+    """The function role's statements; those SAM adds (without a Sid) are named after their policy."""
     evaluator = Evaluator(cfn, params)
     role = cfn["Resources"]["InferenceFunctionRole"]["Properties"]
-    return [s for policy in role["Policies"] for s in evaluator.value(policy["PolicyDocument"]["Statement"])]
+    return [
+        {"Sid": policy["PolicyName"], **s}
+        for policy in role["Policies"]
+        for s in evaluator.value(policy["PolicyDocument"]["Statement"])
+    ]
 
 
 @pytest.mark.parametrize(
@@ -296,7 +334,7 @@ def test_model_repository_is_a_layer_or_an_s3_prefix_with_least_privilege(
     assert set(by_sid["WriteResults"]["Resource"]) == {f"{data}/output/*", f"{data}/sqs-results/*"}
     assert set(by_sid["ReadInputsAndOutputs"]["Resource"]) == {f"{data}/input/*", f"{data}/output/*"}
     warm = "arn:aws:lambda:eu-west-1:123456789012:function:oc-inference"
-    assert by_sid["WarmerFanOut"]["Resource"] == [warm, f"{warm}:*"]  # itself, and nothing else
+    assert by_sid["InvokeItself"]["Resource"] == [warm, f"{warm}:*"]  # itself, and nothing else
     assert evaluator.value(function["FunctionName"]) == "oc-inference"
 
 
