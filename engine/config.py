@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -11,8 +12,37 @@ from typing import Any
 
 from engine.errors import ConfigError
 
+log = logging.getLogger("oclaw.config")
+
 _PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino", "rocm", "migraphx", "dml", "coreml", "azure")
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Settings that take one of a few words (matched without regard to case).
+_CHOICES = {
+    "graph_optimization": _OPT_LEVELS,
+    "log_format": ("json", "text"),
+    "cloudrun_billing": ("request", "instance"),
+}
+#: Counts and sizes that must be at least 1, and those that may be 0.
+_AT_LEAST_ONE = (
+    "fetch_concurrency",
+    "max_body_bytes",
+    "max_tensor_elements",
+    "model_concurrency",
+    "lambda_max_body_bytes",
+    "s3_chunk_lines",
+)
+_AT_LEAST_ZERO = (
+    "intra_op_threads",
+    "inline_run_us",
+    "drain_timeout_s",
+    "lambda_reserve_ms",
+    "warmer_hold_ms",
+    "warmer_traffic_window_s",
+    "batch_max_rows",
+)
+_ABOVE_ZERO = ("cloudrun_vcpu", "cloudrun_memory_gib")
+DEFAULT_PORT = 8000
 
 
 def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
@@ -42,8 +72,62 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def _shown(value: object) -> str:
+    """A setting's value as it is written in the environment."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def invalid(key: str, value: object, why: str) -> ConfigError:
+    """The one shape of a bad setting: ``KEY=value: why``."""
+    return ConfigError(f"{key}={_shown(value)}: {why}")
+
+
+def port_number(text: str) -> int:
+    """A TCP port (1-65535) from text; ValueError saying why not."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise ValueError("expected a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise ValueError("a port number is 1-65535")
+    return port
+
+
+def server_port(environ: Mapping[str, str] | None = None) -> int:
+    """The port ``oclaw serve`` listens on when ``--port`` is absent: ``$PORT`` (set by Cloud Run), else 8000."""
+    env = os.environ if environ is None else environ
+    raw = env.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    try:
+        return port_number(raw)
+    except ValueError as exc:
+        raise invalid("PORT", raw, str(exc)) from None
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _warn_unknown(names: Mapping[str, str], known: set[str]) -> None:
+    """Name each ``OCLAW_*`` variable that is no setting, with the setting it was probably meant to be."""
+    import difflib
+
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("%s is not an oclaw setting and is ignored%s", name, hint)
+
+
+def _number(kind: type[int] | type[float], value: str) -> int | float:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
 
 
 def _bool(value: str) -> bool:
@@ -52,7 +136,7 @@ def _bool(value: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"expected a boolean, got {value!r}")
+    raise ValueError("expected a boolean (true/false, 1/0, yes/no, on/off)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,14 +231,27 @@ class Settings:
     def __post_init__(self) -> None:
         unknown = [p for p in self.providers if p not in _PROVIDERS]
         if unknown:
-            raise ConfigError(f"OCLAW_PROVIDERS: unknown provider(s) {unknown}; known: {_PROVIDERS}")
-        if self.graph_optimization not in _OPT_LEVELS:
-            raise ConfigError(f"OCLAW_GRAPH_OPTIMIZATION must be one of {_OPT_LEVELS}")
-        for name in ("max_body_bytes", "max_tensor_elements", "model_concurrency", "fetch_concurrency"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"OCLAW_{name.upper()} must be >= 1")
-        if self.intra_op_threads < 0:
-            raise ConfigError("OCLAW_INTRA_OP_THREADS must be >= 0")
+            why = f"unknown provider(s) {', '.join(unknown)}; use {', '.join(_PROVIDERS)}"
+            raise invalid("OCLAW_PROVIDERS", self.providers, why)
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise invalid("OCLAW_LOG_LEVEL", self.log_level, f"not a log level; use one of {', '.join(LOG_LEVELS)}")
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        for name, choices in _CHOICES.items():
+            value = str(getattr(self, name)).strip().lower()
+            if value not in choices:
+                raise invalid(f"OCLAW_{name.upper()}", getattr(self, name), f"must be one of {', '.join(choices)}")
+            object.__setattr__(self, name, value)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise invalid(f"OCLAW_{f.name.upper()}", value, "must be a finite number")
+        for names, low, what in ((_AT_LEAST_ONE, 1, ">= 1"), (_AT_LEAST_ZERO, 0, ">= 0")):
+            for name in names:
+                if getattr(self, name) < low:
+                    raise invalid(f"OCLAW_{name.upper()}", getattr(self, name), f"must be {what}")
+        for name in _ABOVE_ZERO:
+            if getattr(self, name) <= 0:
+                raise invalid(f"OCLAW_{name.upper()}", getattr(self, name), "must be > 0")
 
     @property
     def threads(self) -> int:
@@ -185,17 +282,19 @@ class Settings:
                 if isinstance(default, bool):
                     values[f.name] = _bool(raw)
                 elif isinstance(default, int):
-                    values[f.name] = int(raw)
+                    values[f.name] = _number(int, raw)
                 elif isinstance(default, float):
-                    values[f.name] = float(raw)
+                    values[f.name] = _number(float, raw)
                 elif isinstance(default, tuple):
                     values[f.name] = tuple(p.lower() for p in _csv(raw)) if f.name == "providers" else _csv(raw)
                 else:
                     values[f.name] = raw
             except ValueError as exc:
-                raise ConfigError(f"{key}={raw!r}: {exc}") from None
+                raise invalid(key, raw, str(exc)) from None
         values.update(overrides)
-        values["extra"] = {k: v for k, v in env.items() if k.startswith("OCLAW_") and k not in known}
+        values["extra"] = extra = {k: v for k, v in env.items() if k.startswith("OCLAW_") and k not in known}
+        if extra:
+            _warn_unknown(extra, known)
         return cls(**values)
 
 

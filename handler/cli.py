@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
@@ -15,19 +15,11 @@ _T0 = perf_counter_ns()
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.config import Settings
-    from engine.errors import ConfigError
+    from engine.config import Settings, server_port
 
-    try:
-        overrides = {"model_repository": args.model_repository} if args.model_repository else {}
-        settings = Settings.from_env(**overrides)
-    except ConfigError as exc:
-        print(f"oclaw: {exc.message}", file=sys.stderr)
-        return 2
-    from engine.logs import configure
-
-    configure(settings.log_level, settings.log_format)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+    settings = Settings.from_env(**overrides)
+    port = args.port if args.port is not None else server_port()
     if settings.model_repository.startswith("s3:"):
         from engine.errors import OclawError
         from engine.repository.s3 import parse_s3_uri
@@ -40,11 +32,22 @@ def _serve(args: argparse.Namespace) -> int:
     elif not os.path.isdir(settings.model_repository):
         print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
         return 2
-    port = args.port if args.port is not None else int(os.environ.get("PORT", "8000"))
+    from handler.server import bind, serve
 
-    from handler.server import serve
+    try:
+        sock = bind(args.host, port)  # before any model loads: a taken port fails now, not once all are warm
+    except OSError as exc:
+        where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"
+        print(
+            f"oclaw: cannot listen on {where}: {exc.strerror or exc} (choose another with --port or PORT)",
+            file=sys.stderr,
+        )
+        return 3
+    from engine.logs import configure
 
-    return serve(settings, host=args.host, port=port, started_ns=_T0)
+    configure(settings.log_level, settings.log_format)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return serve(settings, sock=sock, started_ns=_T0)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -53,8 +56,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from engine.optimize.prepare import prepare_repository
 
     overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+    settings = Settings.from_env(**overrides)
+    if not os.path.isdir(settings.model_repository):
+        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+        return 2
     try:
-        settings = Settings.from_env(**overrides)
         read_only = _read_only_dirs(settings.model_repository, args.models)
         if read_only:
             print(
@@ -63,36 +69,61 @@ def _prepare(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        done = prepare_repository(settings, level=args.level, models=args.models or None)
+        report = prepare_repository(settings, level=args.level, models=args.models or None)
     except OclawError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
         return 2
-    for row in done:
+    for row in report.done:
         print(json.dumps(row))
-    if not done:
-        print("oclaw: no models found to prepare", file=sys.stderr)
+    for failure in report.failed:
+        print(f"oclaw: not prepared: {failure}", file=sys.stderr)
+    if not report.done and not report.failed:
+        print(f"oclaw: no models found to prepare in {settings.model_repository!r}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if report.failed else 0
 
 
 def _read_only_dirs(root: str, models: list[str]) -> list[str]:
-    """Version directories of a local repository that this process cannot write to."""
+    """Version directories of a local repository that this process cannot write to (unknown models skipped)."""
+    from engine.errors import OclawError
     from engine.repository.local import LocalRepository
 
     repo = LocalRepository(root)
-    dirs = [repo.root / name / str(v) for name in models or repo.models() for v in repo.versions(name)]
+    dirs = []
+    for name in models or repo.models():
+        try:
+            dirs += [repo.root / name / str(v) for v in repo.versions(name)]
+        except OclawError:
+            continue  # reported by prepare, with the other models prepared
     return [str(d) for d in dirs if not os.access(d, os.W_OK)]
 
 
 def _publish(args: argparse.Namespace) -> int:
     from engine.config import Settings
     from engine.errors import OclawError
+    from engine.pool import ModelPool
+    from engine.repository.local import LocalRepository
     from engine.repository.publish import publish
 
     start = perf_counter_ns()
+    settings = Settings.from_env()
+
+    def load(repo: LocalRepository, name: str) -> None:
+        """Load the model as the server does (sessions, signature, warm-up), then let it go."""
+        pool = ModelPool(repo, settings)
+        try:
+            pool.load(name)
+        finally:
+            pool.close()
+
     try:
-        concurrency = Settings.from_env().fetch_concurrency
-        rows = publish(args.repository, args.destination, models=args.model or None, concurrency=concurrency)
+        rows = publish(
+            args.repository,
+            args.destination,
+            models=args.model or None,
+            concurrency=settings.fetch_concurrency,
+            load=load,
+        )
     except OclawError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
         return 2
@@ -106,6 +137,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _lambda_invoke(args: argparse.Namespace) -> int:
+    from engine.config import Settings
     from handler.local_lambda import LocalLambda
 
     events = []
@@ -116,9 +148,10 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"oclaw: {path}: {exc}", file=sys.stderr)
             return 2
-    env = dict(item.split("=", 1) for item in args.env)
+    env = dict(args.env)
     if args.model_repository:
         env["OCLAW_MODEL_REPOSITORY"] = args.model_repository
+    Settings.from_env({**os.environ, **env})  # the function's settings: a bad one is named here, before INIT
     fn = LocalLambda(
         args.handler,
         env=env,
@@ -133,17 +166,42 @@ def _lambda_invoke(args: argparse.Namespace) -> int:
         except RuntimeError as exc:
             print(f"oclaw: {exc}", file=sys.stderr)
             return 1
-        failed = 0
+        failed = []
         for _ in range(args.repeat):
-            for event in events:
+            for path, event in zip(args.events, events, strict=True):
                 result = fn.invoke(event)
                 if result.error is not None:
-                    failed += 1
                     print(json.dumps(result.error))
                 else:
                     print((result.payload or b"").decode(errors="replace"))
                 print(result.report_line(), file=sys.stderr)
+                reason = _invocation_failure(result.error, result.payload)
+                if reason is not None:
+                    failed.append(f"{path}: {reason}")
+    for line in failed:
+        print(f"oclaw: invocation failed: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _invocation_failure(error: dict[str, Any] | None, payload: bytes | None) -> str | None:
+    """Why an invocation failed (a function error, an HTTP or V2 status >= 400, failed batch items), or None."""
+    if error is not None:
+        return f"{error.get('errorType', 'error')}: {error.get('errorMessage', '')}"
+    try:
+        reply = json.loads(payload or b"null")
+    except ValueError:
+        return None
+    if not isinstance(reply, dict):
+        return None
+    status = reply.get("statusCode", reply.get("status") if "error" in reply else None)
+    if isinstance(status, int) and status >= 400:
+        detail = reply.get("error") or ("" if reply.get("isBase64Encoded") else reply.get("body", ""))
+        return f"status {status}: {str(detail)[:300]}"
+    items = reply.get("batchItemFailures")
+    if isinstance(items, list) and items:
+        ids = ", ".join(str(item.get("itemIdentifier")) for item in items if isinstance(item, dict))
+        return f"{len(items)} batch item(s) failed: {ids}"
+    return None
 
 
 def _metering_records(path: str) -> list[dict[str, Any]]:
@@ -177,7 +235,7 @@ def _usage(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"oclaw: {exc}", file=sys.stderr)
             return 2
-    by = [field.strip() for field in args.by.split(",") if field.strip()]
+    by = args.by
     rows = aggregate(records, by)
     columns = [*by, *USAGE_FIELDS]
     if args.csv:
@@ -196,14 +254,57 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranged(kind: type[int] | type[float], low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` in [low, high], else a message that gives the range."""
+    span = f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {span}, got {text!r}") from None
+        if not (low <= value and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"expected {noun} {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    """An argparse type: ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+#: What ``oclaw usage --by`` groups on: the day, or a metering record's field that names rather than measures.
+GROUP_FIELDS = ("tenant", "model", "version", "day", "platform", "instance_id", "cold", "status", "source")
+
+
+def _group_by(text: str) -> list[str]:
+    """An argparse type: comma-separated GROUP_FIELDS."""
+    by = [field.strip() for field in text.split(",") if field.strip()]
+    unknown = [field for field in by if field not in GROUP_FIELDS]
+    if unknown or not by:
+        what = f"unknown field(s) {', '.join(unknown)}" if unknown else "no field"
+        raise argparse.ArgumentTypeError(f"{what}; group by some of {', '.join(GROUP_FIELDS)}")
+    return by
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oclaw`` console script."""
+    from engine import __version__
+    from engine.errors import ConfigError
+
     parser = argparse.ArgumentParser(prog="oclaw", description="Cold-start-optimised ONNX inference server.")
+    parser.add_argument("--version", action="version", version=f"oclaw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model repository over the V2 inference protocol")
     serve.add_argument("--model-repository", help="repository directory (default: $OCLAW_MODEL_REPOSITORY or ./models)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="port (default: $PORT or 8000)")
+    serve.add_argument("--port", type=_ranged(int, 1, 65535), default=None, help="port (default: $PORT or 8000)")
     serve.set_defaults(func=_serve)
     prep = sub.add_parser(
         "prepare", help="optimise every model's graph ahead of time (run it on the target CPU family)"
@@ -230,23 +331,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     inv.add_argument("events", nargs="+", help="JSON files, one event each")
     inv.add_argument("--model-repository", help="sets OCLAW_MODEL_REPOSITORY for the function")
     inv.add_argument("--handler", default="handler.aws_lambda.lambda_handler")
-    inv.add_argument("--memory", type=int, default=1024, help="memory size in MB reported (default 1024)")
-    inv.add_argument("--timeout", type=float, default=30.0, help="seconds before an invocation is killed")
-    inv.add_argument("--repeat", type=int, default=1, help="invoke the events this many times")
+    inv.add_argument(
+        "--memory", type=_ranged(int, 128, 10240), default=1024, help="memory size in MB reported (default 1024)"
+    )
+    inv.add_argument(
+        "--timeout", type=_ranged(float, 0.001, 900), default=30.0, help="seconds before an invocation is killed"
+    )
+    inv.add_argument("--repeat", type=_ranged(int, 1), default=1, help="invoke the events this many times")
     inv.add_argument("--snap-start", action="store_true", help="INIT as SnapStart does (hooks, then restore)")
-    inv.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment")
+    inv.add_argument(
+        "--env", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="extra environment"
+    )
     inv.set_defaults(func=_lambda_invoke)
     usage = sub.add_parser("usage", help="aggregate metering records (JSON Lines or log lines) into a table or CSV")
     usage.add_argument("files", nargs="+", help="files of metering records (jsonl sink output, or logs)")
     usage.add_argument(
-        "--by", default="tenant,model,day", help="fields to group by (tenant, model, day, platform, ...)"
+        "--by",
+        type=_group_by,
+        default="tenant,model,day",
+        help=f"fields to group by, comma-separated: {', '.join(GROUP_FIELDS)} (default: tenant,model,day)",
     )
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
     usage.set_defaults(func=_usage)
     version = sub.add_parser("version", help="print the version")
-    version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __import__("engine").__version__})) or 0)
+    version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __version__})) or 0)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

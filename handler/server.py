@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from time import perf_counter_ns
@@ -20,8 +21,27 @@ def _hash_models(runtime: Runtime) -> None:
         log.info("model %s/%s sha256 %s", model.name, model.version, model.sha256)
 
 
-def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
-    """Serve until SIGTERM/SIGINT; in-flight requests finish (up to OCLAW_DRAIN_TIMEOUT_S) before exit."""
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound but not listening: a port in use fails here, before any model loads.
+
+    Connections are refused until uvicorn listens on it, after the lifespan has waited for the warm pool, so a TCP
+    startup probe still sees the port open only when the models are ready. OSError when the address is taken.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # as uvicorn does: a previous run's connections in TIME_WAIT do not block a restart; a listener still does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
+    """Serve on a socket from ``bind`` until SIGTERM/SIGINT; in-flight requests finish first (OCLAW_DRAIN_TIMEOUT_S)."""
+    host, port = sock.getsockname()[:2]
     runtime = get_runtime(settings)
     runtime.start_preload()  # session creation runs while the web stack imports
     t_imports = perf_counter_ns()
@@ -58,6 +78,13 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
         if runtime.repository.remote:
             record["fetch"] = {"source": runtime.repository.source, **runtime.fetch.as_dict()}
         log.info("cold_start", extra={"oclaw": record})
+        if not runtime.repository.models():
+            log.warning(
+                "model repository %s holds no models (expected <model>/<version>/model.onnx): the server is ready "
+                "but serves nothing until a model is added and loaded through /v2/repository/models/<name>/load",
+                runtime.repository.source,
+            )
+        log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         runtime.meter.start_flusher()
         # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
         threading.Thread(target=_hash_models, args=(runtime,), name="oclaw-sha256", daemon=True).start()
@@ -86,7 +113,7 @@ def serve(settings: Settings, *, host: str, port: int, started_ns: int) -> int:
     # uvicorn drains, then re-raises the captured SIGTERM/SIGINT; a no-op handler turns that into a clean exit 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
+    server.run(sockets=[sock])
     runtime.meter.close()
     runtime.close()
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's own code), e.g. an unreadable repository

@@ -1,7 +1,8 @@
-"""`oclaw serve` as a process: PORT, the cold-start record, readiness, SIGTERM draining."""
+"""`oclaw serve` as a process: PORT, the port bound first, the cold-start record, readiness, SIGTERM draining."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -9,9 +10,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 
+from engine.config import Settings
 from engine.logs import find_event
+from engine.runtime import Runtime
 from engine.tensors import decode_response, encode_request
+from handler.asgi import ServerApp
+from handler.server import bind
 from tests.conftest import free_port, spawn_server
 from tests.modelgen import _save, add_constant, slow
 
@@ -112,3 +118,51 @@ def test_bad_setting_is_a_clear_error(slow_repo: Path, tmp_path: Path) -> None:
     srv = spawn_server(slow_repo, tmp_path, env={"OCLAW_PROVIDERS": "warp-drive"})
     assert srv.proc.wait(timeout=30) == 2
     assert "OCLAW_PROVIDERS" in srv.output()
+
+
+def test_a_port_in_use_fails_at_once_before_any_model_loads(slow_repo: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = spawn_server(slow_repo, tmp_path, port=port)
+        assert srv.proc.wait(timeout=60) == 3
+    output = srv.output()
+    assert f"oclaw: cannot listen on 127.0.0.1:{port}: Address already in use" in output
+    assert find_event(output, "cold_start") is None and "ready: versions" not in output  # no model was loaded
+
+
+def test_the_bound_port_refuses_connections_until_the_models_are_warm(slow_repo: Path) -> None:
+    runtime = Runtime(Settings.from_env({}, model_repository=str(slow_repo)))
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(ServerApp(runtime, lambda: None), log_level="warning"))
+    with runtime._preload_lock:  # the preload cannot finish while this is held: the server is still starting
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while runtime._preload_thread is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the lifespan has started the preload and waits for it
+        with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        assert not server.started
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        runtime.close()
+
+
+def test_serving_an_empty_repository_warns_with_its_path(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = spawn_server(empty, tmp_path)
+    try:
+        srv.wait_ready()
+    finally:
+        assert srv.terminate() == 0
+    assert f"model repository {empty} holds no models" in srv.output()

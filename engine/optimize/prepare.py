@@ -18,6 +18,7 @@ from typing import Any
 import onnxruntime as ort
 
 from engine.config import Settings
+from engine.errors import OclawError
 from engine.repository.local import LocalRepository
 
 log = logging.getLogger("oclaw.prepare")
@@ -101,8 +102,11 @@ def prepare_file(source: Path, *, level: str = "all") -> dict[str, Any]:
     opts.optimized_model_filepath = str(tmp)
     opts.log_severity_level = 3
     start = perf_counter_ns()
-    ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
-    tmp.replace(out)
+    try:
+        ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     info = PreparedInfo(ort.__version__, level, cpu_fingerprint(), source_fingerprint(source))
     source.with_name(PREPARED_META).write_text(json.dumps(info.__dict__, indent=1), encoding="utf-8")
     return {
@@ -115,13 +119,43 @@ def prepare_file(source: Path, *, level: str = "all") -> dict[str, Any]:
     }
 
 
-def prepare_repository(
-    settings: Settings, *, level: str = "all", models: list[str] | None = None
-) -> list[dict[str, Any]]:
-    """Prepare every version of every (or the named) model of a repository."""
+@dataclass(frozen=True)
+class Failure:
+    """A model (or one of its versions) that could not be prepared, and why."""
+
+    model: str
+    version: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.model if self.version is None else f"{self.model}/{self.version}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What ``prepare_repository`` wrote (one row per file) and what it could not prepare."""
+
+    done: list[dict[str, Any]]
+    failed: list[Failure]
+
+
+def prepare_repository(settings: Settings, *, level: str = "all", models: list[str] | None = None) -> PrepareReport:
+    """Prepare every version of every (or the named) model of a repository; a failure does not stop the others."""
     repo = LocalRepository(settings.model_repository)
-    done = []
+    done: list[dict[str, Any]] = []
+    failed: list[Failure] = []
     for name in models or repo.models():
-        for version in repo.versions(name):
-            done.append(prepare_file(repo.files(name, version).path, level=level))
-    return done
+        try:
+            versions = repo.versions(name)
+        except OclawError as exc:
+            failed.append(Failure(name, None, exc.message))
+            continue
+        for version in versions:
+            try:
+                done.append(prepare_file(repo.files(name, version).path, level=level))
+            except OclawError as exc:
+                failed.append(Failure(name, version, exc.message))
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no base class but Exception
+                failed.append(Failure(name, version, f"{type(exc).__name__}: {exc}"))
+    return PrepareReport(done, failed)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from engine import aws
-from engine.errors import ModelLoadError, ModelNotFound
+from engine.errors import ModelLoadError, ModelNotFound, OclawError
 from engine.repository.local import (
     MODEL_FILE,
     LocalRepository,
@@ -45,18 +45,45 @@ def validate_for_publish(repo: LocalRepository, names: Sequence[str] | None) -> 
     return chosen
 
 
+#: Loads one model of a repository as the server would, raising an OclawError when it cannot (the caller's loader:
+#: this package never opens a session).
+LoadCheck = Callable[[LocalRepository, str], None]
+
+
+def check_models(repo: LocalRepository, names: Sequence[str], load: LoadCheck) -> None:
+    """Load every model with ``load``; one ModelLoadError naming each that failed (the others are still tried)."""
+    failures = []
+    for name in names:
+        try:
+            load(repo, name)
+        except OclawError as exc:
+            named = exc.message.startswith(f"model {name!r}")
+            failures.append(exc.message if named else f"model {name!r} failed to load: {exc.message}")
+    if failures:
+        raise ModelLoadError("; ".join(failures) + " (nothing was uploaded)")
+
+
 def publish(
-    root: str | Path, uri: str, *, models: Sequence[str] | None = None, concurrency: int = 8
+    root: str | Path,
+    uri: str,
+    *,
+    models: Sequence[str] | None = None,
+    concurrency: int = 8,
+    load: LoadCheck | None = None,
 ) -> list[dict[str, Any]]:
     """Upload a local repository's models (validated first) under ``s3://bucket/prefix``; one row per file.
 
-    Version directories go first and manifests last, so a reader never sees a manifest before its files.
+    With ``load``, every model is also loaded by it before anything is uploaded, so a model file the loader cannot
+    open (truncated, not ONNX) is never published. Version directories go first and manifests last, so a reader
+    never sees a manifest before its files.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
     location = parse_s3_uri(uri)
     repo = LocalRepository(root)
     names = validate_for_publish(repo, models)
+    if load is not None:
+        check_models(repo, names, load)
     s3 = aws.client("s3")
     try:
         s3.head_bucket(Bucket=location.bucket)
