@@ -67,23 +67,43 @@ class TextFormatter(logging.Formatter):
         return f"{text} {orjson.dumps(fields, default=str).decode()}" if isinstance(fields, dict) else text
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
-    """Route the ``oclaw`` loggers to stderr (text) or stdout (JSON, for log collectors); idempotent."""
+#: Loggers of the web stack ``oclaw serve`` runs: routed through oclaw's handler (``configure(root=True)``).
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def configure(level: str = "INFO", fmt: str = "json", *, root: bool = False) -> None:
+    """Route the ``oclaw`` loggers to stderr (text) or stdout (JSON, for log collectors); idempotent.
+
+    ``root``: the process is oclaw's own (``oclaw serve``), so every library's records (uvicorn's start-up and
+    error lines, warnings of other libraries) take the same handler — one JSON object per line on stdout. On Lambda
+    the runtime owns the root logger, so only ``oclaw`` is routed.
+    """
     import sys
 
-    logger = logging.getLogger("oclaw")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_oclaw", False):
-            logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stdout if fmt == "json" else sys.stderr)
     handler._oclaw = True  # type: ignore[attr-defined]
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
+    targets = [logging.getLogger("oclaw")]
+    if root:
+        targets.append(logging.getLogger())
+        for name in SERVER_LOGGERS:  # uvicorn gets no handlers of its own (log_config=None): records propagate
+            library = logging.getLogger(name)
+            library.handlers.clear()
+            library.propagate = True
+    for logger in targets:
+        for old in list(logger.handlers):
+            if getattr(old, "_oclaw", False):
+                logger.removeHandler(old)
+        logger.addHandler(handler)
+    logging.getLogger("oclaw").setLevel(level.upper())
+    logging.getLogger("oclaw").propagate = False
+    if root:
+        logging.getLogger().setLevel(max(logging.getLevelName(level.upper()), logging.WARNING))
+        for name in SERVER_LOGGERS[:2]:
+            logging.getLogger(name).setLevel(level.upper())
 
 
 def find_event(text: str, event: str) -> dict[str, Any] | None:

@@ -89,9 +89,7 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
             "warmup": round(sum(m.warmup_ms for m in models), 1),
             "preload": round((perf_counter_ns() - start) / 1e6, 1),
         },
-        "models": {
-            f"{m.name}/{m.version}": {"session_ms": round(m.session_ms, 1), "prepared": m.prepared} for m in models
-        },
+        "models": {f"{m.name}/{m.version}": m.load_record() for m in models},
         # fetching a remote (s3://) repository into the local cache, part of the preload; 0 for a local one
         "fetch_ms": round(runtime.fetch_ms, 1),
         "init_ms": round((perf_counter_ns() - _IMPORT_START) / 1e6, 1),

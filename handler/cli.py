@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -45,8 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 3
     from engine.logs import configure
 
-    configure(settings.log_level, settings.log_format)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure(settings.log_level, settings.log_format, root=True)  # uvicorn's lines too: one format, one stream
     return serve(settings, sock=sock, started_ns=_T0)
 
 

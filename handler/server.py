@@ -53,14 +53,7 @@ def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
 
     def report() -> None:
         """One structured cold-start record, logged once the pool is warm and before the port opens."""
-        models = {
-            f"{m.name}/{m.version}": {
-                "session_ms": round(m.session_ms, 1),
-                "warmup_ms": round(m.warmup_ms, 1),
-                "prepared": m.prepared,
-            }
-            for m in runtime.pool.loaded()
-        }
+        models = {f"{m.name}/{m.version}": m.load_record() for m in runtime.pool.loaded()}
         record = {
             "event": "cold_start",
             "instance_id": runtime.instance_id,
@@ -106,6 +99,7 @@ def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
         port=port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # its records go through oclaw's handler (engine.logs.configure(root=True))
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
         server_header=False,
     )

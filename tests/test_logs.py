@@ -169,3 +169,5 @@ def test_onnxruntime_errors_leave_the_json_log_stream_whole(tmp_path: Path) -> N
     warning = logs.find_event(log.read_text(), "warmup_failed")
     assert warning is not None and warning["level"] == "WARNING" and warning["model"] == "m"
     assert "Reshape" in warning["message"]
+    cold = logs.find_event(log.read_text(), "cold_start")  # the cold-start record carries the warning too
+    assert cold is not None and "Reshape" in cold["models"]["m/1"]["warmup_error"]

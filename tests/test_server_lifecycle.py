@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -66,6 +67,10 @@ def test_port_env_is_honoured_and_cold_start_is_reported(slow_repo: Path, tmp_pa
     assert all(m["session_ms"] > 0 and m["warmup_ms"] > 0 for m in models.values())
     assert isinstance(record["total_ms"], float) and record["total_ms"] > 0
     assert isinstance(record["instance_id"], str) and len(record["instance_id"]) == 16
+    # OCLAW_LOG_FORMAT=json (the default): every line the process wrote is one JSON object, uvicorn's own included
+    docs = [json.loads(line) for line in srv.output().splitlines() if line.strip()]
+    assert all(isinstance(doc, dict) for doc in docs)
+    assert any(doc.get("logger", "").startswith("uvicorn") and "server process" in doc["message"] for doc in docs)
 
 
 @pytest.mark.slow

@@ -100,7 +100,7 @@ def prepare_file(source: Path, *, level: str = "all") -> dict[str, Any]:
     out = source.with_name(PREPARED)
     tmp = out.with_suffix(".tmp")
     opts.optimized_model_filepath = str(tmp)
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failure raises and `oclaw prepare` reports it by model
     start = perf_counter_ns()
     try:
         ort.InferenceSession(str(source), sess_options=opts, providers=["CPUExecutionProvider"])
