@@ -1,19 +1,18 @@
-"""A flush's Batch (lines and columns straight from captured usages equal the records' own) and its one stdout write."""
+"""A flush's records as lines (plain and packed, read back by unpack), on stdout, and through a failing sink."""
 
 from __future__ import annotations
 
 import json
 import random
 from collections.abc import Sequence
-from operator import attrgetter
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from engine.config import Settings
 from engine.metering import batch as batch_module
-from engine.metering.batch import Batch, json_lines, unpack
+from engine.metering.batch import json_lines, packed_lines, unpack
 from engine.metering.meter import Meter
 from engine.metering.records import MeteringRecord, Usage
 from engine.metering.sinks import EmfSink, LineSink, LogSink, make_sink
@@ -59,104 +58,19 @@ def usages(n: int, seed: int = 7) -> list[Usage]:
     return out
 
 
-@pytest.mark.parametrize("size", [3, 400])  # a Lambda invocation's few records, a server's second of them
 @pytest.mark.parametrize("platform", ["lambda", "cloudrun", "local"])
-def test_batch_lines_and_columns_equal_the_records(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str, size: int
+def test_json_lines_carry_every_record_field_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str
 ) -> None:
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
     m = meter(tmp_path, platform)
-    done = [one(m, total_ms=2.5), one(m, total_ms=0.4, cold=True, init_ms=300.0)]
-    batch = Batch(m, usages(size), done)
-    lines = json_lines(batch)  # before records() is called: the lines are not made from the records
-    records = batch.records()
-    assert [json.loads(line) for line in lines.splitlines()] == [r.as_dict() for r in records]
-    assert records == [m.complete(u) for u in batch.usages] + done and len(batch) == size + 2
-    assert batch[0] == records[0] and batch[-1] == done[-1] and batch[3:5] == records[3:5] and list(batch) == records
-
+    records = [m.complete(u) for u in usages(50)] + [one(m, total_ms=0.4, cold=True, init_ms=300.0)]
     for event in (None, "metering"):
         tag = {} if event is None else {"event": event}
-        lines = json_lines(batch, event).decode().splitlines()
+        lines = json_lines(records, event).splitlines()
+        assert [list(json.loads(line)) for line in lines] == [[*r.as_dict(), *tag] for r in records]
         assert [json.loads(line) for line in lines] == [r.as_dict() | tag for r in records]
-        assert json_lines(records, event) != b"" and [
-            json.loads(x) for x in json_lines(records, event).splitlines()
-        ] == [json.loads(line) for line in lines]
-
-    keys, codes, rows = batch.columns()
-    assert [keys[c] for c in codes] == [(r.model, r.version, r.status) for r in records] and len(set(keys)) == len(keys)
-    figures = attrgetter("total_ms", "queue_ms", "compute_ms", "items", "billed_ms", "cost_usd", "cold")
-    assert np.array_equal(rows, np.array([figures(r) for r in records], dtype=np.float64))
-    if platform == "lambda" and any(u.cold for u in batch.usages):  # INIT is billed with the request that paid it
-        cold = next(u for u in batch.usages if u.cold)
-        assert m.complete(cold).billed_ms == -(-cold.total_us // 1000) + -(-cold.init_ms // 1)
-
-
-def test_empty_batch(tmp_path: Path) -> None:
-    batch = Batch(meter(tmp_path, "local"), [], [])
-    keys, codes, rows = batch.columns()
-    assert len(batch) == 0 and not batch and json_lines(batch) == b"" and keys == [] and rows.shape == (0, 7)
-    assert len(codes) == 0
-
-
-@pytest.mark.parametrize("size", [1, 3, 400])  # one Lambda invocation's request, a few, a server's second
-@pytest.mark.parametrize("platform", ["lambda", "cloudrun"])
-def test_emf_lines_from_a_batch_equal_those_from_its_records(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str, size: int
-) -> None:
-    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
-    monkeypatch.setattr("time.time", lambda: 1_790_000_000.25)  # the EMF Timestamp
-    m = meter(tmp_path, platform)
-    sink = EmfSink("oclaw")
-    for done in ([], [one(m, total_ms=2.5), one(m, total_ms=0.4, cold=True, init_ms=300.0)]):
-        batch = Batch(m, usages(size, seed=size), done)
-        from_usages = sink.lines(batch)  # straight from the captured tuples: no record built
-        assert batch._records is None
-        from_records = sink.lines(list(batch.records()))
-        assert [json.loads(x) for x in from_usages.splitlines()] == [json.loads(x) for x in from_records.splitlines()]
-        blobs = [json.loads(x) for x in from_usages.splitlines()]
-        assert sum(b["Requests"][0] for b in blobs) == size + len(done)
-        assert all(b["_aws"]["Timestamp"] == 1_790_000_000_250 for b in blobs)
-
-
-def test_factorize_keys_rows_by_their_varying_columns() -> None:
-    from engine.metering.batch import factorize
-
-    tenant = "".join(["acme"])  # equal to "acme" but another object: columns are compared by value
-    columns = (("acme", tenant, "acme", "acme"), (1, 2, 1, 3), ("m", "m", "m", "m"), (True, True, False, False))
-    keys, codes = factorize(columns)
-    rows = list(zip(*columns, strict=True))
-    assert keys == list(dict.fromkeys(rows)) and [keys[c] for c in codes] == rows
-    assert factorize((("a", "a"), (1, 1))) == ([("a", 1)], None)  # one row for all: no index
-    one_varying, codes = factorize((("a", "a", "a"), (5, 7, 5)))
-    assert one_varying == [("a", 5), ("a", 7)] and codes.tolist() == [0, 1, 0]
-    empty, codes = factorize(((), ()))
-    assert empty == [] and len(codes) == 0
-
-
-@pytest.mark.parametrize("uniform", [False, True])  # several (model, version, status) keys, or one
-def test_prometheus_from_a_batch_equals_from_its_records(tmp_path: Path, repo: Path, uniform: bool) -> None:
-    from engine.metering.metrics import PrometheusSink
-    from engine.runtime import Runtime
-
-    runtime = Runtime(Settings.from_env({}, model_repository=str(repo), preload=()))
-    m = meter(tmp_path, "cloudrun")
-    captured = usages(500, seed=3)
-    if uniform:
-        captured = [u._replace(model="m", version="1", status=200) for u in captured]
-    batch = Batch(m, captured, [one(m, total_ms=7.0)] if not uniform else [])
-    if uniform:
-        keys, codes, rows = batch.columns()
-        assert keys == [("m", "1", 200)] and not codes.any() and rows.shape == (500, 7)
-    by_batch, by_records = PrometheusSink(runtime, lambda: 0), PrometheusSink(runtime, lambda: 0)
-    by_batch.emit(batch)
-    by_records.emit(list(batch.records()))
-
-    def request_metrics(sink: PrometheusSink) -> list[str]:
-        return [line for line in sink.exposition().decode().splitlines() if line.startswith("oclaw_")]
-
-    assert request_metrics(by_batch) == request_metrics(by_records)
-    assert any(line.startswith("oclaw_requests_total") for line in request_metrics(by_batch))
-    runtime.close()
+    assert json_lines([]) == packed_lines([]) == b""
 
 
 def test_captured_usages_survive_a_failing_sink(tmp_path: Path) -> None:
@@ -232,10 +146,10 @@ def test_stdout_sinks_keep_records_when_stdout_fails(tmp_path: Path, monkeypatch
 
 
 @pytest.mark.parametrize("platform", ["lambda", "cloudrun", "local"])
-def test_one_request_lines_equal_those_of_its_batch(
+def test_one_request_lines_equal_those_of_its_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str
 ) -> None:
-    """A Lambda invocation's flush makes its lines from fragments (``sink.one``): the same members and values."""
+    """A Lambda invocation's flush makes its lines from templates (``sink.one``): the same members and values."""
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
     monkeypatch.setattr("time.time", lambda: 1_790_000_000.25)  # the EMF Timestamp
     m = meter(tmp_path, platform)
@@ -245,16 +159,16 @@ def test_one_request_lines_equal_those_of_its_batch(
         for usage in usages(300, seed=12) + odd:
             billed = m.billed_ms(usage)
             for sink in sinks:
-                one = sink.one(m, usage, billed)
-                (want,) = sink.lines(Batch(m, [usage], [])).splitlines()
-                assert one.endswith(b"\n") and one.count(b"\n") == 1
-                assert json.loads(one) == json.loads(want)
-        m.instance_id = "restored"  # the fragments follow the meter (a SnapStart restore's new identity)
+                line = sink.one(m, usage, billed)
+                (want,) = sink.lines([m.complete(usage)]).splitlines()
+                assert line.endswith(b"\n") and line.count(b"\n") == 1
+                assert json.loads(line) == json.loads(want)
+        m.instance_id = "restored"  # the lines follow the meter (a SnapStart restore's new identity)
     (record,) = unpack(json.loads(LogSink().one(m, usage, m.billed_ms(usage))))
     assert record == m.complete(usage).as_dict() | {"event": "metering"} and record["instance_id"] == "restored"
 
 
-def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout_fails(
+def test_a_lambda_flush_of_one_request_writes_once_and_keeps_the_record_when_stdout_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = CountingStdout()
@@ -263,7 +177,7 @@ def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout
     first, second = usages(2, seed=14)
     m.submit_usage(first)
     m.flush()
-    (written,) = out.writes
+    (written,) = out.writes  # the record line and the EMF line: one write (one syscall a Lambda invocation)
     log_line, emf_line = (json.loads(line) for line in written.splitlines())
     assert log_line == m.complete(first).as_dict() | {"event": "metering"}
     assert emf_line["Requests"] == [1.0] and emf_line["LatencyMs"] == [first.total_us / 1000]
@@ -281,7 +195,7 @@ def test_a_flush_of_one_request_writes_its_lines_once_and_keeps_them_when_stdout
     assert sum(line.get("Requests", [0])[0] for line in resent) == 1
 
 
-def test_lines_go_straight_to_the_descriptor_after_what_the_stream_holds(tmp_path: Path) -> None:
+def test_lines_are_written_after_what_the_stream_holds(tmp_path: Path) -> None:
     from awslambdaric.bootstrap import Unbuffered
 
     from engine.metering.sinks import write
@@ -325,24 +239,24 @@ def _canonical(records: list[dict[str, object]]) -> list[str]:
     return sorted(json.dumps(r, sort_keys=True) for r in records)
 
 
-@pytest.mark.parametrize("size", [3, 40, 400])  # a few (a line each), then packed lines (and requests alone)
+@pytest.mark.parametrize("size", [3, 40, 400])  # few share their second, tenant, model, bill...; then many do
 @pytest.mark.parametrize("platform", ["cloudrun", "lambda"])
 def test_packed_lines_unpack_to_exactly_the_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: str, size: int
 ) -> None:
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1769")
     m = meter(tmp_path, platform)
-    batch = Batch(m, usages(size, seed=11), [one(m, total_ms=2.5)])
-    lines = [json.loads(line) for line in batch.packed_lines("metering").splitlines()]
-    assert batch._records is None  # made from the captured tuples
-    want = [r.as_dict() | {"event": "metering"} for r in batch.records()]
+    records = [m.complete(u) for u in usages(size, seed=11)] + [one(m, total_ms=2.5)]
+    lines = [json.loads(line) for line in packed_lines(records, "metering").splitlines()]
+    want = [r.as_dict() | {"event": "metering"} for r in records]
     assert _canonical([r for line in lines for r in unpack(line)]) == _canonical(want)
     packed = [line for line in lines if "requests" in line]
-    if size >= 16:
-        assert packed and len(lines) < size + 1  # requests sharing second, tenant, model, bill... share a line
-        assert all(line["requests"] == len(line["request_id"]) >= 2 for line in packed)
-    else:
-        assert not packed
+    assert all(line["requests"] == len(line["request_id"]) >= 2 for line in packed)
+    if size == 400:
+        assert packed and len(lines) < size  # requests sharing second, tenant, model, bill... share a line
+    same = [records[0]] + [replace(records[0], request_id=f"again-{i}") for i in range(2)]
+    (line,) = packed_lines(same, "metering").splitlines()  # a few that share everything: one line
+    assert unpack(json.loads(line)) == [r.as_dict() | {"event": "metering"} for r in same]
 
 
 def test_packed_lines_hold_at_most_pack_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,7 +264,7 @@ def test_packed_lines_hold_at_most_pack_requests(tmp_path: Path, monkeypatch: py
     m = meter(tmp_path, "cloudrun")
     fixed = {"tenant": "t", "model": "m", "version": "1", "cold": False, "init_ms": 0.0, "status": 200}
     same = [u._replace(**fixed, second=1_790_000_000, total_us=400, source="http") for u in usages(30, seed=5)]
-    lines = [json.loads(line) for line in Batch(m, same, []).packed_lines("metering").splitlines()]
+    lines = [json.loads(line) for line in packed_lines([m.complete(u) for u in same], "metering").splitlines()]
     assert [line["requests"] for line in lines] == [7, 7, 7, 7, 2]
     got = [r for line in lines for r in unpack(line)]
     assert [r["request_id"] for r in got] == [u.request_id for u in same]  # one group: served order kept
@@ -370,9 +284,9 @@ def test_log_sink_packed_and_metrics_only_sinks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="log:packed"):
         make_sink("log:fancy")
     m = meter(tmp_path, "cloudrun")
-    batch = Batch(m, usages(50, seed=2), [])
-    assert sink.lines(batch) == batch.packed_lines("metering")
-    assert LogSink().lines(batch) == json_lines(batch, "metering")
+    records = [m.complete(u) for u in usages(50, seed=2)]
+    assert sink.lines(records) == packed_lines(records, "metering")
+    assert LogSink().lines(records) == json_lines(records, "metering")
 
     usage = usages(1)[0]
     emf_only = meter(tmp_path, "lambda", metering_sinks=("emf",))  # metrics only: no records kept, no header
@@ -392,10 +306,10 @@ def test_usage_command_reads_packed_lines(tmp_path: Path) -> None:
     from tests.conftest import ROOT
 
     m = meter(tmp_path, "cloudrun")
-    batch = Batch(m, usages(300, seed=9), [])
+    records = [m.complete(u) for u in usages(300, seed=9)]
     log = tmp_path / "server.log"
     log.write_text(
-        "INFO started\n" + "".join(f"stdout: {x}\n" for x in batch.packed_lines("metering").decode().splitlines())
+        "INFO started\n" + "".join(f"stdout: {x}\n" for x in packed_lines(records, "metering").decode().splitlines())
     )
     out = subprocess.run(
         [sys.executable, "-m", "handler.cli", "usage", str(log), "--by", "tenant", "--csv"],
@@ -403,6 +317,6 @@ def test_usage_command_reads_packed_lines(tmp_path: Path) -> None:
     )  # fmt: skip
     rows = {row["tenant"]: int(row["requests"]) for row in csv.DictReader(io.StringIO(out.stdout))}
     want: dict[str, int] = {}
-    for record in batch.records():
+    for record in records:
         want[record.tenant] = want.get(record.tenant, 0) + 1
     assert rows == want and sum(rows.values()) == 300

@@ -22,18 +22,7 @@ from typing import Any
 
 from engine.config import Settings
 from engine.metering import sinks as sink_kinds
-from engine.metering.batch import Batch
-from engine.metering.records import (
-    HEADER_VALUES,
-    PRICES,
-    MeteringRecord,
-    Price,
-    Usage,
-    _now,
-    _time_of,
-    header_value,
-    split_evenly,
-)
+from engine.metering.records import PRICES, MeteringRecord, Price, Usage, _now, _time_of, header_value, split_evenly
 from engine.metering.spool import Spool
 
 log = logging.getLogger("oclaw.metering")
@@ -88,9 +77,7 @@ class Meter:
         #: A sink takes the records themselves, not only metrics from them: responses carry the header.
         self.records_out = any(not getattr(sink, "metrics_only", False) for sink in sinks)
         #: Every sink writes lines to stdout (Lambda's log and emf): a flush of one request takes ``_send_one``.
-        self._on_stdout = bool(sinks) and all(
-            isinstance(sink, sink_kinds.LineSink) and sink.stream is None for sink in sinks
-        )
+        self._one = all(isinstance(sink, sink_kinds.LineSink) and sink.stream is None for sink in sinks)
 
     def price_key(self) -> str:
         """The price-table entry for this platform, architecture and billing mode."""
@@ -270,10 +257,7 @@ class Meter:
             self._spill()
         if not self.records_out:
             return None
-        compute, total, init_ms, cold = usage[8:12]
-        billed = self.billed_ms(usage) if init_ms else -(-total // 1000)
-        # header_value's lookup inlined (one call less a request), formatted when new
-        return HEADER_VALUES.get((compute, billed, cold)) or header_value(compute, billed, cold)
+        return header_value(usage.compute_us, self.billed_ms(usage), usage.cold)
 
     def spool(self, index: int) -> Spool:
         """The spool of the ``index``-th sink."""
@@ -286,74 +270,83 @@ class Meter:
         A sink gets three tries while time is left; what it has not taken then is written to its own spool, re-sent
         on a later flush, so a failing sink never makes the healthy ones see a record twice.
         """
-        usage, pending = self._usage, self._pending
-        if not (usage or pending or self._spooled):  # nothing to send (a Lambda invocation with metering off)
+        if not (self._usage or self._pending or self._spooled):  # nothing to send (Lambda with metering off)
             return
         # one flush at a time (the timer, a /metrics scrape, shutdown): a later one waits no longer than it may run
-        if not self._flushing.acquire(timeout=max(0.0, min(timeout_s, threading.TIMEOUT_MAX))):
+        # (a lock taken with a timeout costs ~0.4 µs more: tried without one first)
+        lock = self._flushing
+        if not (lock.acquire(blocking=False) or lock.acquire(timeout=max(0.0, min(timeout_s, threading.TIMEOUT_MAX)))):
             return
-        deadline = sink_kinds.FLUSH_DEADLINE.set(time.monotonic() + timeout_s)
+        deadline = time.monotonic() + timeout_s
         try:
-            if len(usage) == 1 and self._on_stdout and not (pending or self._spooled):  # a Lambda invocation's
-                self._send_one(usage.popleft())
-                return
-            self._send(Batch(self, _take(usage), _take(pending)))  # what was queued so far; later ones wait
+            if self._one and len(self._usage) == 1 and not (self._pending or self._spooled):  # a Lambda invocation
+                self._send_one(self._usage.popleft(), deadline)
+            else:
+                self._send(self._take(), deadline)
         finally:
-            sink_kinds.FLUSH_DEADLINE.reset(deadline)
-            self._flushing.release()
+            lock.release()
 
-    def _send_one(self, usage: Usage) -> None:
-        """Send one request's usage (a Lambda invocation's) to sinks that all write lines to stdout: each makes
-        its line straight from the usage (``LineSink.one``), written in one call. Whatever fails takes the
-        general path's retries and spools."""
+    def _send_one(self, usage: Usage, deadline: float) -> None:
+        """A flush of one request to sinks that all write lines to stdout (a Lambda invocation's): each makes its
+        line straight from the usage (``LineSink.one``), written at once. What fails takes ``_send``'s tries."""
         billed = self.billed_ms(usage)
-        lines = b""
         try:
-            for sink in self._sinks:  # one or two (log, emf): a loop, not a comprehension's function call
-                lines += sink.one(self, usage, billed)
+            lines = b"".join([sink.one(self, usage, billed) for sink in self._sinks])
         except Exception:  # noqa: BLE001 - a sink could not make its line: retried (and spooled) by _send
             self.failures += 1
-            self._send(Batch(self, [usage], []))
+            self._send([self.complete(usage)], deadline)
             return
         try:
             sink_kinds.write(None, lines)
         except Exception as exc:  # noqa: BLE001 - stdout closed or broken: keep the record
             self.failures += 1
-            batch = Batch(self, [usage], [])
             for index, sink in enumerate(self._sinks):
-                self._spool(index, sink, batch, exc)
+                self._spool(index, sink, [self.complete(usage)], exc)
 
-    def _send(self, batch: Batch) -> None:
-        """Give each sink the batch, with what its spool holds (the files no other process is re-sending)."""
-        for index, sink in enumerate(self.sinks):
-            claims = list(self.spool(index).claims()) if index in self._spooled else []
-            spooled = [record for claim in claims for record in claim.records]
-            records = Batch(self, batch.usages, spooled + batch.done) if spooled else batch
-            refused, error = self._emit(sink, records) if records else ([], None)
-            if refused is records:  # nothing taken: the spool files stay as they are, the new records join them
-                for claim in claims:
-                    claim.settle(claim.records)
-                new: Sequence[MeteringRecord] = batch
-            else:  # each spool file keeps only what the sink refused
-                left = {id(record) for record in refused}
-                for claim in claims:
-                    claim.settle([record for record in claim.records if id(record) in left])
-                old = {id(record) for record in spooled}
-                new = [record for record in refused if id(record) not in old] if spooled else refused
-            if new:
-                self._spool(index, sink, new, error)
-            elif index in self._spooled and not self.spool(index).files():
-                self._spooled.discard(index)
+    def _take(self) -> list[MeteringRecord]:
+        """The records of what is queued now, taken out of the queues (later ones wait for the next flush)."""
+        return [*map(self.complete, _drain(self._usage)), *_drain(self._pending)]
 
-    def _emit(self, sink: Any, records: Sequence[MeteringRecord]) -> tuple[Sequence[MeteringRecord], Exception]:
+    def _send(self, records: list[MeteringRecord], deadline: float) -> None:
+        """Give each sink the records before ``deadline`` (``time.monotonic()``); spool what it did not take."""
+        token = sink_kinds.FLUSH_DEADLINE.set(deadline)  # what time_left() reads, in the sinks too
+        try:
+            for index, sink in enumerate(self.sinks):
+                if index in self._spooled:  # known without listing files per flush (per Lambda invocation)
+                    self._resend(index, sink, records)
+                elif records:
+                    refused, error = self._emit(sink, records)
+                    if refused:
+                        self._spool(index, sink, refused, error)
+        finally:
+            sink_kinds.FLUSH_DEADLINE.reset(token)
+
+    def _resend(self, index: int, sink: Any, records: list[MeteringRecord]) -> None:
+        """Give a sink the records with what its spool holds (the files no other process is re-sending); each spool
+        file keeps only what the sink refused."""
+        claims = list(self.spool(index).claims())
+        batch = [record for claim in claims for record in claim.records] + records
+        refused, error = self._emit(sink, batch) if batch else ([], None)
+        unsent = {id(record) for record in refused}
+        for claim in claims:
+            claim.settle([record for record in claim.records if id(record) in unsent])
+        new = [record for record in records if id(record) in unsent]
+        if new:
+            self._spool(index, sink, new, error)
+        else:
+            self._spooled.discard(index)
+            if self.spool(index).files():  # held by another process, or spilled meanwhile
+                self._spooled.add(index)
+
+    def _emit(self, sink: Any, records: Sequence[MeteringRecord]) -> tuple[Sequence[MeteringRecord], Exception | None]:
         """Give ``records`` to ``sink``: up to three tries while the flush has time; what it refused, and why."""
-        error: Exception = TimeoutError("no time left before the flush deadline")
+        error: Exception | None = None
         for _ in range(3):
             if sink_kinds.time_left() <= 0:
-                break
+                return records, error or TimeoutError("no time left before the flush deadline")
             try:
                 sink.emit(records)
-                return [], error
+                return [], None
             except Exception as exc:  # noqa: BLE001 - a sink must never fail the request
                 self.failures += 1
                 error = exc
@@ -372,15 +365,15 @@ class Meter:
         if not self._spilling.acquire(blocking=False):  # another thread is spilling
             return
         try:
-            batch = Batch(self, _take(self._usage), _take(self._pending))
+            records = self._take()
             reason = OverflowError(f"more than {self.max_queued} records queued")
             for index, sink in enumerate(self.sinks):
-                self._spool(index, sink, batch, reason)
+                self._spool(index, sink, records, reason)
         finally:
             self._spilling.release()
 
 
-def _take(queue: deque[Any]) -> list[Any]:
+def _drain(queue: deque[Any]) -> list[Any]:
     """What ``queue`` holds now, taken out (another thread may be taking too: each item goes to one of them)."""
     out = []
     for _ in range(len(queue)):

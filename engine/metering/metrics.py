@@ -14,7 +14,6 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from engine.metering.batch import Batch
 from engine.metering.records import MeteringRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,13 +101,10 @@ class PrometheusSink:
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         if not records:
             return
-        if isinstance(records, Batch):
-            keys, codes, rows = records.columns()
-        else:
-            triples = list(map(_KEY, records))
-            keys = list(dict.fromkeys(triples))
-            codes = np.fromiter(map({key: i for i, key in enumerate(keys)}.__getitem__, triples), np.intp, len(triples))
-            rows = np.array(list(map(_FIELDS, records)), dtype=np.float64).reshape(-1, len(_FIELD_NAMES))
+        triples = list(map(_KEY, records))
+        keys = list(dict.fromkeys(triples))
+        codes = np.fromiter(map({key: i for i, key in enumerate(keys)}.__getitem__, triples), np.intp, len(triples))
+        rows = np.array(list(map(_FIELDS, records)), dtype=np.float64).reshape(-1, len(_FIELD_NAMES))
         with self._lock:
             for number, (model, version, status) in enumerate(keys):
                 part = rows if len(keys) == 1 else rows[codes == number]

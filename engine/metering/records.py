@@ -1,5 +1,5 @@
 """What a request cost: the metering record, the usage a request captures, the price table, the response
-header; ``engine/metering/batch.py`` holds a flush's records as the sinks see them.
+header; ``engine/metering/batch.py`` writes a flush's records as JSON lines.
 
 Lambda bills each invocation's duration rounded up to 1 ms times its memory, plus a per-request charge, and
 (since 2025-08-01) its INIT phase too: the request that paid a cold start carries the INIT time. When one
@@ -108,16 +108,13 @@ class Usage(NamedTuple):
 
 
 class Biller(Protocol):
-    """What bills a usage (``engine.metering.meter.Meter``): the lines and batches that sinks write ask it."""
+    """What bills a usage (``engine.metering.meter.Meter``), as the sinks' one-request lines ask it."""
 
     platform: str
     instance_id: str
 
     def bill(self, billed_ms: float, requests: float = 1.0) -> tuple[float, float, float, float]:
         """(GB-s, vCPU-s, GiB-s, USD) for a billed duration and a share of requests."""
-
-    def billed_ms(self, usage: Usage) -> int:
-        """What is billed for a request served alone, in ms."""
 
     def complete(self, usage: Usage) -> MeteringRecord:
         """The metering record of a request served alone, with its bill."""

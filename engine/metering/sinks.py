@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from engine.metering.batch import _OWN_LINE, Batch, figures_of, json_lines, ms_json, shared_members
+from engine.metering.batch import PACKED_FIELDS, json_lines, packed_lines
 from engine.metering.records import Biller, MeteringRecord, Usage, _time_of
 
 #: When the flush in progress must be over (``time.monotonic()``), set by ``Meter.flush``.
@@ -43,9 +43,7 @@ class Sink(Protocol):
 
 
 class LineSink:
-    """A sink that writes JSON lines to a stream. On stdout (``stream`` None, the default) a Meter flush writes
-    every such sink's lines at once: one write per flush, one per Lambda invocation. ``stream`` is read when the
-    sink is given to a Meter (``Meter.sinks``)."""
+    """A sink that writes lines to a stream (stdout when ``stream`` is None), all of a batch's in one write."""
 
     stream: Any = None
 
@@ -54,115 +52,126 @@ class LineSink:
         raise NotImplementedError
 
     def one(self, meter: Biller, usage: Usage, billed: int) -> bytes | bytearray:
-        """``lines`` of a flush of one request (a Lambda invocation's), ``billed`` ms: the built-in sinks make them
-        straight from the usage, from fragments they keep (``Meter._send_one``)."""
-        return self.lines(Batch(meter, [usage], []))
+        """``lines`` of one request (a Lambda invocation's flush, ``billed`` ms), made straight from its usage."""
+        return self.lines([meter.complete(usage)])
 
     def emit(self, records: Sequence[MeteringRecord]) -> None:
         write(self.stream, self.lines(records))
 
 
-#: One request's record line (``LogSink.one``): its own figures first (as ``Batch.json_lines`` writes them), then
-#: what it shares with the requests of its tenant, model and bill (kept), then its time.
-_ONE_LINE = _OWN_LINE + b'%b"time":"%b"}\n'
-
-
-class LogSink(LineSink):
-    """JSON lines on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write a flush.
-
-    One line per record; ``packed``: the requests of a flush that share their second, tenant, model, bill and
-    status in one line, their own figures as lists (``Batch.packed_lines``; ``engine.metering.batch.unpack``).
-    """
-
-    def __init__(self, stream: Any = None, *, packed: bool = False) -> None:
-        self.stream = stream
-        self.packed = packed
-        #: What record lines share, by what decides it (``_shared``; bounded), and the time of the last one
-        self._parts: dict[tuple[Any, ...], bytes] = {}
-        self._second, self._time = -1, b""
-
-    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
-        if self.packed and isinstance(records, Batch):
-            return records.packed_lines("metering")
-        return json_lines(records, "metering")
-
-    def one(self, meter: Biller, usage: Usage, billed: int) -> bytes:
-        """The record line of one request: what ``lines`` writes for it (the same fields and values)."""
-        (rid, tenant, model, version, items, size_in, size_out, queue, compute, total, _, cold, source, second,
-         status) = usage  # fmt: skip
-        key = (tenant, model, version, cold, billed, status, source, meter, meter.instance_id)
-        shared = self._parts.get(key) or self._shared(key)
-        if second != self._second:
-            self._second, self._time = second, _time_of(second).encode()
-        return _ONE_LINE % (
-            orjson.dumps(rid),
-            items,
-            size_in,
-            size_out,
-            ms_json(queue),
-            ms_json(compute),
-            ms_json(total),
-            shared,
-            self._time,
-        )
-
-    def _shared(self, key: tuple[Any, ...]) -> bytes:
-        """The members of a record line that its tenant, model, bill, status and source decide, kept."""
-        *decided, meter, _ = key  # the instance id is in the key: a restored instance makes new fragments
-        members = shared_members(meter, decided, meter.bill(float(decided[4]))) | {"event": "metering"}
-        if len(self._parts) >= 4096:
-            self._parts.clear()
-        shared = self._parts[key] = orjson.dumps(members)[1:-1] + b","
-        return shared
-
-
-def _log_sink(arg: str) -> LogSink:
-    if arg not in ("", "packed"):
-        raise ValueError(f"unknown log sink option {arg!r}; use log or log:packed")
-    return LogSink(packed=arg == "packed")
-
-
 #: Streams written to -> (the stream, its ``flush`` or None, its file descriptor or -1), found once. On Lambda,
-#: stdout is awslambdaric's ``Unbuffered`` wrapper: it resolves every attribute in Python and flushes after each
-#: write, so its buffers are always empty and its descriptor is written straight (~5 µs less an invocation).
-_RAW: dict[int, tuple[Any, Callable[[], Any] | None, int]] = {}
+#: stdout is awslambdaric's ``Unbuffered`` wrapper: it resolves every attribute in Python (~1 µs each) and flushes
+#: after each write, so its buffers are always empty and its descriptor is written straight.
+_FOUND: dict[int, tuple[Any, Callable[[], Any] | None, int]] = {}
 
 
-def _raw(out: Any) -> tuple[Any, Callable[[], Any] | None, int]:
-    if len(_RAW) > 16:
-        _RAW.clear()
+def _find(out: Any) -> tuple[Any, Callable[[], Any] | None, int]:
+    if len(_FOUND) > 16:
+        _FOUND.clear()
     try:
         fd = int(out.fileno())
     except (AttributeError, OSError, ValueError):  # a stream in memory (captured output)
         fd = -1
     unbuffered = type(out).__name__ == "Unbuffered" and type(out).__module__ == "awslambdaric.bootstrap"
-    raw = _RAW[id(out)] = (out, None if unbuffered else out.flush, fd)
-    return raw
+    found = _FOUND[id(out)] = (out, None if unbuffered else out.flush, fd)
+    return found
 
 
 def write(stream: Any, lines: bytes | bytearray) -> None:
     """Write to a stream (stdout by default) at once: straight to its file descriptor when it has one (after
     flushing what was written through the stream, to keep the order), else through its binary buffer."""
     out = stream or sys.stdout
-    raw = _RAW.get(id(out))
-    if raw is None or raw[0] is not out:
-        raw = _raw(out)
-    _, flush, fd = raw
+    found = _FOUND.get(id(out))
+    if found is None or found[0] is not out:
+        found = _find(out)
+    _, flush, fd = found
     if fd >= 0:
         if flush is not None:
             flush()
-        done = os.write(fd, lines)
-        while done < len(lines):  # a signal interrupted a large write
-            done += os.write(fd, memoryview(lines)[done:])
+        view = memoryview(lines)
+        while view:  # a signal may interrupt a large write
+            view = view[os.write(fd, view) :]
         return
+    out.flush()
     binary = getattr(out, "buffer", None)
-    if binary is not None:
-        out.flush()  # keep order with text already written
-        binary.write(lines)
-        binary.flush()
-    else:
+    if binary is None:  # a text stream in memory
         out.write(bytes(lines).decode())
         out.flush()
+    else:
+        binary.write(lines)
+        binary.flush()
+
+
+#: µs -> JSON ms, for ``_ms`` (bounded): a model's requests repeat few values, and formatting one costs ~3x the lookup.
+_MS: dict[int, bytes] = {}
+
+
+def _ms(us: int) -> bytes:
+    """µs as a JSON number of ms: ``b"0.045"``, exactly ``us / 1000`` once parsed."""
+    text = _MS.get(us)
+    if text is None:
+        if len(_MS) >= 65536:
+            _MS.clear()
+        text = _MS[us] = b"%d.%03d" % divmod(us, 1000)
+    return text
+
+
+class LogSink(LineSink):
+    """JSON lines on stdout (CloudWatch Logs on Lambda, Cloud Logging on Cloud Run), one write a flush.
+
+    One line per record; ``packed``: the records of a flush that share their second, tenant, model, bill and
+    status in one line, their own figures as lists (``engine.metering.batch.packed_lines`` and ``unpack``).
+    """
+
+    def __init__(self, stream: Any = None, *, packed: bool = False) -> None:
+        self.stream = stream
+        self.packed = packed
+        #: What record lines share (all but their own figures and time), by what decides it (``one``; bounded).
+        self._shared: dict[tuple[Any, ...], bytes] = {}
+
+    def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
+        return (packed_lines if self.packed else json_lines)(records, "metering")
+
+    def one(self, meter: Biller, usage: Usage, billed: int) -> bytes:
+        """The record line of one request: the fields and values ``lines`` writes, its own figures first."""
+        # by the meter's instance id too: a SnapStart restore's new one makes new lines
+        key = (meter, meter.instance_id, usage.tenant, usage.model, usage.version, usage.cold, billed, usage.status,
+               usage.source)  # fmt: skip
+        shared = self._shared.get(key) or self._share(meter, usage, key)
+        return _LOG_ONE % (
+            orjson.dumps(usage.request_id),
+            usage.items,
+            usage.bytes_in,
+            usage.bytes_out,
+            _ms(usage.queue_us),
+            _ms(usage.compute_us),
+            _ms(usage.total_us),
+            shared,
+            _time_of(usage.second).encode(),
+        )
+
+    def _share(self, meter: Biller, usage: Usage, key: tuple[Any, ...]) -> bytes:
+        """What the record lines of ``key`` share, taken from a whole record, kept."""
+        record = meter.complete(usage).as_dict() | {"event": "metering"}
+        for name in (*PACKED_FIELDS, "time"):
+            del record[name]
+        if len(self._shared) >= 4096:
+            self._shared.clear()
+        shared = self._shared[key] = orjson.dumps(record)[1:-1] + b","
+        return shared
+
+
+#: One request's record line (``LogSink.one``): its own figures, what it shares with others, then its time.
+_LOG_ONE = (
+    b'{"request_id":%b,"items":%d,"bytes_in":%d,"bytes_out":%d,"queue_ms":%b,"compute_ms":%b,"total_ms":%b,'
+    b'%b"time":"%b"}\n'
+)
+
+
+def _log_sink(arg: str) -> LogSink:
+    if arg not in ("", "packed"):
+        raise ValueError(f"unknown log sink option {arg!r}; use log or log:packed")
+    return LogSink(packed=arg == "packed")
 
 
 class JsonlSink:
@@ -313,85 +322,68 @@ class EmfSink(LineSink):
     def __init__(self, namespace: str = "oclaw", stream: Any = None) -> None:
         self.namespace = namespace
         self.stream = stream
-        directive = [
-            {
-                "Namespace": namespace,
-                "Dimensions": [["model", "service"]],
-                "Metrics": [{"Name": name, "Unit": unit} for name, unit in self.UNITS],
-            }
-        ]
-        self._directive_json = orjson.dumps(directive)
+        metrics = [{"Name": name, "Unit": unit} for name, unit in self.UNITS]
+        directive = [{"Namespace": namespace, "Dimensions": [["model", "service"]], "Metrics": metrics}]
+        self._head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":' + orjson.dumps(directive) + b"},"
         #: ``"BilledMs":[..],"CostUSD":[..],`` by (meter, billed ms), for ``one`` (bounded)
         self._costs: dict[tuple[Any, int], bytes] = {}
 
     def one(self, meter: Biller, usage: Usage, billed: int) -> bytes:
-        """The EMF line of one request: what ``lines`` writes for it (same members and values)."""
-        bill = (meter, billed)
-        try:
-            cost = self._costs[bill]
-        except KeyError:
-            if len(self._costs) > 4096:
+        """The EMF line of one request: the members and values ``lines`` writes."""
+        cost = self._costs.get((meter, billed))
+        if cost is None:
+            if len(self._costs) >= 4096:
                 self._costs.clear()
             figures = {"BilledMs": [float(billed)], "CostUSD": [meter.bill(float(billed))[3]]}
-            cost = self._costs[bill] = orjson.dumps(figures)[1:-1] + b","
-        return _EMF_ONE % (
-            int(time.time() * 1000),
-            self._directive_json,
-            orjson.dumps(usage[2] or "-"),
-            usage[4],
-            b"1.0" if usage[14] >= 400 else b"0.0",
-            ms_json(usage[8]),
+            cost = self._costs[(meter, billed)] = orjson.dumps(figures)[1:-1] + b","
+        return self._head % int(time.time() * 1000) + _EMF_ONE % (
+            orjson.dumps(usage.model or "-"),
+            usage.items,
+            b"1.0" if usage.status >= 400 else b"0.0",
+            _ms(usage.compute_us),
             cost,
-            b"1.0" if usage[11] else b"0.0",
-            ms_json(usage[9]),
+            b"1.0" if usage.cold else b"0.0",
+            _ms(usage.total_us),
         )
 
     def lines(self, records: Sequence[MeteringRecord]) -> bytes | bytearray:
-        figures = records.figures() if isinstance(records, Batch) else list(map(figures_of, records))
-        head = b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},' % (int(time.time() * 1000), self._directive_json)
-        # per model: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies (in one pass)
+        # per model, in one pass: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies
         by_model: dict[str, list[Any]] = {}
-        for model, items, failed, compute, billed, cost, cold, total in figures:
-            acc = by_model.get(model)
-            if acc is None:
-                acc = by_model[model] = [0, 0, 0, 0, 0, 0, 0, []]
-            acc[0] += 1
-            acc[1] += items
-            acc[2] += failed
-            acc[3] += compute
-            acc[4] += billed
-            acc[5] += cost
-            acc[6] += cold
-            if len(acc[7]) < 100:  # 100 values per metric per blob at most
-                acc[7].append(float(total))
+        for r in records:
+            sums = by_model.get(r.model or "-")
+            if sums is None:
+                sums = by_model[r.model or "-"] = [0, 0, 0, 0.0, 0.0, 0.0, 0, []]
+            sums[0] += 1
+            sums[1] += r.items
+            sums[2] += r.status >= 400
+            sums[3] += r.compute_ms
+            sums[4] += r.billed_ms
+            sums[5] += r.cost_usd
+            sums[6] += r.cold
+            if len(sums[7]) < 100:  # 100 values per metric per blob at most
+                sums[7].append(float(r.total_ms))
+        head = self._head % int(time.time() * 1000)  # the directive serialised once, not per flush
         lines = bytearray()
-        for model, acc in by_model.items():
-            lines += head  # the directive serialised once, not per flush
-            lines += _emf_blob(model, acc)
+        for model, (requests, items, failures, compute, billed, cost, cold, latency) in by_model.items():
+            blob = {
+                "model": model,
+                "service": "oclaw",
+                "Requests": [float(requests)],
+                "Items": [float(items)],
+                "Failures": [float(failures)],
+                "ComputeMs": [float(compute)],
+                "BilledMs": [float(billed)],
+                "CostUSD": [float(cost)],
+                "ColdStarts": [float(cold)],
+                "LatencyMs": latency,
+            }
+            lines += head
+            lines += orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)[1:]
         return lines
 
 
-#: One request's EMF line (``EmfSink.one``): directive and model, then its own figures.
+#: One request's EMF line after its directive (``EmfSink.one``).
 _EMF_ONE = (
-    b'{"_aws":{"Timestamp":%d,"CloudWatchMetrics":%b},"model":%b,"service":"oclaw","Requests":[1.0],"Items":[%d.0],'
-    b'"Failures":[%b],"ComputeMs":[%b],%b"ColdStarts":[%b],"LatencyMs":[%b]}\n'
+    b'"model":%b,"service":"oclaw","Requests":[1.0],"Items":[%d.0],"Failures":[%b],"ComputeMs":[%b],%b'
+    b'"ColdStarts":[%b],"LatencyMs":[%b]}\n'
 )
-
-
-def _emf_blob(model: str, sums: Sequence[Any]) -> bytes:
-    """The members of one model's EMF line after its ``_aws`` directive (from its comma to the newline), from
-    its sums: requests, items, failures, compute ms, billed ms, cost, cold starts, latencies."""
-    requests, items, failures, compute, billed, cost, cold, latency = sums
-    blob = {
-        "model": model,
-        "service": "oclaw",
-        "Requests": [float(requests)],
-        "Items": [float(items)],
-        "Failures": [float(failures)],
-        "ComputeMs": [float(compute)],
-        "BilledMs": [float(billed)],
-        "CostUSD": [float(cost)],
-        "ColdStarts": [float(cold)],
-        "LatencyMs": latency,
-    }
-    return orjson.dumps(blob, option=orjson.OPT_APPEND_NEWLINE)[1:]
