@@ -197,7 +197,9 @@ def test_2000_lines_under_a_short_timeout_finish_after_retries(aws: dict[str, An
             pytest.fail("not finished after 200 tries")
     finally:
         fn.stop()
-    assert result.json()["processed"][0]["lines"] == 2000
+    # the try that wrote the result may have had no time left to delete the parts: the next one only deletes them
+    processed = result.json()["processed"][0]
+    assert processed.get("lines") == 2000 or processed.get("skipped") == "already done for this object version"
     assert stops >= 1  # it did need several tries
     assert lines_in_output(s3) == once_each(2000)
     assert keys(s3, "output/") == [out]
