@@ -417,7 +417,10 @@ def main() -> int:
         statistics.mean(lam["off_wall"]),
     )
     print(table(["what", "without", "with", "difference (± SE)", "relative"], [*duration, *wall]))
-    print(f"\nplot: {plot(http, request, out)}")
+    try:
+        print(f"\nplot: {plot(http, request, out)}")
+    except ImportError:
+        print("\nno plot: matplotlib is missing (pip install -e '.[bench]')")
     return 0
 
 
