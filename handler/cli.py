@@ -81,6 +81,55 @@ def _prepare(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.config import Settings
+    from engine.errors import ConfigError, InvalidInput, ModelNotFound, OclawError
+    from engine.optimize.optimizer import BudgetNotMet, OptimizeOptions, optimize_model
+    from engine.optimize.progress import Progress
+    from engine.optimize.report import require_matplotlib, summary, table, write_report
+
+    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+    settings = Settings.from_env(**overrides)
+    if not os.path.isdir(settings.model_repository):
+        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+        return 2
+    options = OptimizeOptions(
+        precision=args.precision,
+        version=args.version,
+        calibration=Path(args.calibration) if args.calibration else None,
+        evaluation=Path(args.evaluation) if args.evaluation else None,
+        metric=args.metric,
+        max_drop=args.max_drop,
+        calibration_method=args.calibration_method,
+        int8_mode=args.int8_mode,
+    )
+    try:
+        if args.report:
+            require_matplotlib()  # before the long work, not after it
+        outcome = optimize_model(settings, args.model, options, Progress())
+    except BudgetNotMet as exc:
+        print(table(exc.outcome))
+        if args.report:
+            write_report(Path(args.report), exc.outcome)
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 1
+    except (ConfigError, InvalidInput, ModelNotFound) as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    except OclawError as exc:
+        print(f"oclaw: {exc.message}; the repository is unchanged", file=sys.stderr)
+        return 1
+    print(table(outcome))
+    if args.report:
+        write_report(Path(args.report), outcome)
+    print(summary(outcome, Path(settings.model_repository) / args.model / str(outcome.version)))
+    for note in outcome.notes:
+        print(f"oclaw: {note}", file=sys.stderr)
+    return 0
+
+
 def _read_only_dirs(root: str, models: list[str]) -> list[str]:
     """Version directories of a local repository that this process cannot write to (unknown models skipped)."""
     from engine.errors import OclawError
@@ -316,6 +365,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prep.add_argument("models", nargs="*", help="models to prepare (default: all)")
     prep.set_defaults(func=_prepare)
+    opt = sub.add_parser(
+        "optimize",
+        help="write an INT8/FP16 version of a model (as the next version) whose metric stays within a budget",
+    )
+    opt.add_argument("model", help="the model to optimize")
+    opt.add_argument("--model-repository", help="repository directory (default: $OCLAW_MODEL_REPOSITORY or ./models)")
+    opt.add_argument("--version", type=_ranged(int, 1), help="source version (default: the highest)")
+    opt.add_argument(
+        "--precision",
+        choices=("int8", "fp16", "auto"),
+        required=True,
+        help="int8: static QDQ and dynamic; fp16: for GPUs, fp32 inputs/outputs; auto: all, the fastest that holds",
+    )
+    opt.add_argument("--calibration", metavar="PATH", help="folder of images, .npy/.npz, or JSON Lines of V2 requests")
+    opt.add_argument("--evaluation", metavar="PATH", help="data the metric is measured on (same forms; labels allowed)")
+    opt.add_argument(
+        "--metric",
+        choices=("top1", "accuracy", "cosine", "max-abs"),
+        help="default: accuracy for labelled evaluation data, else top1 agreement with the source",
+    )
+    opt.add_argument(
+        "--max-drop",
+        type=_ranged(float, 0),
+        help="largest loss of the metric allowed (default 0.01; cosine 0.001; max-abs needs one)",
+    )
+    opt.add_argument(
+        "--calibration-method",
+        choices=("minmax", "percentile", "entropy", "auto"),
+        default="auto",
+        help="static INT8 calibration (auto: minmax, then the others if it breaks the budget)",
+    )
+    opt.add_argument(
+        "--int8-mode",
+        choices=("static", "dynamic", "auto"),
+        default="auto",
+        help="INT8 conversions to try: static QDQ, dynamic (MatMul/Gemm), or both, the faster that holds (default)",
+    )
+    opt.add_argument(
+        "--report", metavar="DIR", help="also write every configuration tried and a plot (needs matplotlib)"
+    )
+    opt.set_defaults(func=_optimize)
     pub = sub.add_parser(
         "publish", help="upload a local model repository (validated first) to s3://bucket/prefix, manifests included"
     )

@@ -1,6 +1,10 @@
 """What is done to a model before it is served: ``prepare`` stores graphs optimised ahead of time (and says,
-at load, whether a stored one fits this onnxruntime and CPU).
+at load, whether a stored one fits this onnxruntime and CPU); ``oclaw optimize`` writes an INT8 or FP16 version
+within a metric budget (``optimizer`` runs it: ``data`` reads calibration and evaluation sets, ``quantize`` calls
+onnxruntime's quantization tools, ``evaluate`` measures, ``search`` keeps the most sensitive nodes in fp32,
+``versioning`` adds the version atomically, ``report`` and ``progress`` show it).
 
-May import the core (``engine.config``, ``engine.session``, ...) and ``engine.repository``; the core imports only
-``prepare.prepared_path`` (which graph file a session opens).
+May import the core (``engine.config``, ``engine.session``, ``engine.model``, ...) and ``engine.repository``; the
+core imports only ``prepare.prepared_path`` (which graph file a session opens). ``onnx`` and
+``onnxruntime.quantization`` are imported only inside the functions that convert, matplotlib only for a report.
 """
