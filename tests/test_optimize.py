@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 from engine.config import Settings
+from engine.optimize import quantize
+from engine.optimize.data import Dataset
 from engine.optimize.optimizer import OptimizeOptions, optimize_model
 from engine.optimize.progress import Progress
 from engine.optimize.versioning import STAGING_PREFIX, write_version
@@ -302,6 +304,8 @@ def test_a_folder_of_labelled_images_goes_through_the_models_preprocess(
         (["--precision", "fp16", "--evaluation", "{float64}"], "expected datatype FP32, got FP64"),
         (["--precision", "fp16", "--evaluation", "{folder}"], "declares none (oclaw.json 'preprocess')"),
         (["--precision", "fp16", "--evaluation", "{bad_json}"], "bad.jsonl:2: not JSON"),
+        (["--precision", "fp16", "--evaluation", "{latin1}"], "latin1.jsonl: not UTF-8 text"),
+        (["--precision", "fp16", "--evaluation", "{zebra}"], "zebra.jsonl:1: label 'zebra' is neither a class index"),
     ],
 )
 def test_bad_arguments_are_named_and_exit_2(  # noqa: PLR0917 - fixtures and parameters
@@ -324,6 +328,11 @@ def test_bad_arguments_are_named_and_exit_2(  # noqa: PLR0917 - fixtures and par
     (files["folder"] / "a" / "1.png").write_bytes(_image((1, 2, 3), 0))
     files["bad_json"] = tmp_path / "bad.jsonl"
     files["bad_json"].write_text(data["jsonl"].read_text().splitlines()[0] + "\n{oops\n")
+    files["latin1"] = tmp_path / "latin1.jsonl"
+    files["latin1"].write_bytes('{"inputs": [], "label": "café"}\n'.encode("latin-1"))
+    files["zebra"] = tmp_path / "zebra.jsonl"
+    first = json.loads(data["jsonl"].read_text().splitlines()[0])
+    files["zebra"].write_text(json.dumps({**first, "label": "zebra"}) + "\n")
     before = snapshot(repo)
     args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
     code, out, err = optimize(capsys, repo, "digits", *args)
@@ -354,6 +363,19 @@ def test_report_without_matplotlib_fails_first_and_names_the_extra(repo: Path, d
     assert out.returncode == 2
     assert out.stderr.strip() == "oclaw: --report draws its plot with matplotlib: pip install 'oclaw[bench]'"
     assert snapshot(repo) == before and not (repo.parent / "report").exists()
+
+
+def test_a_conversion_the_tools_cannot_make_is_named(tmp_path: Path) -> None:
+    """onnxruntime's tools raise many types: each becomes one message naming the configuration."""
+    (tmp_path / "pre.onnx").write_bytes(b"not a model")
+    items = Dataset(tmp_path, ({"x": np.zeros((1, 64), np.float32)},), None, "0" * 64)
+    for family in (quantize.static_family("minmax"), quantize.dynamic_family(), quantize.fp16_family()):
+        with pytest.raises(quantize.ConversionFailed, match=rf"^{family.label} failed: \w+"):
+            quantize.build(
+                family, tmp_path / "pre.onnx", tmp_path / "out.onnx", [], calibration=items, cache=tmp_path / "c"
+            )
+    with pytest.raises(quantize.ConversionFailed, match=r"^pre-processing failed: "):
+        quantize.preprocess(tmp_path / "pre.onnx", tmp_path / "out.onnx")
 
 
 # -- atomic versions -------------------------------------------------------------------------------------------

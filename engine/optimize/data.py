@@ -53,6 +53,13 @@ def load_dataset(path: Path, model: LoadedModel, *, flag: str) -> Dataset:
     """Read the data at ``path`` (named by ``flag`` in errors) into feeds for ``model``."""
     if not path.exists():
         raise ConfigError(f"{flag} {path}: no such file or directory")
+    try:
+        return _load(path, model, flag)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {exc.filename or path}: {exc.strerror or exc}") from None
+
+
+def _load(path: Path, model: LoadedModel, flag: str) -> Dataset:
     if path.is_dir():
         feeds, labels, digest = _image_folder(path, model, flag)
     elif path.suffix == ".npz":
@@ -193,21 +200,24 @@ def _input_names(model: LoadedModel) -> list[str]:
 def _jsonl(path: Path, model: LoadedModel, flag: str) -> tuple[list[Feed], list[int | None]]:
     feeds: list[Feed] = []
     labels: list[int | None] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{flag} {path}:{number}"
-            try:
-                doc = json.loads(line)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: not JSON: {exc}") from None
-            try:
-                request = decode_document(doc, max_elements=model.settings.max_tensor_elements)
-            except OclawError as exc:
-                raise ConfigError(f"{where}: {exc.message}") from None
-            feeds.append(_prepared(model, request, where))
-            labels.append(_label(doc.get(LABEL_KEY), model, where))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text (byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{flag} {path}:{number}"
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: not JSON: {exc}") from None
+        try:
+            request = decode_document(doc, max_elements=model.settings.max_tensor_elements)
+        except OclawError as exc:
+            raise ConfigError(f"{where}: {exc.message}") from None
+        feeds.append(_prepared(model, request, where))
+        labels.append(_label(doc.get(LABEL_KEY), model, where))
     return feeds, labels
 
 

@@ -124,7 +124,7 @@ def _datasets(options: OptimizeOptions, source: LoadedModel, progress: Progress)
         assert calibration is not None
         progress.warn("oclaw: no --evaluation data: the metric is measured on the calibration data (optimistic)")
         return calibration, calibration
-    if calibration is None and options.precision != "fp16":
+    if calibration is None and options.precision != "fp16" and options.int8_mode != "dynamic":
         progress.warn("oclaw: no --calibration data: static INT8 calibrates on the evaluation data (optimistic)")
         calibration = evaluation
     return evaluation, calibration
@@ -188,7 +188,7 @@ def optimize_model(settings: Settings, name: str, options: OptimizeOptions, prog
         chosen = search.run(_families(options, onnx.load(str(pre)), calibration), methods)
         outcome = Outcome(name, budget, source_latency, files.path.stat().st_size, search.trials, chosen)
         if chosen is None:
-            raise BudgetNotMet(_not_met(budget, search.trials), outcome)
+            raise BudgetNotMet(_not_met(budget, search.trials, search.failures), outcome)
         job = _Job(options, settings, files, source, data)
 
         def stage(folder: Path, version: int) -> None:
@@ -204,14 +204,15 @@ def optimize_model(settings: Settings, name: str, options: OptimizeOptions, prog
     return outcome
 
 
-def _not_met(budget: Budget, trials: list[Trial]) -> str:
+def _not_met(budget: Budget, trials: list[Trial], failures: list[str]) -> str:
     best = min(trials, key=lambda t: t.drop, default=None)
     what = f"{budget.metric.name} drop <= {budget.max_drop:g} (source {budget.source:.6g})"
+    failed = f" ({'; '.join(failures)})" if failures else ""
     if best is None:
-        return f"no configuration was tried for {what}; the repository is unchanged"
+        return f"no configuration could be tried for {what}{failed}; the repository is unchanged"
     return (
         f"no configuration holds the budget {what}: the closest, {best.family.label} with "
-        f"{len(best.excluded)} node(s) in fp32, drops {best.drop:.6g}; the repository is unchanged"
+        f"{len(best.excluded)} node(s) in fp32, drops {best.drop:.6g}{failed}; the repository is unchanged"
     )
 
 

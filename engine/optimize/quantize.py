@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, OclawError
 from engine.optimize.data import Dataset, Feed
 
 INSTALL_HINT = "oclaw optimize needs onnx: pip install 'oclaw[optimize]'"
@@ -24,6 +24,10 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "EmbedLayerNormalization", "Gather")
 #: Items a calibration pass keeps in memory at once (onnxruntime holds every intermediate tensor of each).
 _CALIBRATION_STRIDE = 8
+
+
+class ConversionFailed(OclawError):
+    """onnxruntime's tools could not pre-process or convert the model, or what they made does not run."""
 
 
 def require_onnx() -> Any:
@@ -87,7 +91,10 @@ def preprocess(source: Path, out: Path) -> None:
         try:
             quant_pre_process(str(source), str(out))
         except Exception:  # noqa: BLE001 - symbolic shape inference rejects some graphs; plain ONNX inference then
-            quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
+            try:
+                quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
+            except Exception as exc:
+                raise ConversionFailed(f"pre-processing failed: {type(exc).__name__}: {exc}") from exc
     model = onnx.load(str(out))
     seen: set[str] = set()
     for i, node in enumerate(model.graph.node):
@@ -154,6 +161,24 @@ def build(
     tick: Callable[[], None] | None = None,
 ) -> None:
     """Convert the pre-processed model ``pre`` into ``out``, the ``excluded`` nodes kept in fp32."""
+    try:
+        _convert(family, pre, out, excluded, calibration=calibration, cache=cache, tick=tick)
+    except (ConfigError, ConversionFailed):
+        raise
+    except Exception as exc:
+        raise ConversionFailed(f"{family.label} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _convert(
+    family: Family,
+    pre: Path,
+    out: Path,
+    excluded: Sequence[str],
+    *,
+    calibration: Dataset | None,
+    cache: Path,
+    tick: Callable[[], None] | None,
+) -> None:
     onnx = require_onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 

@@ -105,6 +105,8 @@ class Search:
         self.trials: list[Trial] = []
         self._model = quantize.require_onnx().load(str(pre))
         self._count = 0
+        #: Why a family (or a calibration method) could not be tried.
+        self.failures: list[str] = []
 
     # -- measuring -------------------------------------------------------------------------------------
 
@@ -121,14 +123,23 @@ class Search:
             quantize.build(family, self.pre, out, excluded, calibration=calibration, cache=cache)
         return out
 
+    def _outputs(self, family: Family, path: Path, data: Dataset, label: str = "") -> tuple[Any, list[Outputs]]:
+        """A session of a converted model and its outputs on ``data``."""
+        try:
+            session = open_session(path, self.settings)
+            if not label:
+                return session, run_all(session, data)
+            with self.progress.step(label, len(data)) as tick:
+                return session, run_all(session, data, tick)
+        except Exception as exc:
+            raise quantize.ConversionFailed(f"{family.label}: the converted model does not run: {exc}") from exc
+
     def trial(self, family: Family, excluded: Sequence[str] = ()) -> Trial:
         """Convert with ``excluded`` kept in fp32, measure the metric on the evaluation set and the latency."""
         path = self._build(family, excluded)
-        session = open_session(path, self.settings)
         data = self.data
         label = f"evaluation ({family.label}, {len(excluded)} fp32)" if excluded else f"evaluation ({family.label})"
-        with self.progress.step(label, len(data.evaluation)) as tick:
-            outputs = run_all(session, data.evaluation, tick)
+        session, outputs = self._outputs(family, path, data.evaluation, label)
         value = score(data.budget.metric, outputs, data.reference, data.evaluation.labels, data.scored)
         trial = Trial(
             family,
@@ -167,14 +178,16 @@ class Search:
             increments = self._increments(base, subset)
             order = sorted(range(len(groups)), key=lambda i: (-max(increments.get(n, 0.0) for n in groups[i]), i))
             groups = [groups[i] for i in order[: self.max_candidates]]
-        base_error = relative_error(run_all(open_session(base.path, self.settings), subset), reference)
+        base_error = relative_error(self._outputs(family, base.path, subset)[1], reference)
         errors = []
         with self.progress.step(f"sensitivity ({family.label})", len(groups)) as tick:
             for group in groups:
-                path = self._build(family, group)
-                outputs = run_all(open_session(path, self.settings), subset)
-                errors.append(relative_error(outputs, reference))
-                path.unlink()
+                try:
+                    path = self._build(family, group)
+                    errors.append(relative_error(self._outputs(family, path, subset)[1], reference))
+                    path.unlink()
+                except quantize.ConversionFailed:
+                    errors.append(math.inf)  # this group cannot be excluded: not a candidate
                 tick()
         order = sorted((i for i in range(len(groups)) if errors[i] < base_error), key=lambda i: (errors[i], i))
         return [groups[i] for i in order]
@@ -201,14 +214,20 @@ class Search:
     def run(self, families: Sequence[Family], calibration_methods: Sequence[str]) -> Trial | None:
         """Every family's base configuration, a search where it breaks the budget; the fastest that holds."""
         for family in families:
-            if family.method == "static":
-                base = self._static_base(calibration_methods)
-            else:
-                self.progress.status(f"oclaw: trying {family.label}")
-                base = self.trial(family)
-            if not base.holds:
-                self.progress.status(f"oclaw: {base.family.label} breaks the budget; measuring per-node sensitivity")
-                self.search(base.family, base)
+            try:
+                if family.method == "static":
+                    base = self._static_base(calibration_methods)
+                else:
+                    self.progress.status(f"oclaw: trying {family.label}")
+                    base = self.trial(family)
+                if not base.holds:
+                    self.progress.status(
+                        f"oclaw: {base.family.label} breaks the budget; measuring per-node sensitivity"
+                    )
+                    self.search(base.family, base)
+            except quantize.ConversionFailed as exc:
+                self.failures.append(exc.message)
+                self.progress.warn(f"oclaw: {exc.message}")
         holding = [t for t in self.trials if t.holds]
         if not holding:
             return None
@@ -216,11 +235,18 @@ class Search:
 
     def _static_base(self, methods: Sequence[str]) -> Trial:
         """Static INT8 with each calibration method until one holds; the best one measured otherwise."""
-        tried = []
+        tried: list[Trial] = []
         for method in methods:
             family = quantize.static_family(method)
             self.progress.status(f"oclaw: trying {family.label}")
-            trial = self.trial(family)
+            try:
+                trial = self.trial(family)
+            except quantize.ConversionFailed as exc:
+                if method == methods[-1] and not tried:
+                    raise
+                self.failures.append(exc.message)
+                self.progress.warn(f"oclaw: {exc.message}")
+                continue
             tried.append(trial)
             if trial.holds:
                 return trial
