@@ -8,9 +8,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.config import Settings
 
 _T0 = perf_counter_ns()
+
+
+def _local_settings(args: argparse.Namespace) -> Settings | None:
+    """Settings with ``--model-repository`` applied; None (after one line on stderr) when it is not a directory."""
+    from engine.config import Settings
+
+    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
+    settings = Settings.from_env(**overrides)
+    if not os.path.isdir(settings.model_repository):
+        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+        return None
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,14 +64,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from engine.config import Settings
     from engine.errors import OclawError
     from engine.optimize.prepare import prepare_repository
 
-    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
-    settings = Settings.from_env(**overrides)
-    if not os.path.isdir(settings.model_repository):
-        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+    settings = _local_settings(args)
+    if settings is None:
         return 2
     try:
         read_only = _read_only_dirs(settings.model_repository, args.models)
@@ -84,16 +96,13 @@ def _prepare(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.config import Settings
     from engine.errors import ConfigError, InvalidInput, ModelNotFound, OclawError
     from engine.optimize.optimizer import BudgetNotMet, OptimizeOptions, optimize_model
     from engine.optimize.progress import Progress
     from engine.optimize.report import require_matplotlib, summary, table, write_report
 
-    overrides = {"model_repository": args.model_repository} if args.model_repository else {}
-    settings = Settings.from_env(**overrides)
-    if not os.path.isdir(settings.model_repository):
-        print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
+    settings = _local_settings(args)
+    if settings is None:
         return 2
     options = OptimizeOptions(
         precision=args.precision,
