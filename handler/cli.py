@@ -139,6 +139,37 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.errors import ConfigError, InvalidInput, OclawError
+    from engine.optimize.convert import ConvertOptions, convert_model
+
+    settings = _local_settings(args)
+    if settings is None:
+        return 2
+    options = ConvertOptions(
+        framework=args.framework,
+        source=args.source,
+        name=args.name,
+        sample=Path(args.sample),
+        tolerance=args.tolerance,
+        opset=args.opset,
+        dynamic_batch=args.dynamic_batch,
+    )
+    try:
+        outcome = convert_model(settings, options)
+    except (ConfigError, InvalidInput) as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    except OclawError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 1
+    shown = {k: outcome.record[k] for k in ("framework", "opset", "max_abs_diff", "tolerance", "outputs")}
+    print(json.dumps({"model": outcome.name, "version": outcome.version, "path": str(outcome.path), **shown}))
+    return 0
+
+
 def _read_only_dirs(root: str, models: list[str]) -> list[str]:
     """Version directories of a local repository that this process cannot write to (unknown models skipped)."""
     from engine.errors import OclawError
@@ -415,6 +446,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--report", metavar="DIR", help="also write every configuration tried and a plot (needs matplotlib)"
     )
     opt.set_defaults(func=_optimize)
+    conv = sub.add_parser(
+        "convert",
+        help="convert a scikit-learn or PyTorch model to ONNX as the next version, checked against the framework",
+        description="Loading a pickle, joblib, TorchScript or .pt2 file, or a Python file, runs code from it: "
+        "convert only files you trust.",
+    )
+    conv.add_argument("framework", choices=("sklearn", "torch"), help="sklearn (oclaw[convert-sklearn]) or torch")
+    conv.add_argument(
+        "source",
+        help="sklearn: a .pkl/.pickle/.joblib file; torch: file.py:factory (returns an nn.Module), a torch.export "
+        ".pt2 file or a TorchScript .pt/.ts file",
+    )
+    conv.add_argument("--model-repository", help="repository directory (default: $OCLAW_MODEL_REPOSITORY or ./models)")
+    conv.add_argument("--name", required=True, help="the model's name in the repository (created if new)")
+    conv.add_argument("--sample", required=True, help="sample inputs: .npy (one input) or .npz (one array per input)")
+    conv.add_argument(
+        "--tolerance", type=_ranged(float, 0), default=1e-5, help="largest abs difference allowed (default 1e-5)"
+    )
+    conv.add_argument("--opset", type=_ranged(int, 7, 30), default=17, help="ONNX opset (default 17)")
+    conv.add_argument("--dynamic-batch", action="store_true", help="torch: any batch size (sklearn models have one)")
+    conv.set_defaults(func=_convert)
     pub = sub.add_parser(
         "publish", help="upload a local model repository (validated first) to s3://bucket/prefix, manifests included"
     )
