@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument(
         "--tolerance", type=_ranged(float, 0), default=1e-5, help="largest abs difference allowed (default 1e-5)"
     )
-    conv.add_argument("--opset", type=_ranged(int, 7, 30), default=17, help="ONNX opset (default 17)")
+    conv.add_argument("--opset", type=_ranged(int, 7, 30), default=18, help="ONNX opset (default 18)")
     conv.add_argument("--dynamic-batch", action="store_true", help="torch: any batch size (sklearn models have one)")
     conv.set_defaults(func=_convert)
     pub = sub.add_parser(

@@ -103,7 +103,7 @@ def test_a_classifier_becomes_a_version_the_server_answers_as_sklearn_does(
     assert sorted(p.name for p in (tmp_path / "digits" / "2").iterdir()) == ["conversion.json", "model.onnx"]
     record = json.loads((tmp_path / "digits" / "2" / "conversion.json").read_text())
     assert set(record) == RECORD_KEYS
-    assert record["framework"] == "scikit-learn" and record["opset"] == 17 and record["tolerance"] == 1e-5
+    assert record["framework"] == "scikit-learn" and record["opset"] == 18 and record["tolerance"] == 1e-5
     assert record["inputs"] == {"X": {"datatype": "float32", "shape": [64, 64]}}
     assert [o["name"] for o in record["outputs"]] == ["label", "probabilities"]
     assert record["max_abs_diff"] == line["max_abs_diff"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import pickle
 import shutil
@@ -24,6 +25,7 @@ import onnxruntime as ort
 from engine.config import Settings
 from engine.errors import ConfigError, ModelLoadError, OclawError
 from engine.model import LoadedModel
+from engine.optimize.quantize import quiet
 from engine.optimize.versioning import write_version
 from engine.repository.local import MODEL_FILE, LocalRepository, ModelFiles, sha256_file, validate_name
 
@@ -34,7 +36,7 @@ TORCH_HINT = (
     "PyTorch conversion needs torch and onnxscript: pip install 'oclaw[convert-torch]' (on Linux, install a CPU "
     "build of torch first: pip install torch --index-url https://download.pytorch.org/whl/cpu)"
 )
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = 18
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 TORCH_FILES = (".pt2", ".pt", ".ts")
 
@@ -71,6 +73,14 @@ class Converted:
     framework_version: str
     converter: dict[str, str]
     source: Path
+
+    @property
+    def opset(self) -> int:
+        """The default domain's opset the model declares (a converter may raise the one asked for)."""
+        import onnx
+
+        proto = onnx.load_model_from_string(self.model)
+        return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 @dataclass
@@ -234,6 +244,20 @@ def _flat(torch: Any, value: Any) -> list[np.ndarray]:
     raise ConfigError(f"the model returned a {type(value).__name__}; expected tensors (in a tuple, list or dict)")
 
 
+def _export(torch: Any, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, dynamic_batch: bool) -> bytes:
+    """The ONNX model ``torch.onnx.export`` makes: TorchScript by the TorchScript-based exporter, else by dynamo."""
+    if isinstance(model, torch.jit.ScriptModule):
+        if dynamic_batch:
+            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in kwargs["input_names"] + kwargs["output_names"]}
+        buffer = io.BytesIO()
+        torch.onnx.export(model, args, buffer, dynamo=False, **kwargs)
+        return buffer.getvalue()
+    if dynamic_batch and not isinstance(model, torch.export.ExportedProgram):
+        kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim.DYNAMIC} for _ in args)
+    program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kwargs)
+    return bytes(program.model_proto.SerializeToString())
+
+
 def _torch(options: ConvertOptions, sample: dict[str, np.ndarray]) -> Converted:
     torch, onnxscript = _require_torch()
     model, path = _torch_module(torch, options.source)
@@ -250,19 +274,11 @@ def _torch(options: ConvertOptions, sample: dict[str, np.ndarray]) -> Converted:
     names = list(sample)
     outputs = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     kwargs: dict[str, Any] = {"input_names": names, "output_names": outputs, "opset_version": options.opset}
-    if isinstance(model, torch.jit.ScriptModule):
-        kwargs["dynamo"] = False  # TorchScript goes through the TorchScript-based exporter only
-        if options.dynamic_batch:
-            kwargs["dynamic_axes"] = {n: {0: "batch"} for n in names + outputs}
-    elif options.dynamic_batch:
-        kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim.DYNAMIC} for _ in names)
     try:
-        program = torch.onnx.export(model, args, dynamo=kwargs.pop("dynamo", True), **kwargs)
-        proto = program.model_proto.SerializeToString() if program is not None else None
+        with quiet():
+            proto = _export(torch, model, args, kwargs, dynamic_batch=options.dynamic_batch)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
         raise ConversionFailed(f"torch.onnx.export cannot export {path.name}: {type(exc).__name__}: {exc}") from None
-    if proto is None:
-        raise ConversionFailed(f"torch.onnx.export returned no model for {path.name}")
     return Converted(
         model=proto,
         feed={n: np.ascontiguousarray(a) for n, a in sample.items()},
@@ -370,7 +386,7 @@ def _record(
         "converter": converted.converter,
         "source": str(converted.source.resolve()),
         "source_sha256": sha256_file(converted.source),
-        "opset": options.opset,
+        "opset": converted.opset,
         "dynamic_batch": options.dynamic_batch or options.framework == "sklearn",
         "inputs": {n: {"datatype": str(a.dtype), "shape": list(a.shape)} for n, a in converted.feed.items()},
         "sample": {
