@@ -210,6 +210,7 @@ def _publish(args: argparse.Namespace) -> int:
             models=args.model or None,
             concurrency=settings.fetch_concurrency,
             load=load,
+            cache=settings.model_cache,
         )
     except OclawError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
@@ -220,6 +221,42 @@ def _publish(args: argparse.Namespace) -> int:
     models = sorted({row["uri"][len(args.destination.rstrip("/")) + 1 :].split("/", 1)[0] for row in rows})
     summary = {"published": models, "files": len(rows), "bytes": total, "mb": round(total / 1e6, 2)}
     print(json.dumps({**summary, "ms": round((perf_counter_ns() - start) / 1e6, 1)}))
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.errors import OclawError
+    from engine.repository.local import LocalRepository, select_versions
+    from engine.repository.pack import PACK_SUFFIX, write_pack
+    from engine.repository.publish import validate_for_publish
+
+    model_dir = Path(args.model).resolve()
+    out = Path(args.out or f"{model_dir.name}{PACK_SUFFIX}").resolve()
+    if not model_dir.is_dir():
+        print(f"oclaw: {args.model!r} is not a model directory (<repository>/<model>)", file=sys.stderr)
+        return 2
+    try:
+        repo = LocalRepository(model_dir.parent)
+        validate_for_publish(repo, [model_dir.name])  # layout, manifest, version policy, checksums
+        available = repo.versions(model_dir.name)
+        policy = repo.manifest(model_dir.name).versions
+        versions = args.versions or select_versions(model_dir.name, available, policy)
+        if missing := sorted(set(versions) - set(available)):
+            print(f"oclaw: --versions: no version {missing[0]} in {model_dir} (it has {available})", file=sys.stderr)
+            return 2
+        select_versions(model_dir.name, versions, policy)  # the manifest's policy still finds a version to serve
+        report = write_pack(model_dir, out, name=model_dir.name, versions=versions)
+    except OclawError as exc:
+        print(f"oclaw: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"oclaw: --out {str(out)!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if out.parent == model_dir.parent:
+        print(f"oclaw: {model_dir} and {out} now both define {model_dir.name!r}: remove one", file=sys.stderr)
+    print(json.dumps(report))
     return 0
 
 
@@ -474,6 +511,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     pub.add_argument("destination", help="s3://bucket[/prefix] (serve it with OCLAW_MODEL_REPOSITORY)")
     pub.add_argument("--model", action="append", default=[], metavar="NAME", help="publish only these (repeatable)")
     pub.set_defaults(func=_publish)
+    pack = sub.add_parser(
+        "pack", help="write one model (manifest, labels, versions) as a single .oclaw file with sha256 checksums"
+    )
+    pack.add_argument("model", help="the model's directory (<repository>/<model>)")
+    pack.add_argument("--out", metavar="FILE", help="the pack to write (default: ./<model>.oclaw)")
+    pack.add_argument(
+        "--versions",
+        nargs="+",
+        type=_ranged(int, 1),
+        metavar="N",
+        help="versions to include (default: those the manifest's policy serves, the latest by default)",
+    )
+    pack.set_defaults(func=_pack)
     lam = sub.add_parser("lambda", help="run the Lambda handler locally, as Lambda does (no Docker)")
     lam_sub = lam.add_subparsers(dest="lambda_command", required=True)
     inv = lam_sub.add_parser("invoke", help="INIT once under awslambdaric, then invoke each event; print REPORT lines")

@@ -1,16 +1,20 @@
-"""The local, Triton-style model repository: ``<root>/<name>/<version>/model.onnx``."""
+"""The local, Triton-style model repository: ``<root>/<name>/<version>/model.onnx``, or ``<root>/<name>.oclaw``."""
 
 from __future__ import annotations
 
 import logging
 import re
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from time import perf_counter_ns
 
-from engine.errors import InvalidInput, ModelNotFound, OclawError
+from engine.errors import InvalidInput, ModelLoadError, ModelNotFound, OclawError
 from engine.repository.manifest import Manifest, VersionPolicy, load_manifest
+from engine.repository.pack import PACK_SUFFIX, unpack
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MODEL_FILE = "model.onnx"
@@ -98,29 +102,72 @@ class LocalRepository:
     #: True when the models are fetched from elsewhere into ``root`` (a local cache).
     remote: bool = False
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, cache: str | Path | None = None) -> None:
         self.root = Path(root)
         self.source = str(root)
+        #: Where ``.oclaw`` packs are unpacked (OCLAW_MODEL_CACHE; never beside the pack, which may be read-only).
+        self.cache = Path(cache) if cache is not None else Path(tempfile.gettempdir(), "oclaw-models")
         #: Paths already warned about (each is named once, not at every scan).
         self._warned: set[Path] = set()
+        #: Per pack: the archive's (size, mtime, inode) when last unpacked, and the copy or why it was refused.
+        self._packs: dict[str, tuple[tuple[int, int, int], Path | OclawError]] = {}
+        self._packs_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalRepository({str(self.root)!r})"
 
+    def pack_path(self, name: str) -> Path | None:
+        """The model's ``<root>/<name>.oclaw`` when it is served from a pack, else None."""
+        path = self.root / f"{validate_name(name)}{PACK_SUFFIX}"
+        return path if path.is_file() else None
+
     def _model_dir(self, name: str) -> Path:
-        return self.root / validate_name(name)
+        model_dir = self.root / validate_name(name)
+        pack = self.pack_path(name)
+        if pack is None:
+            return model_dir
+        if model_dir.is_dir():
+            raise ModelLoadError(f"model {name!r} is both {model_dir} and {pack}; remove one of them")
+        return self._unpacked(name, pack)
+
+    def _unpacked(self, name: str, pack: Path) -> Path:
+        """The verified copy of a pack in the cache, unpacked once per change of the archive."""
+        st = pack.stat()
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        with self._packs_lock:
+            known = self._packs.get(name)
+            if known is not None and known[0] == key:
+                result = known[1]
+            else:
+                try:
+                    result = unpack(pack, self.cache, name)
+                except OclawError as exc:
+                    result = OclawError(f"model {name!r}: {exc.message}")
+                    log.error("model %s: pack %s refused: %s", name, pack, exc.message)
+                self._packs[name] = (key, result)
+        if isinstance(result, OclawError):
+            raise ModelLoadError(result.message)
+        return result
 
     def models(self) -> list[str]:
-        """Names of every model directory that holds at least one version."""
+        """Names of every model directory that holds at least one version, and of every ``<name>.oclaw`` pack."""
         if not self.root.is_dir():
             return []
         names = []
         for child in sorted(self.root.iterdir()):
             if child.is_dir() and MODEL_NAME.fullmatch(child.name) and self._versions_in(child):
                 names.append(child.name)
+            elif child.name.endswith(PACK_SUFFIX) and MODEL_NAME.fullmatch(stem := child.name[: -len(PACK_SUFFIX)]):
+                if ".." not in stem and child.is_file():
+                    names.append(stem)
+                    if (self.root / stem).is_dir() and child not in self._warned:
+                        self._warned.add(child)
+                        log.warning(
+                            "model %r is both %s and %s: it will not load; remove one", stem, self.root / stem, child
+                        )
             elif child.name == MODEL_FILE:
                 self._warn_ignored(child, self.root / "<name>", _FLAT)
-        return names
+        return sorted(set(names))
 
     def _versions_in(self, model_dir: Path) -> list[int]:
         found = []
@@ -172,6 +219,9 @@ class LocalRepository:
         return FetchReport()
 
     def fetch(self, name: str) -> float:
-        """Make sure one model's files are on local disk; milliseconds it took (0 when already there)."""
-        validate_name(name)
-        return 0.0
+        """Make sure one model's files are on local disk (a pack: verified and unpacked); milliseconds it took."""
+        if self.pack_path(name) is None:
+            return 0.0
+        start = perf_counter_ns()
+        self._model_dir(name)
+        return (perf_counter_ns() - start) / 1e6

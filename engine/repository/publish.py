@@ -70,8 +70,11 @@ def publish(
     models: Sequence[str] | None = None,
     concurrency: int = 8,
     load: LoadCheck | None = None,
+    cache: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Upload a local repository's models (validated first) under ``s3://bucket/prefix``; one row per file.
+
+    A model served from ``<name>.oclaw`` is checked unpacked (in ``cache``) and uploaded as that one object.
 
     With ``load``, every model is also loaded by it before anything is uploaded, so a model file the loader cannot
     open (truncated, not ONNX) is never published. Version directories go first and manifests last, so a reader
@@ -80,7 +83,7 @@ def publish(
     from botocore.exceptions import BotoCoreError, ClientError
 
     location = parse_s3_uri(uri)
-    repo = LocalRepository(root)
+    repo = LocalRepository(root, cache=cache)
     names = validate_for_publish(repo, models)
     if load is not None:
         check_models(repo, names, load)
@@ -89,16 +92,19 @@ def publish(
         s3.head_bucket(Bucket=location.bucket)
     except (BotoCoreError, ClientError) as exc:
         raise s3_error(exc, f"checking bucket s3://{location.bucket}") from None
-    uploads = [(name, path) for name in names for path in _model_files(repo.root / name)]
+    uploads: list[tuple[str, Path]] = []  # (key under the prefix, file)
+    for name in names:
+        pack = repo.pack_path(name)
+        files = [pack] if pack is not None else _model_files(repo.root / name)
+        uploads += [(path.relative_to(repo.root).as_posix(), path) for path in files]
 
     def stage(item: tuple[str, Path]) -> int:
-        name, path = item
-        rel = path.relative_to(repo.root / name)
-        return 2 if rel.as_posix() == "oclaw.json" else 0 if rel.parts[0].isdigit() else 1
+        parts = item[0].split("/")
+        return 2 if parts[-1] == "oclaw.json" or len(parts) == 1 else 0 if parts[1].isdigit() else 1
 
     def put(item: tuple[str, Path]) -> dict[str, Any]:
-        name, path = item
-        key = location.key(name, path.relative_to(repo.root / name).as_posix())
+        rel, path = item
+        key = location.key(rel)
         size = path.stat().st_size
         try:
             with path.open("rb") as fh:

@@ -4,7 +4,8 @@ Fetched are the models the preload names (``*``: every model under the prefix); 
 (``oclaw.json``, labels, ...) and the versions its manifest's policy picks (``latest`` by default, so one version
 unless the manifest says ``all`` or lists some). Files already cached with the same ETag and size are not
 downloaded again; a download lands under a temporary name and is renamed into place only once complete and, for a
-``model.onnx``, only when it matches the manifest's sha256. boto3 comes from ``engine.aws``, imported on first use.
+``model.onnx``, only when it matches the manifest's sha256. A ``<prefix><name>.oclaw`` object is fetched the same
+way and unpacked (verified) into the cache. boto3 comes from ``engine.aws``, imported on first use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +37,7 @@ from engine.repository.local import (
     validate_name,
 )
 from engine.repository.manifest import load_manifest
+from engine.repository.pack import PACK_SUFFIX
 
 log = logging.getLogger("oclaw.s3repo")
 
@@ -122,6 +125,10 @@ def _safe_rel(rel: str) -> bool:
     return bool(rel) and all(p not in ("", ".", "..") and not p.startswith(".") for p in parts)
 
 
+#: What listing finds for one model: its pack, its directory's files, or why it cannot be served.
+_Listed = RemoteFile | list[RemoteFile] | OclawError
+
+
 @dataclass
 class _ModelSync:
     """One model being brought into the cache."""
@@ -146,7 +153,7 @@ class S3Repository(LocalRepository):
 
     def __init__(self, uri: str, *, cache: str | Path, concurrency: int = 8) -> None:
         self.location = parse_s3_uri(uri)
-        super().__init__(Path(cache, self.location.bucket, *self.location.prefix.split("/")))
+        super().__init__(Path(cache, self.location.bucket, *self.location.prefix.split("/")), cache=cache)
         self.source = uri
         self.concurrency = max(1, concurrency)
         self._listed: list[str] | None = None
@@ -184,16 +191,21 @@ class S3Repository(LocalRepository):
         with self._lock, ThreadPoolExecutor(self.concurrency, thread_name_prefix="oclaw-fetch") as pool:
             listing = self._list(names, pool)
             syncs: list[_ModelSync] = []
+            packs: list[tuple[str, RemoteFile]] = []
             for name, found in listing.items():
                 if isinstance(found, OclawError):
                     self._pending[name] = found
+                elif isinstance(found, RemoteFile):
+                    packs.append((name, found))
                 else:
                     syncs.append(self._begin(name, found))
+            pack_jobs = [pool.submit(self._get_pack, name, f) for name, f in packs]
             # the top-level files first: the manifest says which versions to fetch and their checksums
             self._download(pool, [(s, f, None) for s in syncs for f in s.files.values() if f.version is None])
             for sync in syncs:
                 self._choose(sync)
             self._download(pool, [(s, f, sha) for s in syncs if s.error is None for f, sha in s.wanted])
+            syncs += [job.result() for job in pack_jobs]
         for sync in syncs:
             self._finish(sync)
             if sync.error is not None:
@@ -224,17 +236,20 @@ class S3Repository(LocalRepository):
             raise s3_error(exc, f"listing s3://{self.location.bucket}/{prefix}") from None
         return objects
 
-    def _list(self, names: Sequence[str] | None, pool: ThreadPoolExecutor) -> dict[str, list[RemoteFile] | OclawError]:
-        found: dict[str, list[RemoteFile] | OclawError] = {}
+    def _list(self, names: Sequence[str] | None, pool: ThreadPoolExecutor) -> dict[str, _Listed]:
+        found: dict[str, _Listed] = {}
         if names is None:
             grouped: dict[str, list[dict[str, Any]]] = {}
             for obj in self._list_prefix(self.location.prefix):
                 head, sep, _ = obj["Key"][len(self.location.prefix) :].partition("/")
-                if sep and MODEL_NAME.fullmatch(head) and ".." not in head:
+                if not sep and head.endswith(PACK_SUFFIX):
+                    head = head[: -len(PACK_SUFFIX)]
+                if MODEL_NAME.fullmatch(head) and ".." not in head:
                     grouped.setdefault(head, []).append(obj)
             for name, objects in sorted(grouped.items()):
-                found[name] = self._remote_files(name, objects)
-            self._listed = sorted(n for n, files in found.items() if not isinstance(files, OclawError))
+                found[name] = self._model_objects(name, objects)
+            # a model both a pack and a directory is listed: its load fails with the reason
+            self._listed = sorted(n for n, files in found.items() if not isinstance(files, ModelNotFound))
             return found
         valid: list[str] = []
         for name in dict.fromkeys(names):
@@ -242,10 +257,22 @@ class S3Repository(LocalRepository):
                 valid.append(validate_name(name))
             except OclawError as exc:
                 found[name] = exc
-        listings = list(pool.map(lambda n: self._list_prefix(self.location.key(n, "")), valid))
+        listings = list(pool.map(lambda n: self._list_prefix(self.location.key(n)), valid))  # n/... and n.oclaw
         for name, objects in zip(valid, listings, strict=True):
-            found[name] = self._remote_files(name, objects)
+            found[name] = self._model_objects(name, objects)
         return found
+
+    def _model_objects(self, name: str, objects: list[dict[str, Any]]) -> _Listed:
+        """A model's objects: its pack, its directory's files, or why neither serves (both present, none)."""
+        pack_key = self.location.key(name) + PACK_SUFFIX
+        packs = [obj for obj in objects if obj["Key"] == pack_key]
+        files = self._remote_files(name, [obj for obj in objects if obj["Key"].startswith(self.location.key(name, ""))])
+        if packs and not isinstance(files, OclawError):
+            where = f"{self.location.uri(name, '')} and {self.location.uri(name + PACK_SUFFIX)}"
+            return ModelLoadError(f"model {name!r} is both {where}; remove one of them")
+        if packs:
+            return RemoteFile(name + PACK_SUFFIX, pack_key, str(packs[0]["ETag"]), int(packs[0]["Size"]))
+        return files
 
     def _remote_files(self, name: str, objects: list[dict[str, Any]]) -> list[RemoteFile] | OclawError:
         base = self.location.key(name, "")
@@ -262,8 +289,32 @@ class S3Repository(LocalRepository):
 
     # -- syncing ----------------------------------------------------------------------------------
 
+    def _get_pack(self, name: str, f: RemoteFile) -> _ModelSync:
+        """Download a model's pack unless cached (its ETag beside it), then unpack and verify it."""
+        sync = _ModelSync(name, self.root, {}, {})
+        dest, etag = self.root / f.rel, self.root / f".{f.rel}.etag"
+        try:
+            shutil.rmtree(self.root / name, ignore_errors=True)  # the directory form it may have had before
+            cached = dest.is_file() and dest.stat().st_size == f.size and etag.read_text(encoding="utf-8") == f.etag
+        except OSError:
+            cached = False
+        try:
+            if not cached:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._get_object(f, dest, None)
+                etag.write_text(f.etag, encoding="utf-8")
+            self._model_dir(name)
+        except OSError as exc:
+            sync.error = ModelLoadError(f"model cache {dest.parent}: {exc}")
+        except OclawError as exc:
+            sync.error = exc
+        sync.downloads, sync.cached, sync.bytes = (0, 1, 0) if cached else (1, 0, f.size)
+        sync.done_ns = perf_counter_ns()
+        return sync
+
     def _begin(self, name: str, files: list[RemoteFile]) -> _ModelSync:
         root = self.root / name
+        (self.root / f"{name}{PACK_SUFFIX}").unlink(missing_ok=True)  # the pack it may have been before
         try:
             index = json.loads((root / INDEX).read_text(encoding="utf-8"))
         except (OSError, ValueError):
