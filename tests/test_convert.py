@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from handler.cli import main
-from tests.conftest import start_server
+from tests.conftest import ROOT, start_server
 
 RECORD_KEYS = {
     "framework",
@@ -51,13 +54,16 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory, digits: tuple[np.ndarray, np.ndarray]) -> dict[str, Path]:
-    """A pickled LogisticRegression, a joblib RandomForest and a sample of held-out digits."""
+    """A pickled LogisticRegression and pipeline, a joblib RandomForest and a sample of held-out digits."""
     x, y = digits
     folder = tmp_path_factory.mktemp("sources")
     with (folder / "lr.pkl").open("wb") as fh:
         pickle.dump(LogisticRegression(max_iter=300).fit(x[:600], y[:600]), fh)
     forest = RandomForestClassifier(n_estimators=8, max_depth=8, random_state=0).fit(x[:600], y[:600])
     joblib.dump(forest, folder / "rf.joblib")
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)).fit(x[:600], y[:600])
+    with (folder / "pipe.pkl").open("wb") as fh:
+        pickle.dump(pipeline, fh)
     np.save(folder / "sample.npy", x[600:664])
     with (folder / "not-a-model.pkl").open("wb") as fh:
         pickle.dump({"weights": [1, 2]}, fh)
@@ -81,7 +87,9 @@ def served(repo: Path, name: str, x: np.ndarray) -> dict[str, np.ndarray]:
         server.stop()
 
 
-@pytest.mark.parametrize(("source", "estimator"), [("lr", LogisticRegression), ("rf", RandomForestClassifier)])
+@pytest.mark.parametrize(
+    ("source", "estimator"), [("lr", LogisticRegression), ("rf", RandomForestClassifier), ("pipe", Pipeline)]
+)
 def test_a_classifier_becomes_a_version_the_server_answers_as_sklearn_does(
     tmp_path: Path,
     *,
@@ -230,3 +238,29 @@ def test_the_help_says_loading_a_model_runs_its_code(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert "runs code from it" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_regressor_from_an_npz_sample_keeps_its_one_output(
+    tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = digits
+    ridge = Ridge().fit(x[:600], y[:600].astype(np.float64))
+    joblib.dump(ridge, tmp_path / "ridge.joblib")
+    np.savez(tmp_path / "sample.npz", features=x[600:632])
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    args = ("sklearn", str(tmp_path / "ridge.joblib"), "--name", "ridge", "--sample", str(tmp_path / "sample.npz"))
+    assert convert(repo, *args, "--tolerance", "1e-4") == 0
+    line = json.loads(capsys.readouterr().out)
+    assert [o["name"] for o in line["outputs"]] == ["variable"] and 0 < line["max_abs_diff"] <= 1e-4
+    record = json.loads((repo / "ridge" / "1" / "conversion.json").read_text())
+    assert record["sample"]["sha256"] == hashlib.sha256((tmp_path / "sample.npz").read_bytes()).hexdigest()
+
+
+def test_importing_convert_imports_no_framework() -> None:
+    code = (
+        "import sys, engine.optimize.convert, handler.cli; "
+        "print(sorted(m for m in ('sklearn', 'skl2onnx', 'torch', 'onnxscript', 'joblib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -134,6 +134,7 @@ def _sklearn(options: ConvertOptions, sample: dict[str, np.ndarray]) -> Converte
     try:
         import skl2onnx
         import sklearn
+        import sklearn.base
     except ImportError:
         raise ConfigError(SKLEARN_HINT) from None
     path = _source_file(options.source)
@@ -157,7 +158,8 @@ def _sklearn(options: ConvertOptions, sample: dict[str, np.ndarray]) -> Converte
     except Exception as exc:  # noqa: BLE001 - the user's estimator may raise anything on the sample
         raise ConfigError(f"--sample {options.sample}: the estimator cannot run it: {exc}") from None
     try:
-        proto = skl2onnx.to_onnx(estimator, x[:1], target_opset=options.opset, options={"zipmap": False})
+        zipmap = {"zipmap": False} if sklearn.base.is_classifier(estimator) else None  # tensors, not a map
+        proto = skl2onnx.to_onnx(estimator, x[:1], target_opset=options.opset, options=zipmap)
     except Exception as exc:  # noqa: BLE001 - the converters raise many kinds; each is a failed conversion
         raise ConversionFailed(f"skl2onnx cannot convert {type(estimator).__name__}: {exc}") from None
     name = proto.graph.input[0].name
