@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,7 +106,7 @@ class LocalRepository:
         self.root = Path(root)
         self.source = str(root)
         #: Where ``.oclaw`` packs are unpacked (OCLAW_MODEL_CACHE; never beside the pack, which may be read-only).
-        self.cache = Path(cache) if cache is not None else Path(tempfile.gettempdir(), "oclaw-models")
+        self.cache = Path(cache) if cache is not None else Path(os.environ.get("TMPDIR") or "/tmp", "oclaw-models")
         #: Paths already warned about (each is named once, not at every scan).
         self._warned: set[Path] = set()
         #: Per pack: the archive's (size, mtime, inode) when last unpacked, and the copy or why it was refused.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import ModelLoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import zipfile  # imported where a pack is read or written: a repository of directories never needs it
 
 PACK_SUFFIX = ".oclaw"
 #: The member that lists every other member's sha256.
@@ -70,6 +71,8 @@ def _sha256_copy(src: Any, dst: Any) -> str:
 
 def write_pack(model_dir: Path, out: Path, *, name: str, versions: Sequence[int]) -> dict[str, Any]:
     """Write ``out`` (temporary file, then rename) from a model directory's given versions; what was written."""
+    import zipfile
+
     members = pack_members(model_dir, versions)
     checksums: dict[str, str] = {}
     tmp = out.with_name(f".{out.name}.{os.urandom(4).hex()}.part")
@@ -105,6 +108,8 @@ def write_pack(model_dir: Path, out: Path, *, name: str, versions: Sequence[int]
 
 
 def _read_index(zf: zipfile.ZipFile, where: str) -> dict[str, str]:
+    import zipfile
+
     try:
         raw = json.loads(zf.read(PACK_INDEX))
     except KeyError:
@@ -119,6 +124,8 @@ def _read_index(zf: zipfile.ZipFile, where: str) -> dict[str, str]:
 
 def _extract(zf: zipfile.ZipFile, into: Path, where: str) -> None:
     """Check every member's name against the layout and its bytes against the index, writing it under ``into``."""
+    import zipfile
+
     checksums = _read_index(zf, where)
     infos = [i for i in zf.infolist() if i.filename != PACK_INDEX]
     names = [i.filename for i in infos]
@@ -148,6 +155,9 @@ def _extract(zf: zipfile.ZipFile, into: Path, where: str) -> None:
 
 def unpack(archive: Path, cache: Path, name: str) -> Path:
     """The verified, unpacked copy of ``archive`` under ``cache`` (reused while the archive is unchanged)."""
+    import shutil
+    import zipfile
+
     digest = hashlib.sha256()
     try:
         with archive.open("rb") as fh:
