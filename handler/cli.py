@@ -218,7 +218,7 @@ def _publish(args: argparse.Namespace) -> int:
     for row in rows:
         print(json.dumps(row))
     total = sum(row["bytes"] for row in rows)
-    models = sorted({row["uri"][len(args.destination.rstrip("/")) + 1 :].split("/", 1)[0] for row in rows})
+    models = sorted({row["model"] for row in rows})
     summary = {"published": models, "files": len(rows), "bytes": total, "mb": round(total / 1e6, 2)}
     print(json.dumps({**summary, "ms": round((perf_counter_ns() - start) / 1e6, 1)}))
     return 0

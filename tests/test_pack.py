@@ -294,12 +294,16 @@ def bucket(moto: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 def test_an_s3_repository_serves_a_published_pack(
-    bucket: str, src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bucket: str, src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("OCLAW_MODEL_CACHE", str(tmp_path / "check"))  # where `oclaw publish` unpacks to check
     local = pack_repo(src, tmp_path / "local", capsys, "add_sub")
     shutil.copytree(src / "versioned", local / "versioned")
     uri = f"s3://{bucket}/prod"
-    rows = publish(local, uri, cache=tmp_path / "check")
+    assert main(["publish", str(local), uri]) == 0  # each model loaded as the server does, then uploaded
+    assert list((tmp_path / "check" / PACKS_DIR).iterdir())
+    *rows, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert summary["published"] == ["add_sub", "versioned"] and summary["files"] == 5
     assert {r["uri"] for r in rows} == {
         f"{uri}/add_sub.oclaw",
         f"{uri}/versioned/1/model.onnx",

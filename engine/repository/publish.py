@@ -92,18 +92,18 @@ def publish(
         s3.head_bucket(Bucket=location.bucket)
     except (BotoCoreError, ClientError) as exc:
         raise s3_error(exc, f"checking bucket s3://{location.bucket}") from None
-    uploads: list[tuple[str, Path]] = []  # (key under the prefix, file)
+    uploads: list[tuple[str, str, Path]] = []  # (model, key under the prefix, file)
     for name in names:
         pack = repo.pack_path(name)
         files = [pack] if pack is not None else _model_files(repo.root / name)
-        uploads += [(path.relative_to(repo.root).as_posix(), path) for path in files]
+        uploads += [(name, path.relative_to(repo.root).as_posix(), path) for path in files]
 
-    def stage(item: tuple[str, Path]) -> int:
-        parts = item[0].split("/")
+    def stage(item: tuple[str, str, Path]) -> int:
+        parts = item[1].split("/")
         return 2 if parts[-1] == "oclaw.json" or len(parts) == 1 else 0 if parts[1].isdigit() else 1
 
-    def put(item: tuple[str, Path]) -> dict[str, Any]:
-        rel, path = item
+    def put(item: tuple[str, str, Path]) -> dict[str, Any]:
+        name, rel, path = item
         key = location.key(rel)
         size = path.stat().st_size
         try:
@@ -111,7 +111,7 @@ def publish(
                 s3.put_object(Bucket=location.bucket, Key=key, Body=fh, ContentLength=size)
         except (BotoCoreError, ClientError) as exc:
             raise s3_error(exc, f"uploading {path} to s3://{location.bucket}/{key}") from None
-        return {"uri": f"s3://{location.bucket}/{key}", "bytes": size}
+        return {"uri": f"s3://{location.bucket}/{key}", "bytes": size, "model": name}
 
     rows: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="oclaw-publish") as pool:
