@@ -266,6 +266,27 @@ def test_a_read_only_repository_of_packs_is_unpacked_into_the_cache_once(
     assert inodes[0] == inodes[1] and len(inodes[0]) == 3  # add_sub/1, versioned/1 and /2: the same files
 
 
+def test_a_replaced_pack_is_unpacked_again_at_its_next_load_and_the_old_copy_removed(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "models"
+    pack(src / "versioned", root / "versioned.oclaw", capsys, "--versions", "1")
+    cache = tmp_path / "cache"
+    runtime = Runtime(Settings.from_env({}, model_repository=str(root), model_cache=str(cache)))
+    try:
+        runtime.preload()
+        assert runtime.pool.versions("versioned") == [1]
+        first = sorted((cache / PACKS_DIR).iterdir())
+        pack(src / "versioned", root / "versioned.oclaw", capsys)  # now versions 1 and 2
+        runtime.pool.load("versioned")  # what POST /v2/repository/models/versioned/load does
+        assert runtime.pool.versions("versioned") == [1, 2]
+        assert runtime.pool.get("versioned", 2).path.parent.parent not in first
+    finally:
+        runtime.close()
+    assert len(first) == 1 and not first[0].exists()
+    assert len(list((cache / PACKS_DIR).iterdir())) == 1
+
+
 def test_pack_command_errors_name_the_flag_or_path(
     src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -131,8 +131,12 @@ class LocalRepository:
         return self._unpacked(name, pack)
 
     def _unpacked(self, name: str, pack: Path) -> Path:
-        """The verified copy of a pack in the cache, unpacked once per change of the archive."""
-        st = pack.stat()
+        """The verified copy of a pack in the cache, unpacked once per change of the archive (the previous copy
+        this repository served is then removed)."""
+        try:
+            st = pack.stat()
+        except OSError as exc:
+            raise ModelLoadError(f"model {name!r}: {pack}: {exc.strerror or exc}") from None
         key = (st.st_size, st.st_mtime_ns, st.st_ino)
         with self._packs_lock:
             known = self._packs.get(name)
@@ -145,6 +149,10 @@ class LocalRepository:
                     result = OclawError(f"model {name!r}: {exc.message}")
                     log.error("model %s: pack %s refused: %s", name, pack, exc.message)
                 self._packs[name] = (key, result)
+                if known is not None and isinstance(known[1], Path) and known[1] != result:
+                    import shutil
+
+                    shutil.rmtree(known[1], ignore_errors=True)
         if isinstance(result, OclawError):
             raise ModelLoadError(result.message)
         return result
