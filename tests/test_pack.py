@@ -216,6 +216,20 @@ def test_member_names_outside_the_layout_are_refused(member: str, tmp_path: Path
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
+def test_a_decompression_bomb_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A member that inflates far past the archive (50 MB of zeros in ~50 kB) is refused from the sizes it declares."""
+    bomb = tmp_path / "bomb.oclaw"
+    zeros = bytes(50 << 20)
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("labels.txt", zeros)
+        index = {"format": 1, "files": {"labels.txt": hashlib.sha256(zeros).hexdigest()}}
+        zf.writestr(PACK_INDEX, json.dumps(index))
+    assert bomb.stat().st_size < 1 << 20
+    with pytest.raises(ModelLoadError, match=r"unpack to 52428\d+ bytes, over 100x the archive.*the pack was refused"):
+        unpack(bomb, tmp_path / "cache", "bomb")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
 def test_layout_names_are_accepted() -> None:
     assert [member_problem(m) for m in ("oclaw.json", "labels.txt", "1/model.onnx", "12/optimization.json")] == [
         None

@@ -122,10 +122,26 @@ def _read_index(zf: zipfile.ZipFile, where: str) -> dict[str, str]:
     return {str(k): str(v).lower() for k, v in files.items()}
 
 
+#: Unpacked bytes a pack may declare per byte of archive: graphs are stored (1x), text compresses ~5-10x; a member
+#: inflating far past that is a decompression bomb, refused before anything is written.
+MAX_RATIO = 100
+
+
+def _check_sizes(zf: zipfile.ZipFile, archive_bytes: int, where: str) -> None:
+    """Refuse a pack whose members declare more bytes than ``MAX_RATIO`` times the archive (plus 1 MiB)."""
+    declared = sum(info.file_size for info in zf.infolist())
+    if declared > MAX_RATIO * archive_bytes + (1 << 20):
+        raise ModelLoadError(
+            f"{where}: its members unpack to {declared} bytes, over {MAX_RATIO}x the archive's {archive_bytes}; "
+            "the pack was refused"
+        )
+
+
 def _extract(zf: zipfile.ZipFile, into: Path, where: str) -> None:
     """Check every member's name against the layout and its bytes against the index, writing it under ``into``."""
     import zipfile
 
+    _check_sizes(zf, sum(info.compress_size for info in zf.infolist()), where)
     checksums = _read_index(zf, where)
     infos = [i for i in zf.infolist() if i.filename != PACK_INDEX]
     names = [i.filename for i in infos]
