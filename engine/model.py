@@ -17,10 +17,11 @@ from engine.datatypes import V2_TO_NUMPY, V2_TO_TRITON_CONFIG, ort_datatype
 from engine.errors import InvalidInput, ModelLoadError, OclawError
 from engine.processing import classify, images_to_batch
 from engine.repository.local import ModelFiles, sha256_file
-from engine.repository.manifest import Manifest, TensorOverride
+from engine.repository.manifest import ImagePreprocess, Manifest, TensorOverride, TextPreprocess
 from engine.session import create_session
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
+from engine.textproc import decode_texts, load_tokenizer, mean_pool, tokenize
 from engine.warmup import Feed, declared_feed, synthetic_feeds
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,8 +91,17 @@ class LoadedModel:
         self.warmup_ms = 0.0
         #: Time spent bringing the model file here (0 for a local repository).
         self.fetch_ms = 0.0
-        self.inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")
-        self.outputs = _signature(self.session.get_outputs(), manifest.outputs, "output")
+        #: The session's own inputs and outputs; ``inputs``/``outputs`` are what the model serves (for a text
+        #: model, one BYTES input of strings; with an embedding post-process, the pooled embedding).
+        self.session_inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")
+        self.session_outputs = _signature(self.session.get_outputs(), manifest.outputs, "output")
+        self._native = {s.name: s for s in self.session_inputs}
+        self.text = manifest.preprocess if isinstance(manifest.preprocess, TextPreprocess) else None
+        self.tokenizer: Any = None
+        self.inputs, self.outputs = self.session_inputs, self.session_outputs
+        self._run_names = [s.name for s in self.session_outputs]
+        if self.text is not None:
+            self._text_signature(self.text)
         self._inputs = {s.name: s for s in self.inputs}
         self._outputs = {s.name: s for s in self.outputs}
         self._output_names = [s.name for s in self.outputs]
@@ -99,7 +109,7 @@ class LoadedModel:
         self.classification_output = self._classification_output()
         #: Each input's shape as onnxruntime reports it (symbolic dimension names kept for the warm-up).
         self._dim_names = {node.name: list(node.shape or ()) for node in self.session.get_inputs()}
-        self._declared = declared_feed(manifest.warmup, self.inputs, self.name) if manifest.warmup else None
+        self._declared = declared_feed(manifest.warmup, self.session_inputs, self.name) if manifest.warmup else None
         #: The inputs that warmed the model (the warm ping runs them again); None when none ran.
         self.warm_feed: Feed | None = None
         #: Why no warm-up input ran (the model still serves); None when the warm-up ran or has not been tried.
@@ -110,9 +120,39 @@ class LoadedModel:
         self._fast_offloaded = 0
         self._closed = threading.Event()
 
+    def _text_signature(self, pre: TextPreprocess) -> None:
+        fed = [n for n in (pre.input_ids, pre.attention_mask, pre.token_type_ids) if n is not None]
+        if pre.input_ids not in self._native:
+            raise ModelLoadError(f"preprocess.input_ids must name one of the inputs {list(self._native)}")
+        unfed = [n for n in self._native if n not in fed]
+        if unfed:
+            raise ModelLoadError(
+                f"preprocess (text) feeds {[n for n in fed if n in self._native]}; name the model's other "
+                f"input(s) {unfed} in preprocess.input_ids, attention_mask or token_type_ids"
+            )
+        self.tokenizer = load_tokenizer(pre.tokenizer, max_length=pre.max_length)
+        self.inputs = (TensorSpec(pre.input, "BYTES", (-1,)),)
+        emb = self.manifest.embedding
+        if emb is None:
+            return
+        if pre.attention_mask not in self._native:
+            raise ModelLoadError("postprocess (embedding) pools with the attention mask: name it in preprocess")
+        outs = {s.name: s for s in self.session_outputs}
+        token_output = emb.output or self.session_outputs[0].name
+        if token_output not in outs:
+            raise ModelLoadError(f"postprocess.output must name one of the outputs {list(outs)}")
+        shape = outs[token_output].shape
+        if len(shape) != 3:
+            raise ModelLoadError(
+                f"postprocess (embedding) needs token embeddings [N, T, D]; output {token_output!r} has shape "
+                f"{list(shape)}"
+            )
+        self.outputs = (TensorSpec(emb.name, "FP32", (-1, shape[2])),)
+        self._run_names = [token_output]
+
     def _image_input(self) -> str | None:
         pre = self.manifest.preprocess
-        if pre is None:
+        if not isinstance(pre, ImagePreprocess):
             return None
         name = pre.input or (self.inputs[0].name if len(self.inputs) == 1 else None)
         if name not in self._inputs:
@@ -179,7 +219,9 @@ class LoadedModel:
         fixed = dict(self._declared or {})
         if self.image_input is not None and self.image_input not in fixed:
             fixed[self.image_input] = self._images(InputTensor(self.image_input, "BYTES", (1,), _tiny_png()))
-        return synthetic_feeds(self.inputs, self._dim_names, fixed)
+        if self.text is not None and not fixed:
+            fixed = self._text_feed(["oclaw warm-up"])
+        return synthetic_feeds(self.session_inputs, self._dim_names, fixed)
 
     def warm_up(self) -> int | None:
         """Run the model once (and the image path once) so the first request pays no first-run cost.
@@ -193,7 +235,7 @@ class LoadedModel:
             tried += 1
             start = perf_counter_ns()
             try:
-                self.session.run(self._output_names, feed)
+                self.session.run(self._run_names, feed)
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 first_error = first_error or str(exc)
                 continue
@@ -210,7 +252,7 @@ class LoadedModel:
             # three, so one run slowed by a busy machine does not send every later request through a thread hop
             for _ in range(3):
                 start = perf_counter_ns()
-                self.session.run(self._output_names, feed)
+                self.session.run(self._run_names, feed)
                 self.warm_ns = min(self.warm_ns, perf_counter_ns() - start)
         self.inline = self.warm_ns < self.settings.inline_run_us * 1000
         self.warmup_ms = (perf_counter_ns() - began) / 1e6
@@ -267,7 +309,7 @@ class LoadedModel:
         if feed is None:
             return 0.0
         start = perf_counter_ns()
-        self.session.run(self._output_names, feed)
+        self.session.run(self._run_names, feed)
         return (perf_counter_ns() - start) / 1e6
 
     def estimate_ms(self) -> float:
@@ -276,9 +318,42 @@ class LoadedModel:
 
     # -- inference --------------------------------------------------------------------------------
 
+    def _text_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        pre = self.text
+        assert pre is not None
+        ids, mask, types = tokenize(self.tokenizer, texts)
+        values = {pre.input_ids: ids, pre.attention_mask: mask, pre.token_type_ids: types}
+        return {
+            name: arr.astype(V2_TO_NUMPY[self._native[name].datatype], copy=False)
+            for name, arr in values.items()
+            if name in self._native
+        }
+
+    def _texts(self, request: InferRequest) -> dict[str, np.ndarray]:
+        pre = self.text
+        assert pre is not None
+        if request.raw is not None:
+            raise InvalidInput(
+                f"model {self.name!r} takes text: send a V2 infer request with a BYTES input {pre.input!r}"
+            )
+        names = [t.name for t in request.inputs]
+        if names != [pre.input]:
+            raise InvalidInput(f"model {self.name!r} takes one input {pre.input!r} (BYTES strings), got {names}")
+        t = request.inputs[0]
+        if t.datatype != "BYTES":
+            raise InvalidInput(f"input {t.name!r}: expected datatype BYTES (UTF-8 strings), got {t.datatype}")
+        if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
+            raise InvalidInput(f"input {t.name!r}: expected shape [N] or [N, 1] (N strings), got {list(t.shape)}")
+        if t.shape[0] == 0:
+            raise InvalidInput(f"input {t.name!r}: no text given")
+        mbs = self.manifest.max_batch_size
+        if mbs > 0 and t.shape[0] > mbs:
+            raise InvalidInput(f"input {t.name!r}: {t.shape[0]} strings exceed max_batch_size {mbs}")
+        return self._text_feed(decode_texts(t.array.reshape(-1).tolist(), name=t.name))
+
     def _images(self, t: InputTensor) -> np.ndarray:
         pre = self.manifest.preprocess
-        assert pre is not None
+        assert isinstance(pre, ImagePreprocess)
         mbs = self.manifest.max_batch_size
         if mbs > 0 and t.array.size > mbs:
             raise InvalidInput(f"input {t.name!r}: {t.array.size} images exceed max_batch_size {mbs}")
@@ -331,6 +406,8 @@ class LoadedModel:
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def _feed(self, request: InferRequest) -> tuple[dict[str, np.ndarray], bool]:
+        if self.text is not None:
+            return self._texts(request), False
         if request.raw is not None:
             if self.image_input is not None and request.raw_kind != "tensor":
                 img = InputTensor(self.image_input, "BYTES", (1,), np.array([request.raw], dtype=object))
@@ -371,10 +448,15 @@ class LoadedModel:
 
     def run_plan(self, feed: dict[str, np.ndarray], plan: list[tuple[str, bool, int]]) -> list[np.ndarray]:
         """Run the session for the planned outputs."""
+        emb = self.manifest.embedding
+        names = self._run_names if emb is not None else [p[0] for p in plan]
         try:
-            results: list[np.ndarray] = self.session.run([p[0] for p in plan], feed)
+            results: list[np.ndarray] = self.session.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
+        if emb is not None and self.text is not None and self.text.attention_mask is not None:
+            pooled = mean_pool(results[0], feed[self.text.attention_mask], normalize=emb.normalize)
+            return [pooled for _ in plan]
         return results
 
     def post_process(self, plan: list[tuple[str, bool, int]], results: list[np.ndarray]) -> list[OutputTensor]:

@@ -42,6 +42,32 @@ class ImagePreprocess:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TextPreprocess:
+    """Tokenize a BYTES tensor of UTF-8 strings into the model's token inputs."""
+
+    #: Name of the BYTES input the served model exposes.
+    input: str = "text"
+    input_ids: str = "input_ids"
+    attention_mask: str | None = "attention_mask"
+    token_type_ids: str | None = "token_type_ids"
+    #: The ``tokenizers`` file, relative to the model directory.
+    tokenizer: Path = Path("tokenizer.json")
+    max_length: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embedding:
+    """Pool token embeddings into one vector per string."""
+
+    #: The model output holding the token embeddings [N, T, D] (default: the first output).
+    output: str | None = None
+    #: Name of the served output.
+    name: str = "embedding"
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class Classification:
     """Turn an output of scores into top-k labels."""
 
@@ -81,8 +107,9 @@ class Manifest:
     max_batch_size: int = 0
     versions: VersionPolicy = "latest"
     labels: tuple[str, ...] = ()
-    preprocess: ImagePreprocess | None = None
+    preprocess: ImagePreprocess | TextPreprocess | None = None
     classification: Classification | None = None
+    embedding: Embedding | None = None
     #: Expected sha256 per version ("1": "ab12…"); a mismatch fails the load.
     checksums: dict[str, str] = field(default_factory=dict)
     platform: str = "onnxruntime_onnx"
@@ -90,10 +117,12 @@ class Manifest:
     warmup: Warmup | None = None
 
 
-_TOP_KEYS = (*(f.name for f in fields(Manifest) if f.name != "classification"), "postprocess")
+_TOP_KEYS = (*(f.name for f in fields(Manifest) if f.name not in ("classification", "embedding")), "postprocess")
 _TENSOR_KEYS = ("name", "datatype", "shape")
 _PREPROCESS_KEYS = ("kind", *(f.name for f in fields(ImagePreprocess)))
 _POSTPROCESS_KEYS = ("kind", *(f.name for f in fields(Classification)))
+_TEXT_KEYS = ("kind", *(f.name for f in fields(TextPreprocess)))
+_EMBEDDING_KEYS = ("kind", *(f.name for f in fields(Embedding)))
 _WARMUP_INPUT_KEYS = ("datatype", "shape", "data", "fill")
 _FILLS = ("zeros", "ones", "random")
 _warned: set[tuple[Path, str]] = set()
@@ -230,6 +259,61 @@ def _image_preprocess(raw: dict[str, Any]) -> ImagePreprocess:
     return spec
 
 
+def _text_preprocess(raw: dict[str, Any], model_dir: Path) -> TextPreprocess:
+    for key in ("input", "input_ids"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key]):
+            raise ConfigError(f"preprocess.{key} must be an input name")
+    for key in ("attention_mask", "token_type_ids"):
+        if key in raw and raw[key] is not None and not (isinstance(raw[key], str) and raw[key]):
+            raise ConfigError(f"preprocess.{key} must be an input name or null (the model takes no such input)")
+    length = raw.get("max_length", 256)
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigError(f"preprocess.max_length must be a positive integer, got {length!r}")
+    name = raw.get("tokenizer", "tokenizer.json")
+    if not isinstance(name, str):
+        raise ConfigError("preprocess.tokenizer must be a file name in the model directory")
+    tokenizer = _inside(model_dir, name, "preprocess.tokenizer")
+    if not tokenizer.is_file():
+        raise ConfigError(f"preprocess.tokenizer {name!r}: no such file in {model_dir}")
+    values = {k: v for k, v in raw.items() if k not in ("kind", "tokenizer", "max_length")}
+    return TextPreprocess(**values, tokenizer=tokenizer, max_length=length)
+
+
+def _embedding(raw: dict[str, Any]) -> Embedding:
+    if raw.get("pooling", "mean") != "mean":
+        raise ConfigError(f"postprocess.pooling must be 'mean', got {raw['pooling']!r}")
+    if not isinstance(raw.get("normalize", True), bool):
+        raise ConfigError("postprocess.normalize must be true or false")
+    for key in ("output", "name"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key]):
+            raise ConfigError(f"postprocess.{key} must be an output name")
+    return Embedding(**{k: v for k, v in raw.items() if k != "kind"})
+
+
+def _preprocess(raw: Any, model_dir: Path, path: Path) -> ImagePreprocess | TextPreprocess:
+    pre = _object(raw, "preprocess")
+    kind = pre.get("kind", "image")
+    if kind == "text":
+        check_keys(pre, _TEXT_KEYS, "preprocess", path)
+        return _text_preprocess(pre, model_dir)
+    if kind != "image":
+        raise ConfigError(f"preprocess.kind {kind!r} is not supported (only 'image' or 'text')")
+    check_keys(pre, _PREPROCESS_KEYS, "preprocess", path)
+    return _image_preprocess(pre)
+
+
+def _postprocess(raw: Any, path: Path) -> Classification | Embedding:
+    post = _object(raw, "postprocess")
+    kind = post.get("kind", "classification")
+    if kind == "embedding":
+        check_keys(post, _EMBEDDING_KEYS, "postprocess", path)
+        return _embedding(post)
+    if kind != "classification":
+        raise ConfigError(f"postprocess.kind {kind!r} is not supported (only 'classification' or 'embedding')")
+    check_keys(post, _POSTPROCESS_KEYS, "postprocess", path)
+    return Classification(**{k: v for k, v in post.items() if k != "kind"})
+
+
 def load_manifest(model_dir: Path) -> Manifest:
     """Read ``oclaw.json`` from a model directory; a missing file gives the defaults."""
     path = model_dir / "oclaw.json"
@@ -243,21 +327,10 @@ def load_manifest(model_dir: Path) -> Manifest:
         raise ConfigError(f"{path}: the manifest must be a JSON object")
     try:
         check_keys(raw, _TOP_KEYS, "", path)
-        pre = raw.get("preprocess")
-        if pre is not None:
-            pre = _object(pre, "preprocess")
-            if pre.get("kind", "image") != "image":
-                raise ConfigError(f"preprocess.kind {pre.get('kind')!r} is not supported (only 'image')")
-            check_keys(pre, _PREPROCESS_KEYS, "preprocess", path)
-            pre = _image_preprocess(pre)
-        post = raw.get("postprocess")
-        cls = None
-        if post is not None:
-            post = _object(post, "postprocess")
-            if post.get("kind", "classification") != "classification":
-                raise ConfigError(f"postprocess.kind {post.get('kind')!r} is not supported")
-            check_keys(post, _POSTPROCESS_KEYS, "postprocess", path)
-            cls = Classification(**{k: v for k, v in post.items() if k != "kind"})
+        pre = _preprocess(raw["preprocess"], model_dir, path) if raw.get("preprocess") is not None else None
+        post = _postprocess(raw["postprocess"], path) if raw.get("postprocess") is not None else None
+        if isinstance(post, Embedding) and not isinstance(pre, TextPreprocess):
+            raise ConfigError('postprocess.kind "embedding" needs preprocess.kind "text"')
         return Manifest(
             inputs=_overrides(raw.get("inputs", []), "inputs", path),
             outputs=_overrides(raw.get("outputs", []), "outputs", path),
@@ -265,7 +338,8 @@ def load_manifest(model_dir: Path) -> Manifest:
             versions=_versions(raw.get("versions", "latest")),
             labels=_labels(raw["labels"], model_dir) if "labels" in raw else (),
             preprocess=pre,
-            classification=cls,
+            classification=post if isinstance(post, Classification) else None,
+            embedding=post if isinstance(post, Embedding) else None,
             checksums={str(k): str(v).lower() for k, v in raw.get("checksums", {}).items()},
             platform=str(raw.get("platform", "onnxruntime_onnx")),
             warmup=_warmup(raw["warmup"], model_dir, path) if "warmup" in raw else None,

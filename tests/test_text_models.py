@@ -1,0 +1,241 @@
+"""Text models served end to end: a tokenizer.json beside the model, BYTES strings in, pooled embeddings out."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from engine.errors import ConfigError
+from engine.repository.manifest import load_manifest
+from tests.conftest import ServerThread, start_server
+
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "in",
+    "park",
+    "sun",
+    "is",
+    "bright",
+    "today",
+    "rain",
+    "falls",
+]
+VOCAB = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+DIM = 8
+MAX_LENGTH = 8
+SENTENCES = ["The cat sat on the mat", "a dog ran", "Rain falls in the park today and the sun is bright"]
+
+
+def tokenizer_json(path: Path) -> Path:
+    """A WordLevel tokenizer (lower-case, whitespace split, [CLS] ... [SEP]) saved as tokenizer.json."""
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.save(str(path))
+    return path
+
+
+def tiny_bert() -> onnx.ModelProto:
+    """Token + type embeddings, a MatMul and a mask term: last_hidden_state FP32 [batch, seq, DIM]."""
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(len(VOCAB), DIM)).astype(np.float32), "tok_emb"),
+        numpy_helper.from_array(rng.normal(size=(2, DIM)).astype(np.float32), "type_emb"),
+        numpy_helper.from_array(rng.normal(size=(DIM, DIM)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["tok_emb", "input_ids"], ["tok"]),
+        helper.make_node("Gather", ["type_emb", "token_type_ids"], ["typ"]),
+        helper.make_node("Add", ["tok", "typ"], ["emb"]),
+        helper.make_node("MatMul", ["emb", "w"], ["proj"]),
+        helper.make_node("Tanh", ["proj"], ["act"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "last_axis"], ["mask3"]),
+        helper.make_node("Add", ["act", "mask3"], ["last_hidden_state"]),
+    ]
+    ids = ["batch", "seq"]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_bert",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ids)
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", DIM])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+MANIFEST: dict[str, Any] = {
+    "max_batch_size": 4,
+    "preprocess": {
+        "kind": "text",
+        "input": "text",
+        "input_ids": "input_ids",
+        "attention_mask": "attention_mask",
+        "token_type_ids": "token_type_ids",
+        "tokenizer": "tokenizer.json",
+        "max_length": MAX_LENGTH,
+    },
+    "postprocess": {"kind": "embedding", "pooling": "mean", "normalize": True},
+}
+
+
+@pytest.fixture(scope="module")
+def text_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the tiny BERT-like model in fp32 and its dynamic INT8 version."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    repo = tmp_path_factory.mktemp("text_repo")
+    for name in ("tiny_text", "tiny_text_int8"):
+        (repo / name / "1").mkdir(parents=True)
+        tokenizer_json(repo / name / "tokenizer.json")
+        (repo / name / "oclaw.json").write_text(json.dumps(MANIFEST))
+    fp32 = repo / "tiny_text" / "1" / "model.onnx"
+    onnx.save(tiny_bert(), str(fp32))
+    int8 = repo / "tiny_text_int8" / "1" / "model.onnx"
+    quantize_dynamic(fp32, int8, per_channel=True, weight_type=QuantType.QInt8)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(str(int8)).graph.node)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(text_repo: Path) -> Iterator[ServerThread]:
+    """A real oclaw server on the text repository."""
+    srv = start_server(text_repo)
+    yield srv
+    srv.stop()
+
+
+def reference(model_path: Path, tokenizer_path: Path, texts: list[str]) -> np.ndarray:
+    """Tokenize with the same tokenizer, run onnxruntime directly, mean-pool over the mask and L2-normalise."""
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(MAX_LENGTH)
+    enc = tok.encode_batch(texts)
+    feed = {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+    }
+    (hidden,) = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, feed)
+    mask = feed["attention_mask"][:, :, None].astype(np.float32)
+    pooled = (hidden * mask).sum(axis=1) / mask.sum(axis=1)
+    out: np.ndarray = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return out
+
+
+def infer(srv: ServerThread, model: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{srv.url}/v2/models/{model}/infer", json=body, timeout=30)
+
+
+@pytest.mark.parametrize("model", ["tiny_text", "tiny_text_int8"])
+@pytest.mark.parametrize("shape", [[3], [3, 1]])
+def test_embeddings_equal_a_direct_onnxruntime_reference(
+    server: ServerThread, text_repo: Path, model: str, shape: list[int]
+) -> None:
+    r = infer(server, model, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": SENTENCES}]})
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert (out["name"], out["datatype"], out["shape"]) == ("embedding", "FP32", [3, DIM])
+    got = np.asarray(out["data"], dtype=np.float32).reshape(3, DIM)
+    want = reference(text_repo / model / "1" / "model.onnx", text_repo / model / "tokenizer.json", SENTENCES)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # the short sentence alone gives the vector it got inside the padded batch (INT8 quantizes activations over
+    # the whole batch, so only nearly)
+    alone = infer(
+        server, model, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": SENTENCES[1:2]}]}
+    )
+    tolerance = 1e-5 if model == "tiny_text" else 1e-2
+    np.testing.assert_allclose(np.asarray(alone.json()["outputs"][0]["data"]), got[1], atol=tolerance)
+
+
+def test_metadata_shows_the_bytes_input_and_the_embedding_output(server: ServerThread) -> None:
+    meta = httpx.get(f"{server.url}/v2/models/tiny_text", timeout=30).json()
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, DIM]}]
+    cfg = httpx.get(f"{server.url}/v2/models/tiny_text/config", timeout=30).json()
+    assert cfg["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": []}]
+    assert cfg["output"] == [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [DIM]}]
+
+
+def _binary_bytes_request(srv: ServerThread, item: bytes) -> httpx.Response:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 + len(item)}}
+            ]
+        }
+    ).encode()
+    return httpx.post(
+        f"{srv.url}/v2/models/tiny_text/infer",
+        content=header + struct.pack("<I", len(item)) + item,
+        headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": [{"name": "text", "datatype": "INT64", "shape": [1], "data": [1]}]}, "expected datatype BYTES"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [5], "data": ["a"] * 5}]}, "max_batch_size 4"),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}]}, "[N] or [N, 1]"),
+        ({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 1], "data": [4]}]}, "one input 'text'"),
+    ],
+)
+def test_bad_text_requests_get_400_with_a_clear_message(
+    server: ServerThread, body: dict[str, Any], message: str
+) -> None:
+    r = infer(server, "tiny_text", body)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+def test_bytes_that_are_not_utf8_get_400(server: ServerThread) -> None:
+    good = _binary_bytes_request(server, b"the cat")
+    assert good.status_code == 200, good.text
+    r = _binary_bytes_request(server, b"the \xff cat")
+    assert r.status_code == 400, r.text
+    assert "input 'text': item 0 is not valid UTF-8" in r.json()["error"]
+
+
+def test_manifest_errors_name_the_key(tmp_path: Path) -> None:
+    (tmp_path / "oclaw.json").write_text(json.dumps(MANIFEST))
+    with pytest.raises(ConfigError, match=r"preprocess\.tokenizer 'tokenizer\.json': no such file"):
+        load_manifest(tmp_path)
+    tokenizer_json(tmp_path / "tokenizer.json")
+    assert load_manifest(tmp_path).embedding is not None
+    (tmp_path / "oclaw.json").write_text(json.dumps({"postprocess": MANIFEST["postprocess"]}))
+    with pytest.raises(ConfigError, match=r'needs preprocess\.kind "text"'):
+        load_manifest(tmp_path)
+    (tmp_path / "oclaw.json").write_text(json.dumps({"preprocess": {**MANIFEST["preprocess"], "max_length": 0}}))
+    with pytest.raises(ConfigError, match=r"preprocess\.max_length must be a positive integer"):
+        load_manifest(tmp_path)
