@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import zipfile
@@ -17,7 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from engine.errors import ConfigError
+from engine.config import Settings
+from engine.errors import ConfigError, OclawError
+from engine.optimize.optimizer import OptimizeOptions, optimize_model
+from engine.optimize.progress import Progress
 from engine.repository.manifest import load_manifest
 from tests.conftest import ROOT, ServerThread, start_server
 
@@ -182,6 +186,9 @@ def test_metadata_shows_the_bytes_input_and_the_embedding_output(server: ServerT
     meta = httpx.get(f"{server.url}/v2/models/tiny_text", timeout=30).json()
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, DIM]}]
+    model = server.runtime.pool.get("tiny_text")
+    assert model.warmup_error is None and model.warm_feed is not None  # warmed on a tokenized string
+    assert sorted(model.warm_feed) == ["attention_mask", "input_ids", "token_type_ids"]
     cfg = httpx.get(f"{server.url}/v2/models/tiny_text/config", timeout=30).json()
     assert cfg["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": []}]
     assert cfg["output"] == [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [DIM]}]
@@ -226,6 +233,61 @@ def test_bytes_that_are_not_utf8_get_400(server: ServerThread) -> None:
     r = _binary_bytes_request(server, b"the \xff cat")
     assert r.status_code == 400, r.text
     assert "input 'text': item 0 is not valid UTF-8" in r.json()["error"]
+
+
+def test_oclaw_optimize_makes_the_int8_version_of_a_text_model(tmp_path: Path) -> None:
+    (tmp_path / "t" / "1").mkdir(parents=True)
+    onnx.save(tiny_bert(), str(tmp_path / "t" / "1" / "model.onnx"))
+    tokenizer_json(tmp_path / "t" / "tokenizer.json")
+    (tmp_path / "t" / "oclaw.json").write_text(json.dumps(MANIFEST))
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}]} for t in SENTENCES]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    options = OptimizeOptions(
+        precision="int8", int8_mode="dynamic", calibration=requests, evaluation=requests, metric="cosine", max_drop=0.05
+    )
+    settings = Settings.from_env({}, model_repository=str(tmp_path))
+    optimize_model(settings, "t", options, Progress(io.StringIO()))
+    int8 = tmp_path / "t" / "2" / "model.onnx"
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(str(int8)).graph.node)
+    srv = start_server(tmp_path)
+    try:
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": SENTENCES}]}
+        r = infer(srv, "t", body)
+        assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
+    got = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, DIM)
+    np.testing.assert_allclose(got, reference(int8, tmp_path / "t" / "tokenizer.json", SENTENCES), atol=1e-5)
+    fp32 = reference(tmp_path / "t" / "1" / "model.onnx", tmp_path / "t" / "tokenizer.json", SENTENCES)
+    assert np.min(np.sum(got * fp32, axis=1)) > 0.99
+
+
+def test_a_raw_body_to_a_text_model_gets_400(server: ServerThread) -> None:
+    r = httpx.post(
+        f"{server.url}/v2/models/tiny_text/infer",
+        content=b"\0" * 8,
+        headers={"Inference-Header-Content-Length": "0"},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert "takes text: send a V2 infer request with a BYTES input 'text'" in r.json()["error"]
+
+
+def test_a_text_preprocess_that_leaves_an_input_unfed_fails_the_load(tmp_path: Path) -> None:
+    (tmp_path / "t" / "1").mkdir(parents=True)
+    onnx.save(tiny_bert(), str(tmp_path / "t" / "1" / "model.onnx"))
+    tokenizer_json(tmp_path / "t" / "tokenizer.json")
+    manifest = {**MANIFEST, "preprocess": {**MANIFEST["preprocess"], "token_type_ids": None}}
+    (tmp_path / "t" / "oclaw.json").write_text(json.dumps(manifest))
+    srv = start_server(tmp_path)
+    try:
+        r = httpx.get(f"{srv.url}/v2/models/t/ready", timeout=30)
+        assert r.status_code != 200
+        with pytest.raises(OclawError, match=r"input\(s\) \['token_type_ids'\]"):
+            srv.runtime.pool.get("t")
+    finally:
+        srv.stop()
 
 
 def test_manifest_errors_name_the_key(tmp_path: Path) -> None:
