@@ -19,9 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from engine.config import Settings
-from engine.errors import ConfigError, OclawError
+from engine.errors import ConfigError, ModelLoadError, OclawError
+from engine.model import LoadedModel
 from engine.optimize.optimizer import OptimizeOptions, optimize_model
 from engine.optimize.progress import Progress
+from engine.repository.local import LocalRepository
 from engine.repository.manifest import load_manifest
 from tests.conftest import ROOT, ServerThread, start_server
 
@@ -459,3 +461,43 @@ def test_real_minilm_embeds_paraphrases_close_fp32_and_int8(minilm_repo: Path) -
         assert unrelated < 0.2, (name, unrelated)
     # INT8 (per-channel) stays close to fp32
     assert np.min(np.sum(got["minilm"] * got["minilm_int8"], axis=1)) > 0.97
+
+
+PRE, POST = MANIFEST["preprocess"], MANIFEST["postprocess"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ({"preprocess": {**PRE, "input_ids": 3}}, "preprocess.input_ids must be an input name"),
+        ({"preprocess": {**PRE, "attention_mask": ""}}, "preprocess.attention_mask must be an input name or null"),
+        ({"preprocess": {**PRE, "tokenizer": "../tokenizer.json"}}, "must lie inside the model directory"),
+        ({"preprocess": {**PRE, "tokenizer": 1}}, "preprocess.tokenizer must be a file name"),
+        ({"preprocess": {**PRE, "kind": "audio"}}, "preprocess.kind 'audio' is not supported (only 'image' or 'text')"),
+        ({"preprocess": PRE, "postprocess": {**POST, "pooling": "max"}}, "postprocess.pooling must be 'mean'"),
+        (
+            {"preprocess": PRE, "postprocess": {**POST, "normalize": "yes"}},
+            "postprocess.normalize must be true or false",
+        ),
+        ({"preprocess": PRE, "postprocess": {**POST, "name": ""}}, "postprocess.name must be an output name"),
+        ({"preprocess": PRE, "postprocess": {**POST, "kind": "boxes"}}, "postprocess.kind 'boxes' is not supported"),
+        ({"preprocess": {**PRE, "max_lenght": 8}}, "did you mean 'preprocess.max_length'?"),
+    ],
+)
+def test_bad_text_manifests_name_the_key(tmp_path: Path, manifest: dict[str, Any], message: str) -> None:
+    tokenizer_json(tmp_path / "tokenizer.json")
+    (tmp_path / "oclaw.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as info:
+        load_manifest(tmp_path)
+    assert message in info.value.message
+
+
+def test_a_tokenizer_file_that_is_not_one_fails_the_load_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "t" / "1").mkdir(parents=True)
+    onnx.save(tiny_bert(), str(tmp_path / "t" / "1" / "model.onnx"))
+    (tmp_path / "t" / "tokenizer.json").write_text("{}")
+    (tmp_path / "t" / "oclaw.json").write_text(json.dumps(MANIFEST))
+    settings = Settings.from_env({}, model_repository=str(tmp_path))
+    repo = LocalRepository(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"preprocess\.tokenizer 'tokenizer\.json' could not be loaded"):
+        LoadedModel(repo.files("t", 1), repo.manifest("t"), settings)
