@@ -1,8 +1,9 @@
 """Lambda cold start and warm invokes under the genuine awslambdaric + the local Runtime API.
 
 ``python -m benchmarks.lambda_cold [--quick] [--out DIR]``: for EfficientNet-Lite0 and a ResNet-50-shaped model,
-process start -> first successful HTTP-event response for the floor (bare onnxruntime script), oclaw (with and
-without prepared graphs) and a naive FastAPI + Mangum handler, measured in the same run; then warm invoke
+process start -> first successful HTTP-event response for the floor (bare onnxruntime script), the floor handler
+(``floor_lambda.py``, hand-written, prepared graph), oclaw (prepared, not prepared, and an INT8 version made by
+``oclaw optimize``, prepared) and a naive FastAPI + Mangum handler, measured in the same run; then warm invoke
 latency through awslambdaric for a tiny and the real model beside a bare ``session.run``.
 """
 
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +30,14 @@ from benchmarks import common
 from benchmarks.common import child_env, fmt, fmt_ratio, ratio, table, write_json
 from benchmarks.resnet50 import cached_model
 from engine.config import Settings
+from engine.optimize.optimizer import OptimizeOptions, optimize_model
 from engine.optimize.prepare import prepare_repository
+from engine.optimize.progress import Progress
 from engine.tensors import encode_request
 from handler.local_lambda import LocalLambda
 
 ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("efficientnet_lite0", "resnet50")
 
 
 def http_event(name: str, x: np.ndarray) -> dict[str, Any]:
@@ -78,7 +84,8 @@ def lambda_once(handler: str, env: dict[str, str], event: dict[str, Any], work: 
         first = (time.perf_counter() - fn.spawned_at) * 1000
         init = (fn.api.first_poll_at - fn.spawned_at) * 1000
     if result.error is not None or json.loads(result.payload or b"{}").get("statusCode") != 200:
-        raise RuntimeError(f"{handler} failed: {result.error or result.payload[:300] if result.payload else ''}")
+        detail = result.error or (result.payload or b"")[:300].decode(errors="replace")
+        raise RuntimeError(f"{handler} failed: {detail}")
     row: dict[str, Any] = {"init_ms": init, "first_ms": first}
     for line in log.read_text(errors="replace").splitlines():
         if '"event": "cold_start"' in line:
@@ -86,16 +93,46 @@ def lambda_once(handler: str, env: dict[str, str], event: dict[str, Any], work: 
     return row
 
 
+def int8_repository(repo: Path, name: str, source: Path, x: np.ndarray) -> None:
+    """``oclaw optimize`` an INT8 version of ``source`` into ``repo``, prepared, served as the only version."""
+    (repo / name / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, repo / name / "1" / "model.onnx")
+    rng = np.random.default_rng(2)
+    calibration = repo.parent / f"{name}-calibration.npy"
+    np.save(calibration, np.concatenate([x, rng.standard_normal((3, *x.shape[1:])).astype(np.float32)]))
+    settings = Settings.from_env({}, model_repository=str(repo))
+    # a speed figure: a loose budget so the first INT8 configuration is accepted
+    options = OptimizeOptions(precision="int8", calibration=calibration, metric="cosine", max_drop=0.5)
+    outcome = optimize_model(settings, name, options, Progress())
+    shutil.rmtree(repo / name / "1")
+    chosen = outcome.chosen
+    label = f"{chosen.family.label}, {chosen.latency_ms:.1f} ms vs {outcome.source_latency_ms:.1f}" if chosen else "-"
+    print(f"  {name}: INT8 version {outcome.version} ({label})", file=sys.stderr, flush=True)
+    prepare_repository(settings)
+
+
+def median_phases(runs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Each INIT phase's median over the runs (None where the variant logs no phases)."""
+    if "phases" not in runs[0]:
+        return None
+    keys = [k for k, v in runs[0]["phases"].items() if v is not None]
+    return {k: statistics.median(float(r["phases"][k]) for r in runs) for k in keys}
+
+
 def summary(runs: list[dict[str, Any]], key: str) -> tuple[float, float]:
     values = [r[key] for r in runs]
     return min(values), statistics.median(values)
 
 
-def cold_section(n: int, out: Path, work: Path) -> tuple[list[dict[str, Any]], str]:
-    models = {
-        "efficientnet_lite0": ROOT / "examples" / "models" / "efficientnet_lite0" / "1" / "model.onnx",
-        "resnet50": cached_model(out / "cache"),
-    }
+def model_path(name: str, out: Path) -> Path:
+    """The source model of one cold-start model (ResNet-50 built once into the cache)."""
+    if name == "resnet50":
+        return cached_model(out / "cache")
+    return ROOT / "examples" / "models" / "efficientnet_lite0" / "1" / "model.onnx"
+
+
+def cold_section(n: int, out: Path, work: Path, only: list[str]) -> tuple[list[dict[str, Any]], str]:
+    models = {name: model_path(name, out) for name in MODELS if name in only}
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
     results = []
@@ -107,30 +144,38 @@ def cold_section(n: int, out: Path, work: Path) -> tuple[list[dict[str, Any]], s
             (repo / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(source, repo / name / "1" / "model.onnx")
         prepare_repository(Settings.from_env({}, model_repository=str(prepared)))
+        int8 = work / f"{name}-int8"
+        int8_repository(int8, name, source, x)
         event = http_event(name, x)
-        variants = {
-            "floor": lambda source=source: floor_once(source),
-            "oclaw, prepared": lambda repo=prepared, event=event: lambda_once(
-                "handler.aws_lambda.lambda_handler", {"OCLAW_MODEL_REPOSITORY": str(repo)}, event, work
+        graph = str(prepared / name / "1" / "model.prepared.onnx")
+        oclaw = "handler.aws_lambda.lambda_handler"
+        variants: dict[str, Callable[[], dict[str, Any]]] = {
+            "floor": partial(floor_once, source),
+            "floor handler": partial(
+                lambda_once, "benchmarks.floor_lambda.handler", {"FLOOR_MODEL": graph}, event, work
             ),
-            "oclaw, not prepared": lambda repo=plain, event=event: lambda_once(
-                "handler.aws_lambda.lambda_handler", {"OCLAW_MODEL_REPOSITORY": str(repo)}, event, work
-            ),
-            "naive FastAPI+Mangum": lambda source=source, event=event: lambda_once(
-                "benchmarks.naive_lambda.handler", {"NAIVE_MODEL": str(source)}, event, work
+            "oclaw, prepared": partial(lambda_once, oclaw, {"OCLAW_MODEL_REPOSITORY": str(prepared)}, event, work),
+            "oclaw, not prepared": partial(lambda_once, oclaw, {"OCLAW_MODEL_REPOSITORY": str(plain)}, event, work),
+            "oclaw, INT8": partial(lambda_once, oclaw, {"OCLAW_MODEL_REPOSITORY": str(int8)}, event, work),
+            "naive FastAPI+Mangum": partial(
+                lambda_once, "benchmarks.naive_lambda.handler", {"NAIVE_MODEL": str(source)}, event, work
             ),
         }
-        measured: dict[str, list[dict[str, Any]]] = {}
-        for variant, once in variants.items():
+        measured: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
+        for once in variants.values():
             once()  # page cache warm-up, not counted
-            measured[variant] = [once() for _ in range(n)]
-            print(f"  {name}: {variant} done", file=sys.stderr, flush=True)
+        order = list(variants)
+        for i in range(n):  # rounds in rotating order: drift on a shared machine spreads over every variant
+            for variant in order[i % len(order) :] + order[: i % len(order)]:
+                measured[variant].append(variants[variant]())
+            print(f"  {name}: round {i + 1}/{n} done", file=sys.stderr, flush=True)
         floor_med = summary(measured["floor"], "first_ms")[1]
+        handler_med = summary(measured["floor handler"], "first_ms")[1]
         ours_med = summary(measured["oclaw, prepared"], "first_ms")[1]
         for variant, runs in measured.items():
             fmin, fmed = summary(runs, "first_ms")
             init = summary(runs, "init_ms") if "init_ms" in runs[0] else (None, None)
-            phases = runs[len(runs) // 2].get("phases")
+            phases = median_phases(runs)
             results.append(
                 {
                     "model": name,
@@ -148,6 +193,7 @@ def cold_section(n: int, out: Path, work: Path) -> tuple[list[dict[str, Any]], s
                     variant,
                     fmt(init[1]),
                     f"{fmt(fmin)} / {fmt(fmed)}",
+                    fmt_ratio(ratio(fmed, handler_med)),
                     fmt_ratio(ratio(fmed, floor_med)),
                     fmt_ratio(ratio(fmed, ours_med)),
                     " ".join(f"{k} {v:.0f}" for k, v in (phases or {}).items() if v is not None) or "-",
@@ -159,9 +205,10 @@ def cold_section(n: int, out: Path, work: Path) -> tuple[list[dict[str, Any]], s
             "variant",
             "INIT ms (median)",
             "first response ms (min / median)",
-            "vs floor",
+            "vs floor handler (median)",
+            "vs floor script",
             "vs oclaw prepared",
-            "oclaw INIT phases ms (median run)",
+            "INIT phases ms (medians)",
         ],
         rows,
     )
@@ -244,13 +291,15 @@ def warm_section(n: int, work: Path, repo_tiny: Path) -> tuple[list[dict[str, An
     return results, text
 
 
-def section(quick: bool, out: Path, work: Path) -> dict[str, Any]:
+def section(
+    quick: bool, out: Path, work: Path, models: list[str] | None = None, rounds: int | None = None
+) -> dict[str, Any]:
     """Both Lambda tables; returns the results and prints the tables."""
     from tests.modelgen import _save, mlp
 
     n_cold, n_warm = (2, 100) if quick else (5, 300)
     _save(mlp(), work / "tiny", "mlp")
-    cold, cold_text = cold_section(n_cold, out, work)
+    cold, cold_text = cold_section(rounds or n_cold, out, work, models or list(MODELS))
     print("\n## Lambda cold start: process start -> first HTTP-event response (awslambdaric + local Runtime API)\n")
     print(cold_text)
     warm, warm_text = warm_section(n_warm, work, work / "tiny")
@@ -263,12 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"cold-start models, comma-separated: {MODELS}")
+    parser.add_argument("--rounds", type=int, help="cold-start rounds per variant (default: quick 2, full 5)")
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {MODELS}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common.PYCACHE_PREFIX = out.resolve() / "cache" / "pycache"
     with tempfile.TemporaryDirectory(prefix="oclaw-lambda-bench-") as tmp:
-        results = section(args.quick, out, Path(tmp))
+        results = section(args.quick, out, Path(tmp), models, args.rounds)
     write_json(out / "lambda.json", results)
     return 0
 
