@@ -488,8 +488,7 @@ class LoadedModel:
         start = started_ns or perf_counter_ns()
         queue = start - enqueue_ns if enqueue_ns else 0
         try:
-            feed, image_mode = self._feed(request)
-            plan = self._plan(request, image_mode)
+            feed, plan = self.prepare(request)
             t1 = perf_counter_ns()
             results = self.run_plan(feed, plan)
             t2 = perf_counter_ns()

@@ -36,6 +36,7 @@ _OPT_LEVELS = {
 
 #: onnxruntime's log severity for its fatal messages only (0 verbose, 1 info, 2 warning, 3 error, 4 fatal).
 ORT_FATAL = 4
+ort.set_default_logger_severity(ORT_FATAL)  # the process-wide logger, used where no session's applies
 
 
 def resolve_providers(wanted: tuple[str, ...], available: list[str] | None = None) -> list[str]:
@@ -83,7 +84,6 @@ def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession
 
     Falls back to CPU if an accelerator fails to start, and to the source model if a prepared one fails.
     """
-    ort.set_default_logger_severity(ORT_FATAL)  # the process-wide logger, used where no session's applies
     providers = resolve_providers(settings.providers)
     opts = session_options(settings)
     chosen, prepared = choose_model_file(path, settings, providers)

@@ -135,15 +135,15 @@ def _clock(context: Any) -> Callable[[], float]:
     return (lambda: float(remaining())) if remaining is not None else (lambda: float("inf"))
 
 
-def _check_time(context: Any, path: str) -> None:
-    """Refuse work that cannot finish before the Lambda deadline."""
+def _check_time(context: Any, model: str | None, version: str | None = None) -> None:
+    """Refuse work that cannot finish before the Lambda deadline (an inference of ``model`` counted when given)."""
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     if remaining is None:
         return
     need = float(RUNTIME.settings.lambda_reserve_ms)
-    if (match := _INFER_PATH.fullmatch(path)) is not None:
+    if model is not None:
         with contextlib.suppress(OclawError):  # the request itself will report a bad model name
-            need += 2 * RUNTIME.pool.get_nowait(match["name"], match["version"]).estimate_ms()
+            need += 2 * RUNTIME.pool.get_nowait(model, version).estimate_ms()
     left = remaining()
     if left < need:
         raise NotEnoughTime(f"only {left} ms left before the Lambda deadline; this request needs about {need:.0f} ms")
@@ -174,10 +174,11 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         body = lambda_http.body_bytes(ev, settings.lambda_max_body_bytes)
         if record is not None:
             record.bytes_in = len(body)
-        _check_time(context, path)
         if match is not None:
+            _check_time(context, match["name"], match["version"])
             reply = v2.infer(RUNTIME, match["name"], match["version"], body, ev.headers, record=record)
         else:
+            _check_time(context, None)
             reply = v2.route(RUNTIME, ev.method, path, body, ev.headers)
     except OclawError as exc:
         if record is not None and match is not None:
@@ -195,7 +196,7 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if not isinstance(name, str):
             raise UnsupportedEvent("a direct invoke needs a string 'model_name'")
         version = event.get("model_version")
-        _check_time(context, f"/v2/models/{name}/infer")
+        _check_time(context, name, None if version is None else str(version))
         model = RUNTIME.pool.get(name, None if version is None else str(version))
         doc = {k: v for k, v in event.items() if k not in ("model_name", "model_version")}
         request = decode_document(doc, max_elements=RUNTIME.settings.max_tensor_elements)

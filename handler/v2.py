@@ -17,7 +17,7 @@ import orjson
 from engine import __version__
 from engine.dataplane import infer_bytes, parse_header_length
 from engine.errors import OclawError
-from engine.metering.records import METERING_HEADER, UNKNOWN_MODEL, Usage
+from engine.metering.records import METERING_HEADER, Usage, model_label
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import InferResponse
@@ -153,13 +153,13 @@ class Recorder:
         cold, runtime.cold = runtime.cold, False
         if not runtime.meter.enabled:
             return
-        known = name in runtime.pool.states()  # never a client-chosen label (metric cardinality)
+        label = model_label(runtime.pool.states(), name)  # never a client-chosen label (metric cardinality)
         runtime.meter.submit_usage(
             Usage(
                 self.request_id,
                 self.tenant,
-                name if known else UNKNOWN_MODEL,
-                version if known and version and version.isdigit() else "",
+                label,
+                version if label == name and version and version.isdigit() else "",
                 0,
                 self.bytes_in,
                 0,

@@ -248,13 +248,13 @@ class QueueSink:
         from engine import aws  # boto3 only when this sink is used
 
         client = aws.client(self.service, quick=True)
-        client.meta.events.register("before-call", _bounded_read, unique_id="oclaw-flush-deadline")
         step = self.LIMITS[self.service]
         failed: list[MeteringRecord] = []
         for start in range(0, len(records), step):
             chunk = list(records[start : start + step])
             try:
-                if time_left() < aws.QUICK_CONNECT_S + MIN_READ_S:
+                # a call starts only when its whole bound (the quick client's connect and read) ends in time
+                if time_left() < aws.QUICK_CONNECT_S + aws.QUICK_READ_S:
                     raise TimeoutError(f"{time_left():.3f} s left before the flush deadline")
                 refused = self._send(client, chunk)
             except Exception as exc:
@@ -280,18 +280,6 @@ class QueueSink:
             DeliveryStreamName=self.target, Records=[{"Data": r.json() + b"\n"} for r in chunk]
         )
         return [i for i, e in enumerate(resp["RequestResponses"]) if e.get("ErrorCode")]
-
-
-#: A queue sink's call starts only with this long to read its answer, after the connect's bound.
-MIN_READ_S = 0.05
-
-
-def _bounded_read(context: dict[str, Any], **_: Any) -> None:
-    """botocore's ``before-call``: the call reads for no longer than the flush has left (botocore takes a call's
-    ``read_timeout`` from its request context; where it does not, the client's short one bounds it)."""
-    from engine import aws
-
-    context["read_timeout"] = max(MIN_READ_S, min(aws.QUICK_READ_S, time_left() - aws.QUICK_CONNECT_S))
 
 
 class EmfSink(LineSink):
