@@ -21,7 +21,7 @@ from engine.repository.manifest import ImagePreprocess, Manifest, TensorOverride
 from engine.session import create_session
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
-from engine.textproc import decode_texts, load_tokenizer, mean_pool, tokenize
+from engine.textproc import TextModel
 from engine.warmup import Feed, declared_feed, synthetic_feeds
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,13 +95,21 @@ class LoadedModel:
         #: model, one BYTES input of strings; with an embedding post-process, the pooled embedding).
         self.session_inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")
         self.session_outputs = _signature(self.session.get_outputs(), manifest.outputs, "output")
-        self._native = {s.name: s for s in self.session_inputs}
-        self.text = manifest.preprocess if isinstance(manifest.preprocess, TextPreprocess) else None
-        self.tokenizer: Any = None
         self.inputs, self.outputs = self.session_inputs, self.session_outputs
         self._run_names = [s.name for s in self.session_outputs]
-        if self.text is not None:
-            self._text_signature(self.text)
+        self.text: TextModel | None = None
+        if isinstance(manifest.preprocess, TextPreprocess):
+            self.text = TextModel(
+                self.name,
+                manifest.preprocess,
+                manifest.embedding,
+                {s.name: s.datatype for s in self.session_inputs},
+                {s.name: s.shape for s in self.session_outputs},
+            )
+            self.inputs = (TensorSpec(*self.text.input),)
+            if self.text.output is not None and self.text.token_output is not None:
+                self.outputs = (TensorSpec(*self.text.output),)
+                self._run_names = [self.text.token_output]
         self._inputs = {s.name: s for s in self.inputs}
         self._outputs = {s.name: s for s in self.outputs}
         self._output_names = [s.name for s in self.outputs]
@@ -119,36 +127,6 @@ class LoadedModel:
         self.inline = False
         self._fast_offloaded = 0
         self._closed = threading.Event()
-
-    def _text_signature(self, pre: TextPreprocess) -> None:
-        fed = [n for n in (pre.input_ids, pre.attention_mask, pre.token_type_ids) if n is not None]
-        if pre.input_ids not in self._native:
-            raise ModelLoadError(f"preprocess.input_ids must name one of the inputs {list(self._native)}")
-        unfed = [n for n in self._native if n not in fed]
-        if unfed:
-            raise ModelLoadError(
-                f"preprocess (text) feeds {[n for n in fed if n in self._native]}; name the model's other "
-                f"input(s) {unfed} in preprocess.input_ids, attention_mask or token_type_ids"
-            )
-        self.tokenizer = load_tokenizer(pre.tokenizer, max_length=pre.max_length)
-        self.inputs = (TensorSpec(pre.input, "BYTES", (-1,)),)
-        emb = self.manifest.embedding
-        if emb is None:
-            return
-        if pre.attention_mask not in self._native:
-            raise ModelLoadError("postprocess (embedding) pools with the attention mask: name it in preprocess")
-        outs = {s.name: s for s in self.session_outputs}
-        token_output = emb.output or self.session_outputs[0].name
-        if token_output not in outs:
-            raise ModelLoadError(f"postprocess.output must name one of the outputs {list(outs)}")
-        shape = outs[token_output].shape
-        if len(shape) != 3:
-            raise ModelLoadError(
-                f"postprocess (embedding) needs token embeddings [N, T, D]; output {token_output!r} has shape "
-                f"{list(shape)}"
-            )
-        self.outputs = (TensorSpec(emb.name, "FP32", (-1, shape[2])),)
-        self._run_names = [token_output]
 
     def _image_input(self) -> str | None:
         pre = self.manifest.preprocess
@@ -220,7 +198,7 @@ class LoadedModel:
         if self.image_input is not None and self.image_input not in fixed:
             fixed[self.image_input] = self._images(InputTensor(self.image_input, "BYTES", (1,), _tiny_png()))
         if self.text is not None and not fixed:
-            fixed = self._text_feed(["oclaw warm-up"])
+            fixed = self.text.feed(["oclaw warm-up"])
         return synthetic_feeds(self.session_inputs, self._dim_names, fixed)
 
     def warm_up(self) -> int | None:
@@ -318,39 +296,6 @@ class LoadedModel:
 
     # -- inference --------------------------------------------------------------------------------
 
-    def _text_feed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        pre = self.text
-        assert pre is not None
-        ids, mask, types = tokenize(self.tokenizer, texts)
-        values = {pre.input_ids: ids, pre.attention_mask: mask, pre.token_type_ids: types}
-        return {
-            name: arr.astype(V2_TO_NUMPY[self._native[name].datatype], copy=False)
-            for name, arr in values.items()
-            if name in self._native
-        }
-
-    def _texts(self, request: InferRequest) -> dict[str, np.ndarray]:
-        pre = self.text
-        assert pre is not None
-        if request.raw is not None:
-            raise InvalidInput(
-                f"model {self.name!r} takes text: send a V2 infer request with a BYTES input {pre.input!r}"
-            )
-        names = [t.name for t in request.inputs]
-        if names != [pre.input]:
-            raise InvalidInput(f"model {self.name!r} takes one input {pre.input!r} (BYTES strings), got {names}")
-        t = request.inputs[0]
-        if t.datatype != "BYTES":
-            raise InvalidInput(f"input {t.name!r}: expected datatype BYTES (UTF-8 strings), got {t.datatype}")
-        if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
-            raise InvalidInput(f"input {t.name!r}: expected shape [N] or [N, 1] (N strings), got {list(t.shape)}")
-        if t.shape[0] == 0:
-            raise InvalidInput(f"input {t.name!r}: no text given")
-        mbs = self.manifest.max_batch_size
-        if mbs > 0 and t.shape[0] > mbs:
-            raise InvalidInput(f"input {t.name!r}: {t.shape[0]} strings exceed max_batch_size {mbs}")
-        return self._text_feed(decode_texts(t.array.reshape(-1).tolist(), name=t.name))
-
     def _images(self, t: InputTensor) -> np.ndarray:
         pre = self.manifest.preprocess
         assert isinstance(pre, ImagePreprocess)
@@ -407,7 +352,7 @@ class LoadedModel:
 
     def _feed(self, request: InferRequest) -> tuple[dict[str, np.ndarray], bool]:
         if self.text is not None:
-            return self._texts(request), False
+            return self.text.request_feed(request, self.manifest.max_batch_size), False
         if request.raw is not None:
             if self.image_input is not None and request.raw_kind != "tensor":
                 img = InputTensor(self.image_input, "BYTES", (1,), np.array([request.raw], dtype=object))
@@ -454,8 +399,8 @@ class LoadedModel:
             results: list[np.ndarray] = self.session.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
-        if emb is not None and self.text is not None and self.text.attention_mask is not None:
-            pooled = mean_pool(results[0], feed[self.text.attention_mask], normalize=emb.normalize)
+        if self.text is not None and self.text.output is not None:
+            pooled = self.text.pool(results[0], feed)
             return [pooled for _ in plan]
         return results
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from engine.datatypes import V2_TO_NUMPY
 from engine.errors import InvalidInput, ModelLoadError
+from engine.repository.manifest import Embedding, TextPreprocess
+from engine.tensors import InferRequest
+
+#: A served tensor's signature: name, V2 datatype, shape (-1 for a variable dimension).
+Spec = tuple[str, str, tuple[int, ...]]
 
 
 def load_tokenizer(path: Path, *, max_length: int) -> Any:
@@ -70,3 +76,85 @@ def mean_pool(tokens: np.ndarray, mask: np.ndarray, *, normalize: bool) -> np.nd
     if normalize:
         pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
     return pooled.astype(np.float32)
+
+
+class TextModel:
+    """A text model's ends: a BYTES tensor of strings in (tokenized into the session's token inputs) and, with an
+    ``embedding`` post-process, the session's token embeddings pooled into one vector per string."""
+
+    def __init__(
+        self,
+        model: str,
+        pre: TextPreprocess,
+        embedding: Embedding | None,
+        inputs: Mapping[str, str],
+        outputs: Mapping[str, tuple[int, ...]],
+    ) -> None:
+        """``inputs``: the session's input datatypes by name; ``outputs``: its output shapes by name, in order."""
+        self.model, self.pre, self.embedding, self._native = model, pre, embedding, inputs
+        fed = [n for n in (pre.input_ids, pre.attention_mask, pre.token_type_ids) if n is not None]
+        if pre.input_ids not in inputs:
+            raise ModelLoadError(f"preprocess.input_ids must name one of the inputs {list(inputs)}")
+        unfed = [n for n in inputs if n not in fed]
+        if unfed:
+            raise ModelLoadError(
+                f"preprocess (text) feeds {[n for n in fed if n in inputs]}; name the model's other "
+                f"input(s) {unfed} in preprocess.input_ids, attention_mask or token_type_ids"
+            )
+        self.tokenizer = load_tokenizer(pre.tokenizer, max_length=pre.max_length)
+        #: The served input, and (with an embedding post-process) the served output and the session output it pools.
+        self.input: Spec = (pre.input, "BYTES", (-1,))
+        self.output: Spec | None = None
+        self.token_output: str | None = None
+        if embedding is None:
+            return
+        if pre.attention_mask not in inputs:
+            raise ModelLoadError("postprocess (embedding) pools with the attention mask: name it in preprocess")
+        token_output = embedding.output or next(iter(outputs))
+        if token_output not in outputs:
+            raise ModelLoadError(f"postprocess.output must name one of the outputs {list(outputs)}")
+        shape = outputs[token_output]
+        if len(shape) != 3:
+            raise ModelLoadError(
+                f"postprocess (embedding) needs token embeddings [N, T, D]; output {token_output!r} has shape "
+                f"{list(shape)}"
+            )
+        self.output = (embedding.name, "FP32", (-1, shape[2]))
+        self.token_output = token_output
+
+    def feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """The session feed of some strings: token ids, attention mask and token types, as the session types them."""
+        pre = self.pre
+        ids, mask, types = tokenize(self.tokenizer, texts)
+        values = ((pre.input_ids, ids), (pre.attention_mask, mask), (pre.token_type_ids, types))
+        return {
+            name: arr.astype(V2_TO_NUMPY[self._native[name]], copy=False)
+            for name, arr in values
+            if name is not None and name in self._native
+        }
+
+    def request_feed(self, request: InferRequest, max_batch_size: int) -> dict[str, np.ndarray]:
+        """The session feed of a V2 request: one BYTES input of N strings, shape [N] or [N, 1]."""
+        pre = self.pre
+        if request.raw is not None:
+            raise InvalidInput(
+                f"model {self.model!r} takes text: send a V2 infer request with a BYTES input {pre.input!r}"
+            )
+        names = [t.name for t in request.inputs]
+        if names != [pre.input]:
+            raise InvalidInput(f"model {self.model!r} takes one input {pre.input!r} (BYTES strings), got {names}")
+        t = request.inputs[0]
+        if t.datatype != "BYTES":
+            raise InvalidInput(f"input {t.name!r}: expected datatype BYTES (UTF-8 strings), got {t.datatype}")
+        if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
+            raise InvalidInput(f"input {t.name!r}: expected shape [N] or [N, 1] (N strings), got {list(t.shape)}")
+        if t.shape[0] == 0:
+            raise InvalidInput(f"input {t.name!r}: no text given")
+        if max_batch_size > 0 and t.shape[0] > max_batch_size:
+            raise InvalidInput(f"input {t.name!r}: {t.shape[0]} strings exceed max_batch_size {max_batch_size}")
+        return self.feed(decode_texts(t.array.reshape(-1).tolist(), name=t.name))
+
+    def pool(self, tokens: np.ndarray, feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The served embedding of the session's token embeddings (the attention mask taken from ``feed``)."""
+        assert self.embedding is not None and self.pre.attention_mask is not None
+        return mean_pool(tokens, feed[self.pre.attention_mask], normalize=self.embedding.normalize)
