@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ _CHOICES = {
     "graph_optimization": _OPT_LEVELS,
     "log_format": ("json", "text"),
     "cloudrun_billing": ("request", "instance"),
+    "warmup": ("auto", "true", "false"),
 }
 #: Counts and sizes that must be at least 1, and those that may be 0.
 _AT_LEAST_ONE = (
@@ -163,8 +165,11 @@ class Settings:
     allow_spinning: bool = True
     #: Load ``model.prepared.onnx`` (made by ``oclaw prepare``) with optimisations off when compatible.
     use_prepared: bool = True
-    #: Run one synthetic inference per model before it is reported ready.
-    warmup: bool = True
+    #: One inference per model when it loads, before it is reported ready: ``true``, ``false`` or ``auto`` (every
+    #: load except on an on-demand Lambda instance, where the request that follows the load is the first run
+    #: anyway: a warm-up there only adds one run to the cold start; provisioned-concurrency and SnapStart INITs,
+    #: servers and Cloud Run warm up, off the request path).
+    warmup: str = "auto"
     #: Largest accepted request body, in bytes (413 above it).
     max_body_bytes: int = 64 * 1024 * 1024
     #: Largest element count of one declared tensor shape (rejected before allocating).
@@ -236,6 +241,8 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise invalid("OCLAW_LOG_LEVEL", self.log_level, f"not a log level; use one of {', '.join(LOG_LEVELS)}")
         object.__setattr__(self, "log_level", self.log_level.upper())
+        with contextlib.suppress(ValueError):  # OCLAW_WARMUP also takes the usual boolean spellings
+            object.__setattr__(self, "warmup", str(_bool(str(self.warmup))).lower())
         for name, choices in _CHOICES.items():
             value = str(getattr(self, name)).strip().lower()
             if value not in choices:
@@ -257,6 +264,12 @@ class Settings:
     def threads(self) -> int:
         """Effective intra-op thread count."""
         return self.intra_op_threads or available_cpus()
+
+    def warms_at_load(self, init_type: str | None) -> bool:
+        """Whether a model is warmed up when it loads, on a Lambda instance of ``init_type`` (None elsewhere)."""
+        if self.warmup == "auto":
+            return init_type != "on-demand"
+        return self.warmup == "true"
 
     @property
     def preload_all(self) -> bool:

@@ -256,6 +256,8 @@ class LoadedModel:
         record: dict[str, Any] = {
             "session_ms": round(self.session_ms, 1),
             "warmup_ms": round(self.warmup_ms, 1),
+            # false when OCLAW_WARMUP skipped it (an on-demand Lambda INIT: the first request is the first run)
+            "warmed_up": self.warm_feed is not None,
             "prepared": self.prepared,
         }
         if self.warmup_error is not None:
@@ -443,6 +445,8 @@ class LoadedModel:
             self.stats.failure(perf_counter_ns() - start + queue)
             raise
         t3 = perf_counter_ns()
+        if self.warm_ns is None:  # not warmed up at load: the first run (its first-run cost included) estimates
+            self.warm_ns = t2 - t1
         first = next(iter(feed.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         response.rows, response.queue_ns, response.compute_ns = rows, queue, t3 - start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from time import perf_counter_ns
@@ -46,6 +47,8 @@ class ModelPool:
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
         self._required: set[str] = set(settings.required_models)
+        #: Models are warmed up as they load (OCLAW_WARMUP; "auto" skips it on an on-demand Lambda instance).
+        self.warm_at_load = settings.warms_at_load(os.environ.get("AWS_LAMBDA_INITIALIZATION_TYPE"))
 
     # -- loading ----------------------------------------------------------------------------------
 
@@ -86,7 +89,7 @@ class ModelPool:
             for version in self._versions_to_load(name):
                 model = LoadedModel(self.repository.files(name, version), manifest, self.settings)
                 model.fetch_ms = fetch_ms
-                if self.settings.warmup:
+                if self.warm_at_load:
                     model.warm_up()
                 loaded[version] = model
         except OclawError as exc:

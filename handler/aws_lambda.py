@@ -1,9 +1,11 @@
 """AWS Lambda entry point: ``handler.aws_lambda.lambda_handler``, one function for every event.
 
-Importing this module is Lambda's INIT phase: the model pool is loaded and warmed here, once per instance
-(before the snapshot with SnapStart), and one structured cold-start record is printed. Only what an inference
-request needs is imported on this path; FastAPI/Mangum (routes beyond the V2 data plane) and boto3 (warmer
-fan-out) load on first use.
+Importing this module is Lambda's INIT phase: the model pool is loaded here, once per instance (before the
+snapshot with SnapStart), and one structured cold-start record is printed. Models are warmed up in INIT for
+provisioned concurrency and SnapStart; on an on-demand instance (OCLAW_WARMUP=auto) the first request is the
+first run, since a warm-up there would only add a run before it. Only what an HTTP inference request needs is
+imported on this path; FastAPI/Mangum (routes beyond the V2 data plane), the S3, SQS and warm-ping modules and
+boto3 load on first use.
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ from engine import aws as aws_clients  # noqa: E402
 from engine import logs  # noqa: E402
 from engine.dataplane import encode_served  # noqa: E402
 from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E402
-from engine.metering.sinks import EmfSink  # noqa: E402
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document  # noqa: E402
-from handler import lambda_http, s3_events, sqs_events, v2, warmer  # noqa: E402
+from handler import lambda_http, v2  # noqa: E402
 
 ACCEPTED = (
     "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "
@@ -73,6 +74,8 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     start = perf_counter_ns()
     runtime.preload()
     meter = runtime.meter  # metering's sinks and prices made in INIT (and the snapshot), not by the first request
+    from engine.metering.sinks import EmfSink  # imported by the meter already
+
     if runtime.settings.metrics and not any(isinstance(sink, EmfSink) for sink in meter.sinks):
         meter.sinks = [*meter.sinks, EmfSink()]  # OCLAW_METRICS: CloudWatch metrics, as Prometheus on a server
     models = runtime.pool.loaded()
@@ -273,16 +276,29 @@ def tenant_of(event: dict[str, Any], headers: dict[str, str], context: Any) -> s
     return next((str(c) for c in candidates if c), "anonymous")
 
 
+def _not_http(event: Any) -> bool:
+    """True for what may be a warm ping, an SQS batch, an S3 notification or a batch job: the modules serving
+    those are imported on the first such event, so an HTTP function's INIT does not pay for them."""
+    return isinstance(event, dict) and not _NOT_HTTP_KEYS.isdisjoint(event)
+
+
+_NOT_HTTP_KEYS = frozenset(("oclaw", "Records", "Event"))
+
+
 def _dispatch(event: Any, context: Any) -> Any:
     cold = RUNTIME.cold
-    if warmer.is_warm_event(event):
-        last = None if STATE.last_traffic_ns is None else (perf_counter_ns() - STATE.last_traffic_ns) / 1e9
-        return warmer.handle(event, context, RUNTIME, cold=cold, last_traffic_s=last)
+    if _not_http(event):
+        from handler import s3_events, sqs_events, warmer
+
+        if warmer.is_warm_event(event):
+            last = None if STATE.last_traffic_ns is None else (perf_counter_ns() - STATE.last_traffic_ns) / 1e9
+            return warmer.handle(event, context, RUNTIME, cold=cold, last_traffic_s=last)
+        STATE.last_traffic_ns = perf_counter_ns()
+        if sqs_events.is_sqs_event(event):
+            return sqs_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
+        if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
+            return s3_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
     STATE.last_traffic_ns = perf_counter_ns()
-    if sqs_events.is_sqs_event(event):
-        return sqs_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
-    if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
-        return s3_events.handle(event, context, RUNTIME, remaining_ms=_clock(context))
     source = lambda_http.infer(event)
     if source is not None:
         return _http(event, context, source)
@@ -308,12 +324,15 @@ def _traced(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 
 
 def _source(event: Any) -> str:
-    if warmer.is_warm_event(event):
-        return "warm"
-    if sqs_events.is_sqs_event(event):
-        return "sqs"
-    if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
-        return "s3"
+    if _not_http(event):
+        from handler import s3_events, sqs_events, warmer
+
+        if warmer.is_warm_event(event):
+            return "warm"
+        if sqs_events.is_sqs_event(event):
+            return "sqs"
+        if s3_events.is_s3_event(event) or s3_events.is_batch_job(event):
+            return "s3"
     return lambda_http.infer(event) or "direct"
 
 

@@ -66,7 +66,7 @@ def test_version() -> None:
         (["serve"], {"OCLAW_S3_CHUNK_LINES": "0"}, "oclaw: OCLAW_S3_CHUNK_LINES=0: must be >= 1"),
         (["serve"], {"OCLAW_DRAIN_TIMEOUT_S": "nan"}, "oclaw: OCLAW_DRAIN_TIMEOUT_S=nan: must be a finite number"),
         (["serve"], {"OCLAW_CLOUDRUN_BILLING": "free"}, "oclaw: OCLAW_CLOUDRUN_BILLING=free: must be one of"),
-        (["prepare"], {"OCLAW_WARMUP": "maybe"}, "oclaw: OCLAW_WARMUP=maybe: expected a boolean"),
+        (["prepare"], {"OCLAW_WARMUP": "maybe"}, "oclaw: OCLAW_WARMUP=maybe: must be one of auto, true, false"),
         (["lambda", "invoke", str(EVENTS / "warm.json"), "--env", "FOO"], {}, "argument --env: expected KEY=VALUE"),
         (["lambda", "invoke", str(EVENTS / "warm.json"), "--memory", "64"], {}, "argument --memory"),
         (["lambda", "invoke", str(EVENTS / "warm.json"), "--repeat", "0"], {}, "argument --repeat"),

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 FORBIDDEN = ("fastapi", "starlette", "mangum", "uvicorn", "boto3", "botocore", "pydantic")
 LAMBDA_FORBIDDEN = (*FORBIDDEN, "aws_lambda_powertools", "snapshot_restore_py", "PIL")
@@ -44,3 +45,46 @@ def test_lambda_cold_path_imports_only_what_inference_needs(repo: Path) -> None:
     assert json.loads(out.stdout.splitlines()[-1]) == []
     record = json.loads(next(line for line in out.stdout.splitlines() if '"cold_start"' in line))
     assert set(record["phases_ms"]) == {"runtime", "imports", "repository", "sessions", "warmup", "preload"}
+
+
+def _lambda_init(repo: Path, init_type: str, **env: str) -> tuple[list[str], dict[str, Any]]:
+    """Import the Lambda handler as INIT does: the lazily loaded modules that did load, and the cold-start record."""
+    code = (
+        "import json, sys\n"
+        "import handler.aws_lambda as h\n"
+        "assert h.RUNTIME.pool.ready()\n"
+        f"print(json.dumps([m for m in {LAZY_ON_HTTP!r} if m in sys.modules]))\n"
+    )
+    environ = {
+        **os.environ,
+        "OCLAW_MODEL_REPOSITORY": str(repo),
+        "AWS_LAMBDA_INITIALIZATION_TYPE": init_type,
+        **env,
+    }
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=environ)
+    record = json.loads(next(line for line in out.stdout.splitlines() if '"cold_start"' in line))
+    return json.loads(out.stdout.splitlines()[-1]), record
+
+
+#: Modules an on-demand INIT of an HTTP function does not load: the S3, SQS and warm-ping handlers load on the
+#: first such event, Pillow on the first image (the warm-up, which would decode one, is skipped there).
+LAZY_ON_HTTP = ("handler.s3_events", "handler.s3_parts", "handler.sqs_events", "handler.warmer", "PIL")
+
+
+def test_an_on_demand_init_skips_the_warm_up_and_the_modules_no_http_request_needs(repo: Path) -> None:
+    image_only = repo.parent / "image-only"
+    if not image_only.exists():
+        shutil.copytree(repo / "tiny_classifier", image_only / "tiny_classifier")
+    loaded, record = _lambda_init(image_only, "on-demand")
+    assert loaded == []
+    assert record["models"]["tiny_classifier/1"]["warmed_up"] is False
+    assert record["phases_ms"]["warmup"] == 0
+    # provisioned concurrency (and SnapStart) INIT is off the request path: the model is warmed there, image included
+    loaded, record = _lambda_init(image_only, "provisioned-concurrency")
+    assert loaded == ["PIL"]
+    assert record["models"]["tiny_classifier/1"]["warmed_up"] is True
+    # OCLAW_WARMUP decides over the init type
+    _, record = _lambda_init(image_only, "on-demand", OCLAW_WARMUP="true")
+    assert record["models"]["tiny_classifier/1"]["warmed_up"] is True
+    _, record = _lambda_init(image_only, "provisioned-concurrency", OCLAW_WARMUP="off")
+    assert record["models"]["tiny_classifier/1"]["warmed_up"] is False

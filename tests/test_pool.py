@@ -125,7 +125,7 @@ def test_settings_read_the_environment_once() -> None:
         {"OCLAW_PRELOAD": "a, b", "OCLAW_WARMUP": "false", "OCLAW_MAX_BODY_BYTES": "10", "OCLAW_FUTURE": "x"}
     )
     assert s.preload == ("a", "b") and not s.preload_all
-    assert s.warmup is False and s.max_body_bytes == 10
+    assert s.warmup == "false" and not s.warms_at_load(None) and s.max_body_bytes == 10
     assert s.extra == {"OCLAW_FUTURE": "x"}
     assert s.threads >= 1
     with pytest.raises(ConfigError, match="OCLAW_MAX_BODY_BYTES"):

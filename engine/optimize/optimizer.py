@@ -238,7 +238,7 @@ def verify(files: ModelFiles, source: LoadedModel, data: SearchData) -> float:
                 f"the optimized model's signature {[s.as_dict() for s in model.inputs + model.outputs]} differs "
                 f"from the source's {[s.as_dict() for s in source.inputs + source.outputs]}"
             )
-        if source.settings.warmup and model.warm_up() is None and source.warm_up() is not None:
+        if source.settings.warmup != "false" and model.warm_up() is None and source.warm_up() is not None:
             raise ModelLoadError(f"the optimized model does not run its warm-up: {model.warmup_error}")
         names = [o.name for o in model.session.get_outputs()]
         outputs = [list(model.session.run(names, feed)) for feed in data.evaluation.feeds]

@@ -9,7 +9,6 @@ sha256 first; an unpacked copy is reused while the archive's own sha256 is uncha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import zipfile  # imported where a pack is read or written: a repository of directories never needs it
+    import zipfile  # imported where a pack is read or written: a repository of directories never needs it (nor hashlib)
 
 PACK_SUFFIX = ".oclaw"
 #: The member that lists every other member's sha256.
@@ -62,6 +61,8 @@ def pack_members(model_dir: Path, versions: Sequence[int]) -> dict[str, Path]:
 
 
 def _sha256_copy(src: Any, dst: Any) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     while block := src.read(_CHUNK):
         digest.update(block)
@@ -93,6 +94,8 @@ def write_pack(model_dir: Path, out: Path, *, name: str, versions: Sequence[int]
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    import hashlib
+
     digest = hashlib.sha256()
     with out.open("rb") as fh:
         while block := fh.read(_CHUNK):
@@ -171,6 +174,7 @@ def _extract(zf: zipfile.ZipFile, into: Path, where: str) -> None:
 
 def unpack(archive: Path, cache: Path, name: str) -> Path:
     """The verified, unpacked copy of ``archive`` under ``cache`` (reused while the archive is unchanged)."""
+    import hashlib
     import shutil
     import zipfile
 
