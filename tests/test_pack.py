@@ -388,3 +388,26 @@ def test_lambda_init_serves_a_pack_from_a_layer(src: Path, tmp_path: Path, capsy
     assert result.json()["outputs"][0]["data"][:3] == [2.0, 3.0, 4.0]
     assert [p.name.rsplit("-", 1)[0] for p in (tmp_path / "tmp" / PACKS_DIR).iterdir()] == ["add_sub"]
     assert sorted(p.name for p in layer.iterdir()) == ["add_sub.oclaw"]
+
+
+def test_lambda_init_opens_the_prepared_graph_a_pack_carries(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """prepare -> pack -> a layer: INIT opens the prepared graph with optimisations off, as from a directory."""
+    repo = tmp_path / "repo"
+    shutil.copytree(src / "add_sub", repo / "add_sub")
+    assert main(["prepare", "--model-repository", str(repo), "--level", "extended"]) == 0
+    assert "add_sub" in capsys.readouterr().out
+    layer = tmp_path / "opt" / "models"
+    pack(repo / "add_sub", layer / "add_sub.oclaw", capsys)
+    with zipfile.ZipFile(layer / "add_sub.oclaw") as zf:
+        assert {"1/model.onnx", "1/model.prepared.onnx", "1/model.prepared.json"} <= set(zf.namelist())
+    env = {"OCLAW_MODEL_REPOSITORY": str(layer), "OCLAW_MODEL_CACHE": str(tmp_path / "tmp")}
+    with LocalLambda(env=env, cwd=ROOT, log=tmp_path / "lambda.log") as fn:
+        fn.wait_init()
+        result = fn.invoke(DIRECT_INFER)
+    assert result.error is None, result.error
+    assert result.json()["outputs"][0]["data"][:3] == [2.0, 3.0, 4.0]
+    lines = (tmp_path / "lambda.log").read_text().splitlines()
+    record = json.loads(next(line for line in lines if line.startswith('{"event": "cold_start"')))
+    assert record["models"]["add_sub/1"]["prepared"] is True

@@ -270,8 +270,9 @@ def parse(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespac
 def test_every_oclaw_command_parses_with_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     commands = oclaw_commands()
     parsed = [parse(argv, monkeypatch) for argv in commands]
-    assert [args.command for args in parsed] == ["optimize", "publish"]
-    optimize, publish = parsed
+    assert [args.command for args in parsed] == ["optimize", "prepare", "publish"]
+    optimize, prepare, publish = parsed
+    assert (prepare.model_repository, prepare.level, prepare.models) == ("models", "extended", ["placeholder"])
     assert (optimize.model, optimize.precision, optimize.max_drop) == ("placeholder", "int8", 0.01)
     assert (optimize.evaluation, optimize.report, optimize.model_repository) == ("data/evaluation", "report/", "models")
     assert publish.repository == "models"
