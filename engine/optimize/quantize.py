@@ -87,7 +87,10 @@ def preprocess(source: Path, out: Path) -> None:
     onnx = require_onnx()
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with quiet():
+    source, out = source.resolve(), out.resolve()
+    # onnxruntime's symbolic shape inference leaves sym_shape_infer_temp.onnx (and its weights, the model's size)
+    # in the working directory when it cannot infer every shape: run it in the directory of our own output
+    with quiet(), contextlib.chdir(out.parent):
         try:
             quant_pre_process(str(source), str(out))
         except Exception:  # noqa: BLE001 - symbolic shape inference rejects some graphs; plain ONNX inference then
