@@ -24,6 +24,7 @@ _CHOICES = {
     "log_format": ("json", "text"),
     "cloudrun_billing": ("request", "instance"),
     "warmup": ("auto", "true", "false"),
+    "cuda_conv_algo_search": ("heuristic", "exhaustive", "default"),
 }
 #: Counts and sizes that must be at least 1, and those that may be 0.
 _AT_LEAST_ONE = (
@@ -35,10 +36,12 @@ _AT_LEAST_ONE = (
     "s3_chunk_lines",
 )
 _AT_LEAST_ZERO = (
+    "cuda_device_id",
     "intra_op_threads",
     "inline_run_us",
     "drain_timeout_s",
     "lambda_reserve_ms",
+    "idle_unload_s",
     "warmer_hold_ms",
     "warmer_traffic_window_s",
     "batch_max_rows",
@@ -157,6 +160,15 @@ class Settings:
     required_models: tuple[str, ...] = ()
     #: Execution providers in priority order; unavailable ones fall back to ``cpu`` with a warning.
     providers: tuple[str, ...] = ("cpu",)
+    #: CUDA (and TensorRT) device of every session, as CUDA numbers them (after CUDA_VISIBLE_DEVICES).
+    cuda_device_id: int = 0
+    #: Largest share of the device's memory onnxruntime's CUDA arena may take, per session (0 < f <= 1; 0 = no
+    #: limit); needs nvidia-ml-py to read the device's size (the ``gpu`` extra).
+    gpu_memory_limit: float = 0.0
+    #: cuDNN convolution algorithm search: ``heuristic`` (fast first run: right for cold starts), ``exhaustive``
+    #: (onnxruntime's default: benchmarks every algorithm at each new input shape, seconds on the first request)
+    #: or ``default``.
+    cuda_conv_algo_search: str = "heuristic"
     #: Intra-op threads per session; 0 means the CPUs this process may use.
     intra_op_threads: int = 0
     graph_optimization: str = "all"
@@ -176,6 +188,10 @@ class Settings:
     max_tensor_elements: int = 1 << 26
     #: Concurrent ``session.run`` calls per model (the rest queue).
     model_concurrency: int = 1
+    #: MiB the loaded models may take (``engine.memory``): -1 = the platform's limit less a headroom, 0 = no budget.
+    memory_budget_mb: int = -1
+    #: Seconds after its last request that a model (not a required one) is unloaded; 0 = never.
+    idle_unload_s: float = 0.0
     #: Models whose warm-up run took less than this run on the event loop instead of a thread.
     inline_run_us: int = 1000
     #: Seconds SIGTERM waits for in-flight requests before closing.
@@ -256,9 +272,14 @@ class Settings:
             for name in names:
                 if getattr(self, name) < low:
                     raise invalid(f"OCLAW_{name.upper()}", getattr(self, name), f"must be {what}")
+        if self.memory_budget_mb < -1:
+            raise invalid("OCLAW_MEMORY_BUDGET_MB", self.memory_budget_mb, "must be >= 0 (0: no budget)")
         for name in _ABOVE_ZERO:
             if getattr(self, name) <= 0:
                 raise invalid(f"OCLAW_{name.upper()}", getattr(self, name), "must be > 0")
+        if not 0 <= self.gpu_memory_limit <= 1:
+            why = "must be a fraction of the device's memory, 0 < f <= 1 (0: no limit)"
+            raise invalid("OCLAW_GPU_MEMORY_LIMIT", self.gpu_memory_limit, why)
 
     @property
     def threads(self) -> int:

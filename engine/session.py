@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
 
 from engine.config import Settings
-from engine.errors import ModelLoadError
+from engine.errors import ConfigError, ModelLoadError
 from engine.optimize.prepare import prepared_path
 
 log = logging.getLogger("oclaw.session")
@@ -55,6 +57,74 @@ def resolve_providers(wanted: tuple[str, ...], available: list[str] | None = Non
     return chosen
 
 
+#: OCLAW_CUDA_CONV_ALGO_SEARCH -> the CUDA provider's cudnn_conv_algo_search.
+_CONV_ALGO_SEARCH = {"heuristic": "HEURISTIC", "exhaustive": "EXHAUSTIVE", "default": "DEFAULT"}
+
+ProviderSpec = str | tuple[str, dict[str, str]]
+
+
+def provider_options(
+    providers: list[str], settings: Settings, device_bytes: Callable[[int], int] | None = None
+) -> list[ProviderSpec]:
+    """The providers with their options, as InferenceSession takes them: the CUDA provider on
+    OCLAW_CUDA_DEVICE_ID, its arena growing by what is asked (not doubling) and capped at OCLAW_GPU_MEMORY_LIMIT of
+    the device's memory, cuDNN's algorithm search per OCLAW_CUDA_CONV_ALGO_SEARCH; TensorRT on the same device.
+
+    ``device_bytes`` (the device's memory, by CUDA device number) defaults to asking NVML.
+    """
+    specs: list[ProviderSpec] = []
+    for name in providers:
+        if name == "CUDAExecutionProvider":
+            options = {
+                "device_id": str(settings.cuda_device_id),
+                "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": _CONV_ALGO_SEARCH[settings.cuda_conv_algo_search],
+            }
+            if settings.gpu_memory_limit:
+                total = (device_bytes or gpu_memory_bytes)(settings.cuda_device_id)
+                options["gpu_mem_limit"] = str(int(total * settings.gpu_memory_limit))
+            specs.append((name, options))
+        elif name == "TensorrtExecutionProvider":
+            specs.append((name, {"device_id": str(settings.cuda_device_id)}))
+        else:
+            specs.append(name)
+    return specs
+
+
+def gpu_memory_bytes(device_id: int) -> int:
+    """The memory of CUDA device ``device_id``, from NVML (nvidia-ml-py); NVML numbers devices ignoring
+    CUDA_VISIBLE_DEVICES, so the CUDA number is mapped through it first."""
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        raise ConfigError(
+            "OCLAW_GPU_MEMORY_LIMIT needs the device's memory size from NVML: pip install 'oclaw[gpu]' (nvidia-ml-py)"
+        ) from None
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    target = visible[device_id] if device_id < len(visible) else str(device_id)
+    try:
+        pynvml.nvmlInit()
+        try:
+            if target.isdigit():
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(target))
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(target)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as exc:
+        raise ConfigError(f"OCLAW_GPU_MEMORY_LIMIT: cannot read CUDA device {device_id}'s memory: {exc}") from None
+
+
+def device_of(session: ort.InferenceSession, settings: Settings) -> str:
+    """Where a session runs: ``cuda:<id>`` (CUDA or TensorRT first among its providers), else the provider's
+    short name (``cpu``, ``openvino``, ...)."""
+    first = session.get_providers()[0]
+    if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return f"cuda:{settings.cuda_device_id}"
+    return next((short for short, full in PROVIDER_NAMES.items() if full == first), first)
+
+
 def session_options(settings: Settings) -> ort.SessionOptions:
     """SessionOptions for one model under these settings."""
     opts = ort.SessionOptions()
@@ -85,17 +155,18 @@ def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession
     Falls back to CPU if an accelerator fails to start, and to the source model if a prepared one fails.
     """
     providers = resolve_providers(settings.providers)
+    specs = provider_options(providers, settings)
     opts = session_options(settings)
     chosen, prepared = choose_model_file(path, settings, providers)
     if prepared:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(chosen), sess_options=opts, providers=providers), True
+            return ort.InferenceSession(str(chosen), sess_options=opts, providers=specs), True
         except Exception as exc:  # noqa: BLE001 - fall back to the source model, never fail on a cache
             log.warning("%s: prepared graph failed to load (%s); using the source model", chosen, exc)
             opts = session_options(settings)
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=specs)
     except Exception as exc:
         if providers == ["CPUExecutionProvider"]:
             raise ModelLoadError(f"{path}: {exc}") from exc
