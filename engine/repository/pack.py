@@ -173,18 +173,25 @@ def _extract(zf: zipfile.ZipFile, into: Path, where: str) -> None:
 
 
 def unpack(archive: Path, cache: Path, name: str) -> Path:
-    """The verified, unpacked copy of ``archive`` under ``cache`` (reused while the archive is unchanged)."""
+    """The verified, unpacked copy of ``archive`` under ``cache`` (reused while the archive's index is unchanged).
+
+    The copy is named by the sha256 of the pack's index, which lists every member's sha256: the same index means
+    the same content, so a cold start reads the archive once (each member hashed as it is written), not twice.
+    """
     import hashlib
     import shutil
     import zipfile
 
-    digest = hashlib.sha256()
     try:
-        with archive.open("rb") as fh:
-            while block := fh.read(_CHUNK):
-                digest.update(block)
+        with zipfile.ZipFile(archive) as zf:
+            index = zf.read(PACK_INDEX)
+    except KeyError:
+        raise ModelLoadError(f"{archive}: not an oclaw pack (no {PACK_INDEX}); make one with `oclaw pack`") from None
+    except zipfile.BadZipFile as exc:
+        raise ModelLoadError(f"{archive}: not a readable zip archive ({exc})") from None
     except OSError as exc:
         raise ModelLoadError(f"{archive}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(index)
     dest = cache / PACKS_DIR / f"{name}-{digest.hexdigest()[:16]}"
     if (dest / _VERIFIED).is_file():
         return dest
@@ -192,6 +199,8 @@ def unpack(archive: Path, cache: Path, name: str) -> Path:
     try:
         tmp.mkdir(parents=True)
         with zipfile.ZipFile(archive) as zf:
+            if zf.read(PACK_INDEX) != index:
+                raise ModelLoadError(f"{archive}: the pack changed while it was being unpacked; load it again")
             _extract(zf, tmp, str(archive))
         (tmp / _VERIFIED).write_text(digest.hexdigest(), encoding="utf-8")
         try:
