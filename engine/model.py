@@ -127,6 +127,8 @@ class LoadedModel:
         self.inline = False
         self._fast_offloaded = 0
         self._closed = threading.Event()
+        #: Memory this version holds (the RSS its load added, at least its file's size); measured by the pool.
+        self.memory_bytes = 0
 
     def _image_input(self) -> str | None:
         pre = self.manifest.preprocess
@@ -259,6 +261,7 @@ class LoadedModel:
             # false when OCLAW_WARMUP skipped it (an on-demand Lambda INIT: the first request is the first run)
             "warmed_up": self.warm_feed is not None,
             "prepared": self.prepared,
+            "memory_bytes": self.memory_bytes,
         }
         if self.warmup_error is not None:
             record["warmup_error"] = self.warmup_error
