@@ -106,6 +106,8 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
     except OclawError as exc:
         record.failed(model_name, model_version, int(exc.status))
         raise
+    finally:
+        record.release()  # the model's lease: a model the pool unloaded meanwhile is freed at its last release
 
 
 async def _infer(
@@ -113,12 +115,13 @@ async def _infer(
 ) -> Response:
     pool = runtime.pool
     try:
-        model = pool.get_nowait(model_name, model_version)
+        record.lease = pool.lease(model_name, model_version, wait=False)
     except ModelNotFound:
         raise
     except OclawError:
-        # still loading: wait for it off the event loop (requests never race a cold start to a 503)
-        model = await asyncio.to_thread(pool.get, model_name, model_version)
+        # still loading, or unloaded by the pool: wait for its load off the event loop (never a 503 for that)
+        record.lease = await asyncio.to_thread(pool.lease, model_name, model_version)
+    model = record.lease.model
     body = await read_body(request, runtime.settings.max_body_bytes)
     record.bytes_in = len(body)
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))

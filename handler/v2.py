@@ -24,6 +24,7 @@ from engine.tensors import InferResponse
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.metering.records import MeteringRecord
+    from engine.pool import Lease
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
@@ -80,9 +81,13 @@ def model_metadata(runtime: Runtime, name: str, version: str | None) -> Reply:
 
 
 class Recorder:
-    """Captures one request's usage for metering: a tuple queued on the request path, the record built at flush."""
+    """Captures one request's usage for metering: a tuple queued on the request path, the record built at flush.
 
-    __slots__ = ("bytes_in", "enqueue_ns", "init_ms", "request_id", "runtime", "source", "tenant")
+    It also keeps the request's ``lease`` on its model (``release()`` gives it back): a request that waited for its
+    model to load (the pool had unloaded it) is a cold one, ``cold`` in its record, like the process's first.
+    """
+
+    __slots__ = ("bytes_in", "enqueue_ns", "init_ms", "lease", "request_id", "runtime", "source", "tenant")
 
     def __init__(
         self,
@@ -102,6 +107,17 @@ class Recorder:
         self.source = source
         self.enqueue_ns = enqueue_ns
         self.init_ms = init_ms
+        self.lease: Lease | None = None
+
+    def release(self) -> None:
+        """Give the request's model back to the pool (none held: nothing)."""
+        if self.lease is not None:
+            self.lease.release()
+
+    @property
+    def model_loaded(self) -> bool:
+        """The request waited for its model to load."""
+        return self.lease is not None and self.lease.loaded
 
     def __call__(
         self, model: LoadedModel, response: InferResponse, bytes_out: int, preview: Usage | None = None
@@ -121,7 +137,8 @@ class Recorder:
         """The usage so far, not queued (for a request that asks for its whole record); None when metering is off."""
         return self._capture(model, response, 0, self.runtime.cold) if self.runtime.meter.enabled else None
 
-    def _capture(self, model: LoadedModel, response: InferResponse, bytes_out: int, cold: bool) -> Usage:
+    def _capture(self, model: LoadedModel, response: InferResponse, bytes_out: int, process_cold: bool) -> Usage:
+        """The usage tuple; ``process_cold``: the process's first request, which carries INIT."""
         return _usage(
             Usage,
             (
@@ -135,8 +152,8 @@ class Recorder:
                 response.queue_ns // 1000,
                 response.compute_ns // 1000,
                 (perf_counter_ns() - self.enqueue_ns) // 1000,
-                self.init_ms if cold else 0.0,
-                cold,
+                self.init_ms if process_cold else 0.0,
+                process_cold or (self.lease is not None and self.lease.loaded),
                 self.source,
                 int(time()),
                 200,
@@ -167,7 +184,7 @@ class Recorder:
                 0,
                 (perf_counter_ns() - self.enqueue_ns) // 1000,
                 self.init_ms if cold else 0.0,
-                cold,
+                cold or self.model_loaded,
                 self.source,
                 int(time()),
                 status,
@@ -189,15 +206,17 @@ def infer(
 
     ``record`` (a ``Recorder``) meters the request; its figures come back as a header.
     """
-    model = runtime.pool.get(name, version)
-    encoded = infer_bytes(
-        model,
-        body,
-        parse_header_length(headers.get(HEADER_LENGTH)),
-        headers.get("content-type"),
-        enqueue_ns,
-        recorder=record,
-    )
+    with runtime.pool.lease(name, version) as lease:
+        if record is not None:
+            record.lease = lease
+        encoded = infer_bytes(
+            lease.model,
+            body,
+            parse_header_length(headers.get(HEADER_LENGTH)),
+            headers.get("content-type"),
+            enqueue_ns,
+            recorder=record,
+        )
     out = {"content-type": encoded.content_type}
     if encoded.metering is not None:
         out[_METERING_HEADER] = encoded.metering.decode()
