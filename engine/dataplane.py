@@ -64,6 +64,17 @@ def build_request(
     return decode_request(body, header_length, max_elements=max_elements)
 
 
+def decode(model: LoadedModel, body: bytes, header_length: int | None, content_type: str | None) -> InferRequest:
+    """The request a body carries for ``model`` (a raw image only for a model that pre-processes images)."""
+    request = build_request(body, header_length, content_type, max_elements=model.settings.max_tensor_elements)
+    if request.raw_kind == "image" and model.image_input is None:
+        raise InvalidInput(
+            f"model {model.name!r} declares no image pre-processing; send a V2 infer request "
+            "(or a raw tensor with Inference-Header-Content-Length: 0)"
+        )
+    return request
+
+
 def infer_bytes(
     model: LoadedModel,
     body: bytes,
@@ -80,12 +91,7 @@ def infer_bytes(
     """
     started = perf_counter_ns()
     try:
-        request = build_request(body, header_length, content_type, max_elements=model.settings.max_tensor_elements)
-        if request.raw_kind == "image" and model.image_input is None:
-            raise InvalidInput(
-                f"model {model.name!r} declares no image pre-processing; send a V2 infer request "
-                "(or a raw tensor with Inference-Header-Content-Length: 0)"
-            )
+        request = decode(model, body, header_length, content_type)
     except OclawError:
         model.stats.failure(perf_counter_ns() - started)
         raise

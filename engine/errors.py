@@ -33,6 +33,17 @@ class PayloadTooLarge(OclawError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+class QueueFull(OclawError):
+    """A model's dynamic-batching queue holds ``max_queue_size`` requests; the client should retry later."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        #: Seconds for the ``Retry-After`` header.
+        self.retry_after_s = retry_after_s
+
+
 class ModelNotReady(OclawError):
     """The model exists but is loading, failed or unloaded."""
 

@@ -188,6 +188,12 @@ class LoadedModel:
             "output": [entry(s) for s in self.outputs],
             "parameters": {"sha256": {"string_value": self.sha256}},
         }
+        if (batching := self.manifest.dynamic_batching) is not None:
+            cfg["dynamic_batching"] = {
+                "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
+                "preferred_batch_size": list(batching.preferred_batch_size),
+                "max_queue_size": batching.max_queue_size,
+            }
         if self.manifest.labels:
             cfg["parameters"]["labels"] = {"string_value": str(len(self.manifest.labels))}
         return cfg

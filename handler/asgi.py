@@ -24,9 +24,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import logs
-from engine.dataplane import infer_bytes, parse_header_length, runs_inline
-from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge
+from engine.dataplane import Encoded, infer_bytes, parse_header_length, runs_inline
+from engine.dynbatch import Dropped, batcher_for
+from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge, QueueFull
 from engine.metering.records import METERING_HEADER
+from engine.model import LoadedModel
 from engine.runtime import Runtime
 from handler import v2
 
@@ -48,6 +50,12 @@ def reply_response(reply: v2.Reply) -> Response:
 def error_response(status: int, message: str) -> Response:
     """The V2 error shape: non-2xx and ``{"error": message}``."""
     return json_response({"error": message}, status)
+
+
+def oclaw_error_response(exc: OclawError) -> Response:
+    """The error response of an OclawError: its status, and ``Retry-After`` when the client should come back."""
+    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return json_response({"error": exc.message}, int(exc.status), headers)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -103,6 +111,8 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
     )
     try:
         return await _infer(runtime, request, model_name, model_version, record)
+    except Dropped:
+        raise  # never run: never billed
     except OclawError as exc:
         record.failed(model_name, model_version, int(exc.status))
         raise
@@ -127,14 +137,15 @@ async def _infer(
     header_length = parse_header_length(request.headers.get(v2.HEADER_LENGTH))
     ctype = request.headers.get("content-type")
     enqueue = record.enqueue_ns
-    if runs_inline(model, len(body)):
-        encoded = infer_bytes(model, body, header_length, ctype, enqueue, recorder=record)
+    batcher = batcher_for(model)
+    if batcher is None:
+        encoded = await _run_alone(model, body, header_length, ctype, record)
+    elif batcher.idle:  # nothing in flight or queued: the request runs at once; requests arriving meanwhile queue
+        with batcher.hold():
+            encoded = await _run_alone(model, body, header_length, ctype, record)
     else:
-        loop = asyncio.get_running_loop()
-        run = functools.partial(infer_bytes, recorder=record)
-        ctx = contextvars.copy_context()  # so logs from the worker thread carry this request's ids
-        encoded = await loop.run_in_executor(model.executor, ctx.run, run, model, body, header_length, ctype, enqueue)
-        model.note_offloaded(encoded.compute_ns)
+        gone = functools.partial(_disconnected, request.receive)
+        encoded = await batcher.infer(body, header_length, ctype, enqueue, recorder=record, gone=gone)
     if runtime.settings.otel:
         from handler import otel
 
@@ -146,6 +157,27 @@ async def _infer(
     if encoded.metering is not None:
         raw.append((METERING_HEADER, encoded.metering))
     return response
+
+
+async def _run_alone(
+    model: LoadedModel, body: bytes, header_length: int | None, ctype: str | None, record: v2.Recorder
+) -> Encoded:
+    """One request run by itself: on the event loop for a cheap model, else on the model's threads."""
+    enqueue = record.enqueue_ns
+    if runs_inline(model, len(body)):
+        return infer_bytes(model, body, header_length, ctype, enqueue, recorder=record)
+    loop = asyncio.get_running_loop()
+    run = functools.partial(infer_bytes, recorder=record)
+    ctx = contextvars.copy_context()  # so logs from the worker thread carry this request's ids
+    encoded = await loop.run_in_executor(model.executor, ctx.run, run, model, body, header_length, ctype, enqueue)
+    model.note_offloaded(encoded.compute_ns)
+    return encoded
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return once the client has gone (the body is read already: ``receive`` waits for the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class ServerApp:
@@ -204,7 +236,7 @@ class ServerApp:
                 reply = v2.route(self.runtime, method, path, b"", {})
                 return None if reply is None else reply_response(reply)
         except OclawError as exc:
-            return error_response(int(exc.status), exc.message)
+            return oclaw_error_response(exc)
         except Exception as exc:
             log.exception("unexpected error")
             return error_response(500, f"internal error: {type(exc).__name__}")

@@ -19,7 +19,7 @@ from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import loads_json
 from handler import v2
-from handler.asgi import error_response, infer, json_response, read_body, reply_response
+from handler.asgi import error_response, infer, json_response, oclaw_error_response, read_body, reply_response
 
 log = logging.getLogger("oclaw.http")
 
@@ -53,7 +53,7 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
 
     @app.exception_handler(OclawError)
     async def _oclaw_error(_: Request, exc: OclawError) -> Response:
-        return error_response(int(exc.status), exc.message)
+        return oclaw_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:

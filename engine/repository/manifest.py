@@ -99,6 +99,18 @@ class Warmup:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DynamicBatching:
+    """Concurrent requests stacked into one run on a server (Triton's ``dynamic_batching``, see engine.dynbatch)."""
+
+    #: How long queued requests wait for company while a runner is free and others are in flight.
+    max_queue_delay_microseconds: int = 0
+    #: Batch sizes (rows) to dispatch as soon as the queue holds one; each at most max_batch_size.
+    preferred_batch_size: tuple[int, ...] = ()
+    #: Requests that may wait; one more gets 429 with Retry-After (the queue is always bounded).
+    max_queue_size: int = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything ``oclaw.json`` may declare; every field is optional."""
 
@@ -115,6 +127,8 @@ class Manifest:
     platform: str = "onnxruntime_onnx"
     #: Declared warm-up inputs (None: synthetic ones, see engine.warmup).
     warmup: Warmup | None = None
+    #: Dynamic batching on `oclaw serve` (None: each request runs alone).
+    dynamic_batching: DynamicBatching | None = None
 
 
 _TOP_KEYS = (*(f.name for f in fields(Manifest) if f.name not in ("classification", "embedding")), "postprocess")
@@ -123,6 +137,7 @@ _PREPROCESS_KEYS = ("kind", *(f.name for f in fields(ImagePreprocess)))
 _POSTPROCESS_KEYS = ("kind", *(f.name for f in fields(Classification)))
 _TEXT_KEYS = ("kind", *(f.name for f in fields(TextPreprocess)))
 _EMBEDDING_KEYS = ("kind", *(f.name for f in fields(Embedding)))
+_DYNAMIC_BATCHING_KEYS = tuple(f.name for f in fields(DynamicBatching))
 _WARMUP_INPUT_KEYS = ("datatype", "shape", "data", "fill")
 _FILLS = ("zeros", "ones", "random")
 _warned: set[tuple[Path, str]] = set()
@@ -314,6 +329,35 @@ def _postprocess(raw: Any, path: Path) -> Classification | Embedding:
     return Classification(**{k: v for k, v in post.items() if k != "kind"})
 
 
+def _count(raw: Any, where: str, *, minimum: int) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < minimum:
+        kind = "a positive" if minimum > 0 else "a non-negative"
+        raise ConfigError(f"{where} must be {kind} integer, got {raw!r}")
+    return raw
+
+
+def _dynamic_batching(raw: Any, max_batch_size: int, path: Path) -> DynamicBatching:
+    where = "dynamic_batching"
+    spec = _object(raw, where)
+    check_keys(spec, _DYNAMIC_BATCHING_KEYS, where, path)
+    unknown = [k for k in spec if k not in _DYNAMIC_BATCHING_KEYS]
+    if unknown:  # a queue policy oclaw does not apply must not pass silently
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(_DYNAMIC_BATCHING_KEYS)})")
+    if max_batch_size < 1:
+        raise ConfigError(f"{where} needs max_batch_size >= 1 (the most rows one run takes), got {max_batch_size}")
+    delay = _count(spec.get("max_queue_delay_microseconds", 0), f"{where}.max_queue_delay_microseconds", minimum=0)
+    preferred = spec.get("preferred_batch_size", [])
+    if not isinstance(preferred, list):
+        raise ConfigError(f"{where}.preferred_batch_size must be a list of positive integers, got {preferred!r}")
+    sizes = tuple(sorted({_count(n, f"{where}.preferred_batch_size", minimum=1) for n in preferred}))
+    if sizes and sizes[-1] > max_batch_size:
+        raise ConfigError(
+            f"{where}.preferred_batch_size {sizes[-1]} exceeds max_batch_size {max_batch_size} (a run's most rows)"
+        )
+    size = _count(spec.get("max_queue_size", 1024), f"{where}.max_queue_size", minimum=1)
+    return DynamicBatching(max_queue_delay_microseconds=delay, preferred_batch_size=sizes, max_queue_size=size)
+
+
 def load_manifest(model_dir: Path) -> Manifest:
     """Read ``oclaw.json`` from a model directory; a missing file gives the defaults."""
     path = model_dir / "oclaw.json"
@@ -331,10 +375,12 @@ def load_manifest(model_dir: Path) -> Manifest:
         post = _postprocess(raw["postprocess"], path) if raw.get("postprocess") is not None else None
         if isinstance(post, Embedding) and not isinstance(pre, TextPreprocess):
             raise ConfigError('postprocess.kind "embedding" needs preprocess.kind "text"')
+        max_batch_size = int(raw.get("max_batch_size", 0))
+        batching = raw.get("dynamic_batching")
         return Manifest(
             inputs=_overrides(raw.get("inputs", []), "inputs", path),
             outputs=_overrides(raw.get("outputs", []), "outputs", path),
-            max_batch_size=int(raw.get("max_batch_size", 0)),
+            max_batch_size=max_batch_size,
             versions=_versions(raw.get("versions", "latest")),
             labels=_labels(raw["labels"], model_dir) if "labels" in raw else (),
             preprocess=pre,
@@ -343,6 +389,7 @@ def load_manifest(model_dir: Path) -> Manifest:
             checksums={str(k): str(v).lower() for k, v in raw.get("checksums", {}).items()},
             platform=str(raw.get("platform", "onnxruntime_onnx")),
             warmup=_warmup(raw["warmup"], model_dir, path) if "warmup" in raw else None,
+            dynamic_batching=None if batching is None else _dynamic_batching(batching, max_batch_size, path),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}") from None
