@@ -62,7 +62,10 @@ class Meter:
         self._spooled = {i for i in range(len(self.sinks)) if self.spool(i).files()}
         self._stop = threading.Event()
         self._flushing = threading.Lock()
-        self._spilling = threading.Lock()
+        #: What crossed the queue bound, taken out of the queues and waiting for the spill thread to spool it.
+        self._to_spill: list[tuple[list[Usage], list[MeteringRecord]]] = []
+        self._spill_lock = threading.Lock()
+        self._spiller: threading.Thread | None = None
 
     @property
     def sinks(self) -> list[Any]:
@@ -239,8 +242,9 @@ class Meter:
         threading.Thread(target=loop, name="oclaw-metering", daemon=True).start()
 
     def close(self) -> None:
-        """Stop the flusher and send what is left."""
+        """Stop the flusher and send what is left (what was spilled included)."""
         self._stop.set()
+        self.wait_spilled()
         self.flush()
 
     def submit(self, records: Iterable[MeteringRecord]) -> None:
@@ -361,16 +365,37 @@ class Meter:
         self._spooled.add(index)
 
     def _spill(self) -> None:
-        """Too much is queued (a sink holds the flush beyond its bounds): spool it for every sink, in this thread."""
-        if not self._spilling.acquire(blocking=False):  # another thread is spilling
-            return
-        try:
-            records = self._take()
-            reason = OverflowError(f"more than {self.max_queued} records queued")
+        """Too much is queued (a sink holds the flush beyond its bounds): take it out of the queues here (so they stay
+        bounded) and have it spooled for every sink by a thread of its own, so the request that crossed the bound
+        does not wait while tens of thousands of records are built and written. A spool file is written whole or
+        not at all; ``close`` waits for the spill thread."""
+        taken = (_drain(self._usage), _drain(self._pending))
+        with self._spill_lock:
+            self._to_spill.append(taken)
+            if self._spiller is not None:  # running: it takes this too before it stops
+                return
+            self._spiller = threading.Thread(target=self._spill_all, name="oclaw-metering-spill", daemon=True)
+            self._spiller.start()
+
+    def _spill_all(self) -> None:
+        """Spool what ``_spill`` took until nothing is left."""
+        reason = OverflowError(f"more than {self.max_queued} records queued")
+        while True:
+            with self._spill_lock:
+                batches, self._to_spill = self._to_spill, []
+                if not batches:
+                    self._spiller = None
+                    return
+            records = [record for usages, pending in batches for record in [*map(self.complete, usages), *pending]]
             for index, sink in enumerate(self.sinks):
                 self._spool(index, sink, records, reason)
-        finally:
-            self._spilling.release()
+
+    def wait_spilled(self) -> None:
+        """Wait until the spill thread has spooled everything it took."""
+        with self._spill_lock:
+            spiller = self._spiller
+        if spiller is not None:
+            spiller.join()
 
 
 def _drain(queue: deque[Any]) -> list[Any]:
