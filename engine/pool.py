@@ -319,25 +319,28 @@ class ModelPool:
                     break
                 candidates = self._evictable_locked(name)
                 idle = [e for e in candidates if e.resident is not None and e.resident.leases + e.waiting == 0]
+                leased = [e for e in candidates if e.resident is not None and e.resident.leases > 0]
                 draining = sum(r.memory_bytes for r in self._draining)
-                if idle or (candidates and used - draining + size > budget.bytes):
-                    self._evict_locked((idle or candidates)[0], "memory", for_model=name)
+                if idle or (leased and used - draining + size > budget.bytes):
+                    self._evict_locked((idle or leased)[0], "memory", for_model=name)
                     continue
                 left = deadline - monotonic()
-                if self._draining and left > 0:
-                    self._freed.wait(left)  # a model unloaded while in use frees its memory at its last release
+                if (self._draining or candidates) and left > 0:
+                    # a model unloaded in use frees its memory at its last release; one just loaded is left to the
+                    # requests waiting for it until they hold it (unloading it under them would load it again)
+                    self._freed.wait(left)
                     continue
                 if not entry.over_budget:
                     entry.over_budget = True
-                    self._warn_over_budget(name, size, used, budget.bytes)
+                    self._warn_over_budget(name, size, used, budget.bytes, timed_out=bool(self._draining or candidates))
                 break
             self._reserved[name] = size
             self.peak_bytes = max(self.peak_bytes, self._used_locked())
 
-    def _warn_over_budget(self, name: str, size: int, used: int, budget: int) -> None:
+    def _warn_over_budget(self, name: str, size: int, used: int, budget: int, *, timed_out: bool) -> None:
         why = (
-            f"models unloaded while in use did not finish within OCLAW_DRAIN_TIMEOUT_S={self.settings.drain_timeout_s}"
-            if self._draining
+            f"requests on the other models went on past OCLAW_DRAIN_TIMEOUT_S={self.settings.drain_timeout_s}"
+            if timed_out
             else "only required models (OCLAW_REQUIRED_MODELS) are left to unload"
         )
         log.warning(
@@ -398,6 +401,7 @@ class ModelPool:
             if entry is not None and entry.resident is resident:
                 entry.last_used = monotonic()
                 if resident.leases == 0:
+                    self._freed.notify_all()  # a load may be waiting for a model to be unused
                     self._wake_idle_locked()
             elif resident.leases == 0 and resident in self._draining:
                 self._draining.remove(resident)
@@ -502,6 +506,7 @@ class ModelPool:
                 with self._lock:
                     if waiting:
                         entry.waiting, waiting = entry.waiting - 1, False
+                        self._freed.notify_all()
                     taken = self._take_locked(entry, wanted, loaded=True)
                     if taken is not None:
                         return taken
@@ -522,6 +527,7 @@ class ModelPool:
             if waiting:
                 with self._lock:
                     entry.waiting -= 1
+                    self._freed.notify_all()
         raise ModelNotReady(
             f"model {entry.name!r} was unloaded again before this request could run on it: the models in use do "
             "not fit OCLAW_MEMORY_BUDGET_MB"
