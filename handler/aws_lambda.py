@@ -193,33 +193,38 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
 
 
 def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    """A V2 infer request invoked directly (``aws lambda invoke``); answers the V2 response as JSON."""
+    """A V2 infer request invoked directly (``aws lambda invoke``); answers the V2 response as JSON.
+
+    A request that fails is metered too (its status, no compute), as on HTTP.
+    """
+    name, version = event.get("model_name"), event.get("model_version")
+    version = None if version is None else str(version)
+    recorder = v2.Recorder(
+        RUNTIME,
+        request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
+        tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
+        bytes_in=len(json.dumps(event)),
+        source="lambda-direct",
+        enqueue_ns=STATE.invocation_start_ns,
+        init_ms=INIT_MS,
+    )
     try:
-        name = event.get("model_name")
         if not isinstance(name, str):
             raise UnsupportedEvent("a direct invoke needs a string 'model_name'")
-        version = event.get("model_version")
-        _check_time(context, name, None if version is None else str(version))
-        model = RUNTIME.pool.get(name, None if version is None else str(version))
+        _check_time(context, name, version)
+        model = RUNTIME.pool.get(name, version)
         doc = {k: v for k, v in event.items() if k not in ("model_name", "model_version")}
         request = decode_document(doc, max_elements=RUNTIME.settings.max_tensor_elements)
         request.binary_output = False
         for out in request.outputs or ():
             out.binary = False
         response = model.infer(request, perf_counter_ns())
-        recorder = v2.Recorder(
-            RUNTIME,
-            request_id=getattr(context, "aws_request_id", None) or RUNTIME.next_request_id(),
-            tenant=str(event.get("tenant") or getattr(context, "tenant_id", None) or "anonymous"),
-            bytes_in=len(json.dumps(event)),
-            source="lambda-direct",
-            enqueue_ns=STATE.invocation_start_ns,
-            init_ms=INIT_MS,
-        )
         body, _, _ = encode_served(model, response, recorder, show_record=request.parameters.get("metering") is True)
         result: dict[str, Any] = json.loads(body)
         return result
     except OclawError as exc:
+        if isinstance(name, str):
+            recorder.failed(name, version, int(exc.status))
         return {"error": exc.message, "status": int(exc.status)}
 
 

@@ -75,6 +75,9 @@ def test_lambda_http_records_carry_the_client_id(repo: Path, tmp_path: Path) -> 
         answers = [fn.invoke(e).json() for e in (v2, v2_bad, v1, asked)]
         shown = fn.invoke(direct)
         anonymous = fn.invoke(event("alb_infer.json"))
+        direct_bad = event("direct_infer.json")
+        direct_bad["inputs"][0]["shape"] = [1, 15]
+        refused = fn.invoke(direct_bad)
     assert [a["statusCode"] for a in answers] == [200, 400, 200, 200]
     records = logged_records((tmp_path / "log").read_text())
     assert records["v2-id-1"]["source"] == "lambda-http" and records["v2-id-1"]["status"] == 200
@@ -84,6 +87,9 @@ def test_lambda_http_records_carry_the_client_id(repo: Path, tmp_path: Path) -> 
     returned = json.loads(answers[3]["body"])["parameters"]["metering"]
     assert returned["bytes_out"] == len(answers[3]["body"])
     assert_same_record(returned, records["v2-show-1"])
+    assert refused.json()["status"] == 400
+    # a failed direct invoke is metered too, under its Lambda request id
+    assert records[refused.request_id]["status"] == 400 and records[refused.request_id]["source"] == "lambda-direct"
     direct_record = shown.json()["parameters"]["metering"]
     assert direct_record["request_id"] == shown.request_id
     assert_same_record(direct_record, records[shown.request_id])
