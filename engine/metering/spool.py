@@ -56,8 +56,12 @@ class Spool:
         _write(Path(f"{self.prefix}{time.time_ns():020d}-{os.getpid()}-{next(_names)}"), records)
 
     def files(self) -> list[Path]:
-        """The spool files, oldest first (claimed or not)."""
+        """The spool files, oldest first (claimed or not). A temporary file whose writer died before renaming it is
+        removed: what it held is still in the file it was to replace, or died with that process's queue."""
         found = glob.glob(glob.escape(self.prefix) + "*")
+        for name in found:
+            if name.endswith(".tmp") and not _writer_alive(name):
+                Path(name).unlink(missing_ok=True)
         return [Path(name) for name in sorted(found) if not name.endswith(".tmp")]
 
     def claims(self) -> Iterator[Claim]:
@@ -84,3 +88,15 @@ def _write(path: Path, records: Sequence[MeteringRecord]) -> None:
     with temporary.open("wb") as fh:
         fh.write(json_lines(records))
     temporary.replace(path)
+
+
+def _writer_alive(temporary: str) -> bool:
+    """Whether the process that is writing ``temporary`` (``<file>.<pid>.tmp``) still runs."""
+    try:
+        pid = int(temporary.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, IndexError, PermissionError):  # not ours to judge: leave it
+        return True
+    return True
