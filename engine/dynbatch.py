@@ -3,10 +3,11 @@
 A lone request runs at once, on the same path as without batching (the caller holds ``Batcher.hold``). While a run
 is in flight, arriving requests are decoded (on worker threads, in parallel: image decoding included), validated,
 and queue; a request that fails validation answers at once and never joins a batch. The queue becomes the next run
-when a runner frees (``model_concurrency`` runs at a time), or, while a runner is free and others are in flight, when
-the queue holds a preferred batch size or its oldest request has waited ``max_queue_delay_microseconds``. A run takes
-requests of one ``batch_key`` (same inputs, dtypes, non-batch dimensions and output plan) up to ``max_batch_size``
-rows, in arrival order; the others stay queued. When a stacked run fails, each of its requests runs alone.
+when a runner frees (``LoadedModel.concurrency`` runs at a time: one per instance, or more), or, while a runner is
+free and others are in flight, when the queue holds a preferred batch size or its oldest request has waited
+``max_queue_delay_microseconds``. A run takes requests of one ``batch_key`` (same inputs, dtypes, non-batch
+dimensions and output plan) up to ``max_batch_size`` rows, in arrival order; the others stay queued. When a stacked
+run fails, each of its requests runs alone.
 
 Everything here runs on the event loop except the run itself (the model's executor) and decoding (the loop's
 default executor); timers are ``loop.call_later`` handles, results futures: nothing polls.
@@ -123,7 +124,7 @@ class Batcher:
         self.preferred = spec.preferred_batch_size
         self.delay_ns = spec.max_queue_delay_microseconds * 1000
         self.max_queue_size = spec.max_queue_size
-        self.slots = max(1, model.settings.model_concurrency)
+        self.slots = model.concurrency
         #: Runs in flight (a lone request's included).
         self.busy = 0
         #: Requests admitted and not yet run or answered (being decoded, or queued).
@@ -294,13 +295,19 @@ class Batcher:
             return
         done.add_done_callback(lambda f: self._finished(batch, f))
 
-    def _finished(self, batch: list[_Entry], done: asyncio.Future[list[Encoded | OclawError]] | None) -> None:
+    def _finished(
+        self, batch: list[_Entry], done: asyncio.Future[tuple[list[Encoded | OclawError], int]] | None
+    ) -> None:
         self.busy -= 1
         results: list[Encoded | OclawError] | BaseException
         if done is None or done.cancelled():
             results = ModelNotReady(f"model {self.model.name!r} was unloaded")
+        elif (error := done.exception()) is not None:
+            results = error
         else:
-            results = done.exception() or done.result()
+            results, elapsed = done.result()
+            # runs steadily faster than a thread hop, a batch's whole run included: the model runs inline from then
+            self.model.note_offloaded(elapsed)
         for n, entry in enumerate(batch):
             future = entry.future
             assert future is not None
@@ -316,8 +323,9 @@ class Batcher:
 
     # -- the run (on the model's executor) --------------------------------------------------------
 
-    def _run(self, batch: list[_Entry]) -> list[Encoded | OclawError]:
-        """Run a batch; one encoded response or one error per request, in order."""
+    def _run(self, batch: list[_Entry]) -> tuple[list[Encoded | OclawError], int]:
+        """Run a batch: one encoded response or one error per request, in order, and the nanoseconds it took."""
+        started = perf_counter_ns()
         results: dict[int, Encoded | OclawError] = {}
         for run in run_rows(self.model, batch):
             if isinstance(run.outputs, OclawError):
@@ -327,7 +335,7 @@ class Batcher:
                 results[id(entry)] = run.outputs
             else:
                 results.update(self._answer(run))
-        return [results[id(entry)] for entry in batch]
+        return [results[id(entry)] for entry in batch], perf_counter_ns() - started
 
     def _answer(self, run: Run) -> Iterator[tuple[int, Encoded]]:
         """Post-process and encode each request of a run; the run's compute shared by rows.

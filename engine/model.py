@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,7 +19,7 @@ from engine.errors import InvalidInput, ModelLoadError, OclawError
 from engine.processing import classify, images_to_batch
 from engine.repository.local import ModelFiles, sha256_file
 from engine.repository.manifest import ImagePreprocess, Manifest, TensorOverride, TextPreprocess
-from engine.session import create_session
+from engine.session import create_session, default_instance_count, device_of
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
 from engine.textproc import TextModel
@@ -27,6 +28,8 @@ from engine.warmup import Feed, declared_feed, synthetic_feeds
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterator
     from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime as ort
 
 log = logging.getLogger("oclaw.model")
 
@@ -86,7 +89,20 @@ class LoadedModel:
             if actual != expected:
                 raise ModelLoadError(f"{files.path}: sha256 {actual} does not match the manifest's {expected}")
         start = perf_counter_ns()
-        self.session, self.prepared = create_session(files.path, settings)
+        count = manifest.instance_count
+        # each declared instance gets its share of the cores; the default count follows the device
+        threads = max(1, settings.threads // count) if count else None
+        self.session, self.prepared = create_session(files.path, settings, threads)
+        count = count or default_instance_count(self.session.get_providers())
+        #: The sessions (Triton's model instances); a run takes a free one (``run``).
+        self.sessions = [self.session, *(create_session(files.path, settings, threads)[0] for _ in range(count - 1))]
+        self._free: queue.SimpleQueue[ort.InferenceSession] | None = None
+        if count > 1:
+            self._free = queue.SimpleQueue()
+            for session in self.sessions:
+                self._free.put(session)
+        #: Where the sessions run: ``cpu``, ``cuda:<id>``, ...
+        self.device = device_of(self.session, settings)
         self.session_ms = (perf_counter_ns() - start) / 1e6
         self.warmup_ms = 0.0
         #: Time spent bringing the model file here (0 for a local repository).
@@ -148,12 +164,29 @@ class LoadedModel:
             raise ModelLoadError(f"postprocess.output must name one of the outputs {list(self._outputs)}")
         return name
 
+    @property
+    def concurrency(self) -> int:
+        """Runs of this model at a time: OCLAW_MODEL_CONCURRENCY, at least one per instance."""
+        return max(self.settings.model_concurrency, len(self.sessions))
+
+    def run(self, names: list[str], feed: Feed) -> list[np.ndarray]:
+        """``session.run`` on a free instance (waiting for one when all are running)."""
+        if self._free is None:
+            results: list[np.ndarray] = self.session.run(names, feed)
+            return results
+        session = self._free.get()
+        try:
+            results = session.run(names, feed)
+        finally:
+            self._free.put(session)
+        return results
+
     @cached_property
     def executor(self) -> ThreadPoolExecutor:
         """The threads that run this model's requests off an event loop (created on first use)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        return ThreadPoolExecutor(self.settings.model_concurrency, thread_name_prefix=f"oclaw-{self.name}")
+        return ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"oclaw-{self.name}")
 
     @cached_property
     def sha256(self) -> str:
@@ -187,6 +220,7 @@ class LoadedModel:
             "input": [entry(s) for s in self.inputs],
             "output": [entry(s) for s in self.outputs],
             "parameters": {"sha256": {"string_value": self.sha256}},
+            "instance_group": [self.instance_group()],
         }
         if (batching := self.manifest.dynamic_batching) is not None:
             cfg["dynamic_batching"] = {
@@ -197,6 +231,12 @@ class LoadedModel:
         if self.manifest.labels:
             cfg["parameters"]["labels"] = {"string_value": str(len(self.manifest.labels))}
         return cfg
+
+    def instance_group(self) -> dict[str, Any]:
+        """Triton's ``instance_group`` entry: how many sessions, on which kind of device."""
+        if self.device.startswith("cuda:"):
+            return {"count": len(self.sessions), "kind": "KIND_GPU", "gpus": [int(self.device.split(":")[1])]}
+        return {"count": len(self.sessions), "kind": "KIND_CPU"}
 
     # -- warm-up ----------------------------------------------------------------------------------
 
@@ -233,6 +273,8 @@ class LoadedModel:
             self.warmup_ms = (perf_counter_ns() - began) / 1e6
             return None
         self.warmup_error = None
+        for other in self.sessions[1:]:  # every instance pays its own first run here, not on a request
+            other.run(self._run_names, feed)
         if self.warm_ns < 10 * self.settings.inline_run_us * 1000:
             # cheap model: time steady-state runs to decide whether it may run on the event loop; the best of
             # three, so one run slowed by a busy machine does not send every later request through a thread hop
@@ -268,6 +310,8 @@ class LoadedModel:
             "warmed_up": self.warm_feed is not None,
             "prepared": self.prepared,
             "memory_bytes": self.memory_bytes,
+            "device": self.device,
+            "instances": len(self.sessions),
         }
         if self.warmup_error is not None:
             record["warmup_error"] = self.warmup_error
@@ -298,7 +342,7 @@ class LoadedModel:
         if feed is None:
             return 0.0
         start = perf_counter_ns()
-        self.session.run(self._run_names, feed)
+        self.run(self._run_names, feed)
         return (perf_counter_ns() - start) / 1e6
 
     def estimate_ms(self) -> float:
@@ -407,7 +451,7 @@ class LoadedModel:
         emb = self.manifest.embedding
         names = self._run_names if emb is not None else [p[0] for p in plan]
         try:
-            results: list[np.ndarray] = self.session.run(names, feed)
+            results = self.run(names, feed)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise InferenceFailed(f"model {self.name!r} could not run this input: {exc}") from None
         if self.text is not None and self.text.output is not None:

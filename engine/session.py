@@ -125,10 +125,10 @@ def device_of(session: ort.InferenceSession, settings: Settings) -> str:
     return next((short for short, full in PROVIDER_NAMES.items() if full == first), first)
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
-    """SessionOptions for one model under these settings."""
+def session_options(settings: Settings, threads: int | None = None) -> ort.SessionOptions:
+    """SessionOptions for one model under these settings (``threads``: intra-op threads, else the settings')."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = settings.threads
+    opts.intra_op_num_threads = threads or settings.threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = _OPT_LEVELS[settings.graph_optimization]
@@ -149,14 +149,22 @@ def choose_model_file(path: Path, settings: Settings, providers: list[str]) -> t
     return chosen, chosen != path
 
 
-def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession, bool]:
-    """Create the one session of a model file (and say whether a prepared graph was used).
+def default_instance_count(providers: list[str]) -> int:
+    """Sessions per model when its manifest does not say (``instance_count``): one on a CPU, where one session's
+    intra-op threads already use every core; two on a CUDA device, each with its own stream, so one run's host work
+    and copies overlap the other's kernels (Triton's advice for GPU throughput; not measured by oclaw yet)."""
+    return 2 if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else 1
+
+
+def create_session(path: Path, settings: Settings, threads: int | None = None) -> tuple[ort.InferenceSession, bool]:
+    """Create a session of a model file (and say whether a prepared graph was used); ``threads``: its intra-op
+    threads (an instance's share of the cores), else the settings'.
 
     Falls back to CPU if an accelerator fails to start, and to the source model if a prepared one fails.
     """
     providers = resolve_providers(settings.providers)
     specs = provider_options(providers, settings)
-    opts = session_options(settings)
+    opts = session_options(settings, threads)
     chosen, prepared = choose_model_file(path, settings, providers)
     if prepared:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -164,7 +172,7 @@ def create_session(path: Path, settings: Settings) -> tuple[ort.InferenceSession
             return ort.InferenceSession(str(chosen), sess_options=opts, providers=specs), True
         except Exception as exc:  # noqa: BLE001 - fall back to the source model, never fail on a cache
             log.warning("%s: prepared graph failed to load (%s); using the source model", chosen, exc)
-            opts = session_options(settings)
+            opts = session_options(settings, threads)
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=specs)
     except Exception as exc:

@@ -129,6 +129,9 @@ class Manifest:
     warmup: Warmup | None = None
     #: Dynamic batching on `oclaw serve` (None: each request runs alone).
     dynamic_batching: DynamicBatching | None = None
+    #: Sessions (Triton's model instances) of each version, each with its share of the CPU cores (None: one on a
+    #: CPU, two on a CUDA device: engine.session.default_instance_count).
+    instance_count: int | None = None
 
 
 _TOP_KEYS = (*(f.name for f in fields(Manifest) if f.name not in ("classification", "embedding")), "postprocess")
@@ -358,6 +361,16 @@ def _dynamic_batching(raw: Any, max_batch_size: int, path: Path) -> DynamicBatch
     return DynamicBatching(max_queue_delay_microseconds=delay, preferred_batch_size=sizes, max_queue_size=size)
 
 
+#: Most sessions one model version may hold (each holds the weights once more).
+MAX_INSTANCES = 64
+
+
+def _instance_count(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_INSTANCES:
+        raise ConfigError(f"instance_count must be an integer from 1 to {MAX_INSTANCES}, got {raw!r}")
+    return raw
+
+
 def load_manifest(model_dir: Path) -> Manifest:
     """Read ``oclaw.json`` from a model directory; a missing file gives the defaults."""
     path = model_dir / "oclaw.json"
@@ -390,6 +403,7 @@ def load_manifest(model_dir: Path) -> Manifest:
             platform=str(raw.get("platform", "onnxruntime_onnx")),
             warmup=_warmup(raw["warmup"], model_dir, path) if "warmup" in raw else None,
             dynamic_batching=None if batching is None else _dynamic_batching(batching, max_batch_size, path),
+            instance_count=_instance_count(raw["instance_count"]) if "instance_count" in raw else None,
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}") from None
