@@ -138,8 +138,10 @@ def table(results: Sequence[Result]) -> str:
             met = "-" if row.met is None else "yes" if row.met else "no"
             goal = "-" if row.met is None else result.goal
             version = f"{row.version} ({row.note})" if row.note else row.version
+            written = row.b1_ms is not None  # a run whose budget was not met writes (and so measures) nothing
+            mb, ratio = (f"{row.mb:.2f}", f"{row.size_ratio:.2f}") if written else ("-", "-")
             lines.append(
-                f"| {result.model} | {version} | {row.mb:.2f} | {row.size_ratio:.2f} | {_num(row.b1_ms, '.3f')} "
+                f"| {result.model} | {version} | {mb} | {ratio} | {_num(row.b1_ms, '.3f')} "
                 f"| {_num(row.b1_speedup, '.2f')} | {_num(row.b8_rows_s, '.0f')} | {_num(row.b8_speedup, '.2f')} "
                 f"| {result.metric} | {_num(row.metric, '.4f')} | {_num(row.tool_s, '.1f')} | {goal} | {met} |"
             )

@@ -60,7 +60,7 @@ def test_the_table_shows_each_optimized_version_against_its_goal() -> None:
     assert cells["int8 fast"][5] == "2.00"  # b1 speed-up against fp32
     assert cells["int8 lossy"][-1] == "no"
     assert cells["int8 slow"][-1] == "no"
-    assert cells["int8 percentile (budget not met)"][4] == "-"
+    assert cells["int8 percentile (budget not met)"][2:6] == ["-", "-", "-", "-"]
 
 
 def test_batch_8_feeds_pad_token_inputs_of_different_lengths() -> None:
