@@ -4,7 +4,9 @@ The budget is ``OCLAW_MEMORY_BUDGET_MB`` when set (0: none); by default it is th
 headroom for the process itself: Lambda's ``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``, else the cgroup v2
 ``memory.max``, else the cgroup v1 ``memory.limit_in_bytes``, else no budget. The headroom (``HEADROOM_FRACTION``
 of the limit, at least ``HEADROOM_MIN_MB``) holds the interpreter, onnxruntime, the web stack and request buffers
-(60-130 MB measured here), and the transient peak of a load (the file read while the session copies it).
+(~56 MiB at rest under ``oclaw serve`` here) and the transient peak of a load (the file read while the session
+copies it): ``benchmarks/memory_pool.py`` measured peak RSS 96-98 MiB above the budget with 40 MiB models reloading
+under traffic.
 """
 
 from __future__ import annotations

@@ -75,7 +75,12 @@ class Runtime:
                 raise
             self.pool.preload()
             self.preload_ms = (perf_counter_ns() - start) / 1e6
-        log.info("preload done in %.1f ms: %s", self.preload_ms, self.pool.states())
+        log.info(
+            "preload done in %.1f ms: %s",
+            self.preload_ms,
+            self.pool.states(),
+            extra={"oclaw": {"event": "preload_done", "memory": self.pool.memory()}},
+        )
 
     def _preload_in_background(self) -> None:
         try:

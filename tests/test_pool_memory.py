@@ -335,7 +335,7 @@ def test_an_idle_model_is_unloaded_then_loaded_again_by_a_cold_request(tmp_path:
     repo = tmp_path / "repo"
     _save(add_constant(1.0), repo, "keep")
     _save(add_constant(2.0), repo, "idle")
-    env = {"OCLAW_IDLE_UNLOAD_S": "0.3", "OCLAW_REQUIRED_MODELS": "keep", "OCLAW_METERING_SINKS": "log"}
+    env = {"OCLAW_IDLE_UNLOAD_S": "0.3", "OCLAW_REQUIRED_MODELS": "keep", "OCLAW_MEMORY_BUDGET_MB": "512"}
     server = spawn_server(repo, tmp_path, env=env)
     body = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
@@ -360,6 +360,9 @@ def test_an_idle_model_is_unloaded_then_loaded_again_by_a_cold_request(tmp_path:
             assert not cold("keep")  # a required model is never unloaded
     finally:
         server.terminate()
+    preloaded = find_event(server.output(), "preload_done")
+    assert preloaded is not None and preloaded["memory"]["budget_bytes"] == 512 * MIB
+    assert preloaded["memory"]["budget_source"] == "OCLAW_MEMORY_BUDGET_MB" and preloaded["memory"]["used_bytes"] > 0
     evicted = find_event(server.output(), "model_evicted")
     assert evicted is not None and evicted["model"] == "idle" and evicted["reason"] == "idle"
     assert evicted["memory_bytes"] > 0 and evicted["idle_s"] >= 0.3
