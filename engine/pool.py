@@ -132,7 +132,7 @@ class ModelPool:
         self._draining: list[Resident] = []
         #: Bytes held for loads in progress, by model.
         self._reserved: dict[str, int] = {}
-        #: (model, version) -> (file bytes, largest memory measured for that file).
+        #: (model, version) -> (file bytes, the memory it held when last loaded).
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
         #: The memory models may take (None: no budget); see engine.memory.
         self.budget = memory.model_budget(settings)
@@ -211,19 +211,18 @@ class ModelPool:
         return entry
 
     def _estimate(self, files: ModelFiles) -> int:
-        """What a version will hold: the most it held before, else its file's size (onnxruntime copies the weights)."""
+        """What a version will hold: what it held when last loaded, else its file's size (onnxruntime copies the
+        weights)."""
         size = files.path.stat().st_size
         known = self._sizes.get((files.name, files.version))
-        return max(size, known[1]) if known is not None and known[0] == size else size
+        return known[1] if known is not None and known[0] == size else size
 
     def _measured(self, files: ModelFiles, rss_delta: int) -> int:
-        """A version's memory: the RSS its load added, at least its file's size, at least what it held before
-        (a load that reuses memory freed a moment ago adds less RSS than it holds)."""
+        """A version's memory: the RSS its load added (freed memory handed back before and after, so neither
+        garbage nor reused pages skew it), at least its file's size."""
         size = files.path.stat().st_size
-        key = (files.name, files.version)
-        known = self._sizes.get(key)
-        held = max(rss_delta, size, known[1] if known is not None and known[0] == size else 0)
-        self._sizes[key] = (size, held)
+        held = max(rss_delta, size)
+        self._sizes[(files.name, files.version)] = (size, held)
         return held
 
     def _open(self, entry: Entry, files: list[ModelFiles], manifest: Manifest, fetch_ms: float) -> Resident:

@@ -4,12 +4,14 @@ in use alive, idle unloads, reloads that load once and show as cold in the meter
 from __future__ import annotations
 
 import functools
+import json
 import random
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from time import perf_counter_ns
 from typing import Any
 
 import httpx
@@ -25,6 +27,8 @@ from engine.errors import ConfigError
 from engine.logs import find_event
 from engine.pool import ModelPool, State
 from engine.repository.local import LocalRepository
+from engine.runtime import Runtime
+from handler import v2
 from tests.conftest import ServerThread, spawn_server, start_server
 from tests.modelgen import _save, add_constant
 
@@ -226,6 +230,40 @@ def test_a_model_alone_over_the_budget_loads_with_a_warning(big_repo: Path) -> N
             assert lease.model.name == "big3"
     finally:
         pool.close()
+
+
+def test_the_lambda_path_holds_its_model_and_meters_a_reload_as_cold(big_repo: Path, sizes: dict[str, int]) -> None:
+    settings = Settings.from_env(
+        {},
+        model_repository=str(big_repo),
+        preload=("keep", "big0", "big1"),
+        required_models=("keep",),
+        memory_budget_mb=budget_mb(sizes, 1.5),
+    )
+    runtime = Runtime(settings)
+    body = json.dumps({**infer_body(), "parameters": {"metering": True}}).encode()
+
+    def call(name: str) -> tuple[v2.Recorder, dict[str, Any]]:
+        record = v2.Recorder(
+            runtime, request_id=name, tenant="t", bytes_in=len(body), source="lambda-http", enqueue_ns=perf_counter_ns()
+        )
+        reply = v2.infer(runtime, name, None, body, {"content-type": "application/json"}, record=record)
+        assert reply.status == 200
+        return record, json.loads(reply.body)
+
+    try:
+        runtime.preload()
+        assert runtime.pool.states()["big0"]["evicted"] == "memory"  # big1 took its room
+        runtime.cold = False  # past the process's first request, which is cold anyway
+        record, out = call("big0")
+        assert record.lease is not None and record.lease.loaded and out["parameters"]["metering"]["cold"] is True
+        assert out["outputs"][0]["data"][0] == value_of("big0")
+        assert runtime.pool.states()["big0"]["in_use"] == 0  # released when the call returned
+        assert runtime.pool.states()["big1"]["evicted"] == "memory"
+        _, again = call("big0")
+        assert again["parameters"]["metering"]["cold"] is False
+    finally:
+        runtime.close()
 
 
 # -- servers -----------------------------------------------------------------------------------------
