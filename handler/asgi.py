@@ -138,7 +138,7 @@ async def _infer(
     ctype = request.headers.get("content-type")
     enqueue = record.enqueue_ns
     batcher = batcher_for(model)
-    if batcher is None:
+    if batcher is None or runs_inline(model, len(body)):  # a cheap model's run costs less than batching it
         encoded = await _run_alone(model, body, header_length, ctype, record)
     elif batcher.idle:  # nothing in flight or queued: the request runs at once; requests arriving meanwhile queue
         with batcher.hold():

@@ -225,6 +225,21 @@ def test_concurrent_json_and_binary_requests_run_stacked_and_split_back(srv: Ser
     assert after["inference_count"] == before["inference_count"] + 1 + sum(len(x) for x in xs)
 
 
+def test_many_concurrent_requests_are_answered_correctly(srv: ServerThread) -> None:
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(48)]
+    model = model_of(srv, "counter")
+    served = model.stats.as_dict("counter", "1")["inference_stats"]["success"]["count"]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda x: post(srv, "counter", *x_body(x, binary=True)), xs))
+    for x, answer in zip(xs, answers, strict=True):
+        out = outputs(answer)
+        np.testing.assert_array_equal(out["y"], 2 * x)
+        assert len(set(out["n"].tolist())) == 1 and len(x) <= out["n"][0] <= 64  # whatever run served it
+    assert model.stats.as_dict("counter", "1")["inference_stats"]["success"]["count"] == served + 48
+    assert batcher_of(srv, "counter").waiting == 0
+
+
 def test_a_bad_neighbour_gets_400_at_once_and_never_joins_the_batch(srv: ServerThread) -> None:
     good = [np.full((1, 4), i, np.float32) for i in range(4)]
     wrong_shape = x_body(np.zeros((1, 3), np.float32))
