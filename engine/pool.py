@@ -68,7 +68,7 @@ class Entry:
     done: threading.Event = field(default_factory=threading.Event)
     #: Why the pool unloaded the model by itself (a key of EVICTION_REASONS): the next request loads it again.
     evicted: str = ""
-    #: ``monotonic()`` when a lease on it was last taken or released.
+    #: ``monotonic()`` when it was loaded or a lease on it was last released.
     last_used: float = 0.0
     #: Requests waiting for its load: a model just loaded is kept, like one in use, until they hold it.
     waiting: int = 0
@@ -117,8 +117,10 @@ class ModelPool:
         self.settings = settings
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
-        #: Signalled when a model unloaded while in use is freed (a load may be waiting for its memory).
+        #: Signalled when a model unloaded while in use is freed, or one in use is released: a load making room
+        #: waits for it (``_room_wanted`` loads do now).
         self._freed = threading.Condition(self._lock)
+        self._room_wanted = 0
         #: Wakes the idle-unload thread.
         self._idle = threading.Condition(self._lock)
         self._idle_thread: threading.Thread | None = None
@@ -327,7 +329,11 @@ class ModelPool:
                 if (self._draining or candidates) and left > 0:
                     # a model unloaded in use frees its memory at its last release; one just loaded is left to the
                     # requests waiting for it until they hold it (unloading it under them would load it again)
-                    self._freed.wait(left)
+                    self._room_wanted += 1
+                    try:
+                        self._freed.wait(left)
+                    finally:
+                        self._room_wanted -= 1
                     continue
                 if not entry.over_budget:
                     entry.over_budget = True
@@ -400,8 +406,10 @@ class ModelPool:
             if entry is not None and entry.resident is resident:
                 entry.last_used = monotonic()
                 if resident.leases == 0:
-                    self._freed.notify_all()  # a load may be waiting for a model to be unused
-                    self._wake_idle_locked()
+                    if self._room_wanted:
+                        self._freed.notify_all()  # a load waits for a model to be unused
+                    if self._idle_until == math.inf:
+                        self._wake_idle_locked()
             elif resident.leases == 0 and resident in self._draining:
                 self._draining.remove(resident)
                 resident.close()
@@ -458,10 +466,11 @@ class ModelPool:
         ``wait``: wait for a load in progress, and load again a model the pool unloaded (once, however many
         requests ask at the same time); else 503 at once for either.
         """
-        validate_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            validate_name(name)  # a name in the pool was checked when it came in
         wanted = parse_version(version)
         with self._lock:
-            entry = self._entries.get(name)
             taken = None if entry is None else self._take_locked(entry, wanted, loaded=False)
         if taken is not None:
             return taken
@@ -485,7 +494,6 @@ class ModelPool:
         if model is None or entry.resident is None:
             return None
         entry.resident.leases += 1
-        entry.last_used = monotonic()
         return Lease(self, entry.resident, model, loaded)
 
     def _not_ready(self, name: str, entry: Entry | None) -> ModelNotReady:
@@ -555,10 +563,11 @@ class ModelPool:
     def get_nowait(self, name: str, version: str | int | None = None) -> LoadedModel:
         """Like get() but never waits for a model that is loading, nor loads one the pool unloaded (and, for
         metadata and readiness, does not count as a use of the model)."""
-        validate_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            validate_name(name)
         wanted = parse_version(version)
         with self._lock:
-            entry = self._entries.get(name)
             model = None if entry is None else self._version_locked(entry, wanted)
         if model is not None:
             return model
