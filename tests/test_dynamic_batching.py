@@ -31,6 +31,7 @@ from engine.errors import ConfigError
 from engine.model import LoadedModel
 from engine.repository.manifest import load_manifest
 from engine.tensors import decode_response, encode_request
+from handler import v2
 from tests.conftest import ServerThread, start_server
 from tests.modelgen import OPSET, _save, fixed_shape, gather, tiny_classifier
 
@@ -427,6 +428,32 @@ def test_models_without_dynamic_batching_or_a_batch_dimension_have_no_batcher(sr
     inp.set_data_from_numpy(x, binary_data=True)
     result = client.infer("counter", [inp], outputs=[httpclient.InferRequestedOutput("y", binary_data=True)])
     np.testing.assert_array_equal(result.as_numpy("y"), 2 * x)
+
+
+def test_a_model_that_runs_inline_is_never_batched(batch_repo: Path) -> None:
+    server = start_server(batch_repo, inline_run_us=10_000_000)  # every model here runs faster: all inline
+    try:
+        assert model_of(server, "counter").inline
+        xs = [np.full((1, 4), i, np.float32) for i in range(32)]
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda x: post(server, "counter", *x_body(x)), xs))
+        for x, answer in zip(xs, answers, strict=True):
+            out = outputs(answer)
+            np.testing.assert_array_equal(out["y"], 2 * x)
+            assert out["n"].tolist() == [1]  # each ran alone, on the event loop
+        assert batcher_of(server, "counter").runs == 0
+    finally:
+        server.stop()
+
+
+def test_the_lambda_path_runs_each_request_alone(srv: ServerThread) -> None:
+    batcher = batcher_of(srv, "counter")
+    runs = batcher.runs
+    body, headers = x_body(np.ones((2, 4), np.float32))
+    reply = v2.infer(srv.runtime, "counter", None, body, headers)  # the V2 data plane Lambda answers from an event
+    assert reply.status == 200
+    assert decode_response(reply.body)["n"].tolist() == [2, 2]
+    assert batcher.runs == runs
 
 
 # -- the manifest ---------------------------------------------------------------------------------------------------
