@@ -294,6 +294,20 @@ def test_a_full_queue_answers_429_with_retry_after(srv: ServerThread) -> None:
     assert post(srv, "counter_q1", *body).status_code == 200  # room again
 
 
+def test_the_full_app_answers_429_with_retry_after_too(batch_repo: Path) -> None:
+    server = start_server(batch_repo, fastapi_only=True, inline_run_us=0)
+    body = x_body(np.ones((1, 4), np.float32))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            with one_in_flight(server, "counter_q1", pool, lambda: post(server, "counter_q1", *body)):
+                (queued,) = queue_up(server, "counter_q1", pool, [lambda: post(server, "counter_q1", *body)])
+                refused = post(server, "counter_q1", *body)
+                assert (refused.status_code, refused.headers.get("retry-after")) == (429, "1")
+            assert queued.result(timeout=30).status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_disconnected_clients_request_is_never_run_nor_billed(srv: ServerThread, records_path: Path) -> None:
     model, batcher = model_of(srv, "counter"), batcher_of(srv, "counter")
     body, headers = x_body(np.ones((1, 4), np.float32))
