@@ -5,8 +5,8 @@ headroom for the process itself: Lambda's ``AWS_LAMBDA_FUNCTION_MEMORY_SIZE``, e
 ``memory.max``, else the cgroup v1 ``memory.limit_in_bytes``, else no budget. The headroom (``HEADROOM_FRACTION``
 of the limit, at least ``HEADROOM_MIN_MB``) holds the interpreter, onnxruntime, the web stack and request buffers
 (~56 MiB at rest under ``oclaw serve`` here) and the transient peak of a load (the file read while the session
-copies it): ``benchmarks/memory_pool.py`` measured peak RSS 96-98 MiB above the budget with 40 MiB models reloading
-under traffic.
+copies it): ``benchmarks/memory_pool.py`` measured peak RSS 96-135 MiB above the budget with 40 MiB models
+reloading under traffic. Where a model is large against the limit, set the budget to leave ~60 MiB plus twice it.
 """
 
 from __future__ import annotations
