@@ -219,6 +219,26 @@ def test_loads_measure_memory_and_unload_the_least_recently_used(big_repo: Path,
         pool.close()
 
 
+def test_the_idle_timer_spares_a_model_in_use_and_the_required_ones(tmp_path: Path) -> None:
+    for name, value in (("keep", 1.0), ("held", 2.0), ("free", 3.0)):
+        _save(add_constant(value), tmp_path, name)
+    settings = Settings.from_env({}, idle_unload_s=0.05, required_models=("keep",), memory_budget_mb=0)
+    pool = ModelPool(LocalRepository(tmp_path), settings)
+    try:
+        for name in ("keep", "held", "free"):
+            pool.load(name)
+        with pool.lease("held"):
+            # "held" was due first (loaded before "free"), but it is in use
+            wait_for(lambda: pool.states()["free"]["state"] == State.UNAVAILABLE)
+            assert pool.states()["held"]["state"] == State.READY
+        wait_for(lambda: pool.states()["held"].get("evicted") == "idle")  # once released
+        assert pool.states()["keep"]["state"] == State.READY and pool.memory()["evictions"]["idle"] == 2
+        with pool.lease("free") as lease:
+            assert lease.loaded and lease.model.name == "free"
+    finally:
+        pool.close()
+
+
 def test_a_model_alone_over_the_budget_loads_with_a_warning(big_repo: Path) -> None:
     pool = ModelPool(LocalRepository(big_repo), Settings.from_env({}, memory_budget_mb=BIG_MIB // 2))
     try:
