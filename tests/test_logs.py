@@ -156,7 +156,12 @@ def test_onnxruntime_errors_leave_the_json_log_stream_whole(tmp_path: Path) -> N
     repo = tmp_path / "repo"
     _save(unwarmable(), repo, "m")
     log = tmp_path / "log"
-    env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_LOG_FORMAT": "json"}
+    # provisioned concurrency: INIT warms the model up (an on-demand INIT leaves that to the first request)
+    env = {
+        "OCLAW_MODEL_REPOSITORY": str(repo),
+        "OCLAW_LOG_FORMAT": "json",
+        "AWS_LAMBDA_INITIALIZATION_TYPE": "provisioned-concurrency",
+    }
     with LocalLambda(env=env, cwd=ROOT, log=log) as fn:
         fn.wait_init()
         bad = {"model_name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [5], "data": [0.0] * 5}]}
