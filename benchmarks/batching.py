@@ -2,13 +2,14 @@
 
     .venv/bin/python -m benchmarks.batching [--quick] [--out DIR]
 
-Cases: a dense ~42M-parameter network (1024→4096→4096→4096→1000 FP32, random weights) over V2 binary (binary in
-and out) at 32 concurrent clients, and the MLP 64→256→10 (V2 JSON) at 1 client; also each at the other
-concurrency. Both variants are models of the same server (the same file, hard-linked), so they share the
-process, its threads and the machine's noise; each point is the median of several short rounds, the order of the
-variants alternating round by round.
-Closed loop (``benchmarks.loadgen``, its own process). Measurements, not tests: nothing is asserted; the table
-gives ratios against the batching-off variant measured in the same run.
+Cases: a dense ~42M-parameter network (1024→4096→4096→4096→1000 FP32, random weights) over V2 binary (binary in and
+out) at 32 concurrent clients, and the MLP 64→256→10 (V2 JSON) at 1 client; also each at the other concurrency, and
+the MLP at 32 clients on a server that runs every request on the model's thread (``OCLAW_INLINE_RUN_US=0``: a model
+that runs inline is never batched). Both variants are models of the same server (the same file, hard-linked), so
+they share the process, its threads and the machine's noise; each point is the median of several short rounds, the
+order of the variants alternating round by round. Closed loop (``benchmarks.loadgen``, its own process).
+Measurements, not tests: nothing is asserted; the table gives ratios against the batching-off variant measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from benchmarks.throughput import check_outputs, run_loadgen
 
 DENSE = (1024, 4096, 4096, 4096, 1000)
 SMALL = (64, 256, 10)
+LABELS = {
+    "dense": "dense 42M, V2 binary",
+    "mlp": "MLP 64→256→10, V2 JSON",
+    "mlp-offloaded": "MLP 64→256→10, V2 JSON, OCLAW_INLINE_RUN_US=0",
+}
 BATCHING = {"max_queue_delay_microseconds": 2000, "max_queue_size": 1024}
 
 
@@ -52,16 +58,23 @@ def measure(quick: bool, work: Path) -> dict[str, Any]:
     repo, files = _repository(work)
     rng = np.random.default_rng(7)
     warmup, duration, rounds = (1.0, 3.0, 1) if quick else (2.0, 5.0, 4)
+    dense_x = {"x": rng.standard_normal((1, DENSE[0])).astype(np.float32)}
+    small_x = {"x": rng.standard_normal((1, SMALL[0])).astype(np.float32)}
+    # (case, model, inputs, binary, concurrencies, server)
     cases = [
-        ("dense", {"x": rng.standard_normal((1, DENSE[0])).astype(np.float32)}, True, (32, 1)),
-        ("mlp", {"x": rng.standard_normal((1, SMALL[0])).astype(np.float32)}, False, (1, 32)),
+        ("dense", "dense", dense_x, True, (32, 1), "oclaw"),
+        ("mlp", "mlp", small_x, False, (1, 32), "oclaw"),
+        ("mlp-offloaded", "mlp", small_x, False, (32,), "offloaded"),
     ]
     servers: dict[str, Any] = {}
     results: dict[str, Any] = {"rounds": rounds, "warmup_s": warmup, "duration_s": duration, "points": []}
     try:
         servers["oclaw"] = start_server("oclaw", repo, files["dense"], work, "batching")
-        proc, port, _ = servers["oclaw"]
-        for model, inputs, binary, concurrencies in cases:
+        # every request on the model's thread (never inline): what batching does for a small model served so
+        offloaded = {"OCLAW_INLINE_RUN_US": "0", "OCLAW_PRELOAD": "mlp,mlp_batched"}
+        servers["offloaded"] = start_server("oclaw", repo, files["mlp"], work, "offloaded", env=offloaded)
+        for case, model, inputs, binary, concurrencies, server in cases:
+            proc, port, _ = servers[server]
             body = v2_body(inputs, binary=binary, binary_output=binary)
             sess = ort.InferenceSession(str(files[model]), providers=["CPUExecutionProvider"])
             expected = {"y": sess.run(["y"], inputs)[0]}
@@ -78,11 +91,11 @@ def measure(quick: bool, work: Path) -> dict[str, Any]:
                         point = run_loadgen(
                             proc, port, request_files[variant], concurrency=c, warmup=warmup, duration=duration
                         )
-                        point.update(model=model, batched=variant.endswith("_batched"), round=r)
+                        point.update(case=case, batched=variant.endswith("_batched"), round=r)
                         results["points"].append(point)
                         p50, p99 = ((point.get(k) or 0) / 1e3 for k in ("p50_us", "p99_us"))
                         log(
-                            f"  {variant} c={c} round {r}: {point.get('rps', 0):.1f} req/s p50 {p50:.2f} ms "
+                            f"  {case} {variant} c={c} round {r}: {point.get('rps', 0):.1f} req/s p50 {p50:.2f} ms "
                             f"p99 {p99:.2f} ms non-200 {point.get('non_200') or 0} {point.get('error', '')}"
                         )
     finally:
@@ -98,9 +111,9 @@ def _median(points: list[dict[str, Any]], key: str) -> float | None:
 def print_table(res: dict[str, Any]) -> None:
     groups: dict[tuple[str, int], dict[bool, list[dict[str, Any]]]] = {}
     for p in res["points"]:
-        groups.setdefault((p["model"], p["concurrency"]), {True: [], False: []})[p["batched"]].append(p)
+        groups.setdefault((p["case"], p["concurrency"]), {True: [], False: []})[p["batched"]].append(p)
     rows = []
-    for (model, c), by in groups.items():
+    for (case, c), by in groups.items():
         on, off = by[True], by[False]
         rps_on, rps_off = _median(on, "rps"), _median(off, "rps")
         p50_on, p50_off = _median(on, "p50_us"), _median(off, "p50_us")
@@ -108,7 +121,7 @@ def print_table(res: dict[str, Any]) -> None:
         errors = sum(sum(p.get("non_200", {}).values()) + len(p.get("protocol_errors", [])) for p in on + off)
         rows.append(
             [
-                "dense 42M, V2 binary" if model == "dense" else "MLP 64→256→10, V2 JSON",
+                LABELS[case],
                 c,
                 fmt(rps_off),
                 fmt(rps_on),

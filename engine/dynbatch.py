@@ -80,7 +80,8 @@ class _Entry(Rows):
 
     key: tuple[object, ...] = ()
     enqueue_ns: int = 0
-    #: When its ``timeout`` passes (``perf_counter_ns``); None without one.
+    #: Its ``timeout`` parameter in nanoseconds, and when it passes (``perf_counter_ns``); None without one.
+    timeout_ns: int | None = None
     deadline_ns: int | None = None
     decode_ns: int = 0
     recorder: UsageRecorder | None = None
@@ -97,10 +98,12 @@ def _prepare(model: LoadedModel, body: bytes, header_length: int | None, content
     try:
         request = decode(model, body, header_length, content_type)
         feed, plan = model.prepare(request)
+        timeout = timeout_ns(request.parameters)
     except OclawError:
         model.stats.failure(perf_counter_ns() - started)
         raise
     entry = _Entry(request, feed, plan, started)
+    entry.timeout_ns = timeout
     entry.decode_ns = perf_counter_ns() - started
     return entry
 
@@ -171,7 +174,6 @@ class Batcher:
         self.waiting += 1
         try:
             entry = await self._decode(body, header_length, content_type)
-            timeout = timeout_ns(entry.request.parameters)
         except BaseException:
             self.waiting -= 1
             raise
@@ -181,10 +183,11 @@ class Batcher:
         entry.recorder = recorder
         entry.show_record = recorder is not None and entry.request.parameters.get("metering") is True
         future = entry.future = loop.create_future()
-        if timeout is not None:
+        if (timeout := entry.timeout_ns) is not None:
             left = enqueue_ns + timeout - perf_counter_ns()
             if left <= 0:
                 self.waiting -= 1
+                self.model.stats.failure(perf_counter_ns() - enqueue_ns)
                 raise Dropped(f"the request's timeout of {timeout // 1000} µs passed before it could run")
             entry.deadline_ns = enqueue_ns + timeout
             entry.expiry = loop.call_later(left / 1e9, self._expire, entry, timeout)
@@ -306,7 +309,7 @@ class Batcher:
             results = error
         else:
             results, elapsed = done.result()
-            # runs steadily faster than a thread hop, a batch's whole run included: the model runs inline from then
+            # a model whose whole batches run steadily faster than a thread hop costs runs inline from then on
             self.model.note_offloaded(elapsed)
         for n, entry in enumerate(batch):
             future = entry.future
@@ -324,10 +327,12 @@ class Batcher:
     # -- the run (on the model's executor) --------------------------------------------------------
 
     def _run(self, batch: list[_Entry]) -> tuple[list[Encoded | OclawError], int]:
-        """Run a batch: one encoded response or one error per request, in order, and the nanoseconds it took."""
-        started = perf_counter_ns()
+        """Run a batch: one encoded response or one error per request, in order, and the nanoseconds its longest
+        session run took."""
+        longest = 0
         results: dict[int, Encoded | OclawError] = {}
         for run in run_rows(self.model, batch):
+            longest = max(longest, run.end - run.start)
             if isinstance(run.outputs, OclawError):
                 entry = run.items[0]
                 assert isinstance(entry, _Entry)
@@ -335,7 +340,7 @@ class Batcher:
                 results[id(entry)] = run.outputs
             else:
                 results.update(self._answer(run))
-        return [results[id(entry)] for entry in batch], perf_counter_ns() - started
+        return [results[id(entry)] for entry in batch], longest
 
     def _answer(self, run: Run) -> Iterator[tuple[int, Encoded]]:
         """Post-process and encode each request of a run; the run's compute shared by rows.
