@@ -619,6 +619,9 @@ class ModelPool:
             failed = {str(v): m.warmup_error for v, m in sorted(e.versions.items()) if m.warmup_error is not None}
             if failed:
                 states[n]["warmup_errors"] = failed
+            if e.versions:  # where each version runs, and on how many sessions
+                states[n]["devices"] = {str(v): m.device for v, m in sorted(e.versions.items())}
+                states[n]["instances"] = {str(v): len(m.sessions) for v, m in sorted(e.versions.items())}
         return states
 
     def memory(self) -> dict[str, Any]:
@@ -657,6 +660,12 @@ class ModelPool:
             loads.add_metric([name], state["loads"])
             held.add_metric([name], state["memory_bytes"])
         yield from (loads, held)
+        instances = GaugeMetricFamily(
+            "oclaw_model_instances", "Sessions of a loaded model version", labels=("model", "version", "device")
+        )
+        for model in self.loaded():
+            instances.add_metric([model.name, str(model.version), model.device], len(model.sessions))
+        yield instances
         yield GaugeMetricFamily("oclaw_models_memory_bytes", "Memory the models hold", value=figures["used_bytes"])
         if figures["budget_bytes"] is not None:
             yield GaugeMetricFamily(

@@ -84,6 +84,10 @@ def test_prometheus_metrics_parse_and_count(repo: Path) -> None:
     assert ("oclaw_in_flight_requests", ()) in samples
     assert samples[("oclaw_requests_total", (("model", "(unknown)"), ("status", "404"), ("version", "")))] == 2
     assert not any(dict(labels).get("model", "").startswith("nope") for _, labels in samples)
+    # the pool's own metrics: loads, memory held, and where each loaded version runs
+    assert samples[("oclaw_model_loads_total", (("model", "versioned"),))] >= 1
+    assert samples[("oclaw_model_memory_bytes", (("model", "versioned"),))] > 0
+    assert samples[("oclaw_model_instances", (("device", "cpu"), ("model", "versioned"), ("version", "2")))] == 1
 
 
 def test_prometheus_batch_updates_equal_prometheus_client_per_record(repo: Path) -> None:

@@ -82,6 +82,7 @@ class PrometheusSink:
         self._cold = 0
         self._lock = threading.Lock()
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds
+        self.registry.register(runtime.pool)  # loads, unloads by reason, memory held and budget, instances by device
         PlatformCollector(registry=self.registry)
         self.registry.register(self)
         r = self.registry
