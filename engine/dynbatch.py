@@ -21,7 +21,6 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
@@ -144,16 +143,18 @@ class Batcher:
         """Nothing in flight and nothing queued: a request now runs alone, at once."""
         return self.busy == 0 and not self.queue
 
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Mark a lone request's run in flight, so that requests arriving meanwhile queue for the next run."""
+    def hold(self) -> Batcher:
+        """``with batcher.hold():`` marks a lone request's run in flight, so requests arriving meanwhile queue for
+        the next run (a plain context manager: a generator-based one costs ~1 µs a request more)."""
+        return self
+
+    def __enter__(self) -> None:
         self.busy += 1
-        try:
-            yield
-        finally:
-            self.busy -= 1
-            if self.queue:
-                self._pump()
+
+    def __exit__(self, *exc: object) -> None:
+        self.busy -= 1
+        if self.queue:
+            self._pump()
 
     async def infer(
         self,

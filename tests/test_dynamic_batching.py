@@ -506,7 +506,7 @@ def test_the_lambda_path_runs_each_request_alone(srv: ServerThread) -> None:
 )
 def test_manifest_errors_name_the_key(tmp_path: Path, manifest: dict[str, Any], message: str) -> None:
     (tmp_path / "oclaw.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError, match=None) as caught:
+    with pytest.raises(ConfigError) as caught:
         load_manifest(tmp_path)
     assert message in caught.value.message
 
