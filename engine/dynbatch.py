@@ -121,7 +121,9 @@ class Batcher:
     """One model's dynamic batcher; lives on the server's event loop (every method but ``_run`` runs there)."""
 
     def __init__(self, model: LoadedModel, spec: DynamicBatching) -> None:
-        self.model = model
+        # weakly: the batcher is the value of its model's key in the (weak-keyed) _batchers, so a strong reference
+        # would keep every model that ever had a batcher alive after the pool unloads it
+        self._model = weakref.ref(model)
         self.max_rows = model.manifest.max_batch_size
         self.preferred = spec.preferred_batch_size
         self.delay_ns = spec.max_queue_delay_microseconds * 1000
@@ -137,6 +139,14 @@ class Batcher:
         #: Runs made by the batcher, and the requests they served (a lone request's run is not counted here).
         self.runs = 0
         self.batched = 0
+
+    @property
+    def model(self) -> LoadedModel:
+        """The model (alive while a request holds it, which is whenever the batcher is used)."""
+        model = self._model()
+        if model is None:  # pragma: no cover - a request holds its model through its lease
+            raise ModelNotReady("the model was unloaded")
+        return model
 
     @property
     def idle(self) -> bool:

@@ -522,3 +522,22 @@ def test_manifest_reads_tritons_names(tmp_path: Path) -> None:
         32,
     )
     assert load_manifest(tmp_path / "missing").dynamic_batching is None
+
+
+def test_an_unloaded_batched_model_is_freed(tmp_path: Path) -> None:
+    """The batcher does not keep its model alive: a batched model the pool unloads is freed (memory comes back)."""
+    import gc
+    import weakref
+
+    _save(counter(), tmp_path, "counter", 1, {"max_batch_size": 64, "dynamic_batching": BATCHING})
+    server = start_server(tmp_path, inline_run_us=0)
+    try:
+        outputs(post(server, "counter", *x_body(np.ones((2, 4), np.float32))))
+        model = weakref.ref(model_of(server, "counter"))
+        assert batcher_for(model_of(server, "counter")) is not None
+        unload = httpx.post(f"{server.url}/v2/repository/models/counter/unload", json={}, timeout=30)
+        assert unload.status_code == 200, unload.text
+        gc.collect()
+        assert model() is None
+    finally:
+        server.stop()
