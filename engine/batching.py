@@ -146,3 +146,9 @@ def _run_batch(model: LoadedModel, batch: list[Rows], results: list[Result | Non
                 compute_output=done - run.end,
                 total=done - item.started,
             )
+        model.stats.run(
+            rows=sum(rows),
+            compute_input=run.start - run.items[0].started,
+            compute_infer=run.end - run.start,
+            compute_output=perf_counter_ns() - run.end,
+        )

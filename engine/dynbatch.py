@@ -391,3 +391,9 @@ class Batcher:
             )
             body, length, header = encode_served(model, response, entry.recorder, show_record=entry.show_record)
             yield id(entry), Encoded(body, length, entry.rows, queue, response.compute_ns, header)
+        model.stats.run(
+            rows=sum(rows),
+            compute_input=sum(e.decode_ns for e in entries),
+            compute_infer=run.end - run.start,
+            compute_output=done - run.end,
+        )

@@ -511,6 +511,7 @@ class LoadedModel:
             compute_output=t3 - t2,
             total=t3 - start + queue,
         )
+        self.stats.run(rows=rows, compute_input=t1 - start, compute_infer=t2 - t1, compute_output=t3 - t2)
         return response
 
     def close(self) -> None:

@@ -224,6 +224,10 @@ def test_concurrent_json_and_binary_requests_run_stacked_and_split_back(srv: Ser
     after = model.stats.as_dict("counter", "1")  # each request counted, with its rows
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 7
     assert after["inference_count"] == before["inference_count"] + 1 + sum(len(x) for x in xs)
+    assert after["execution_count"] == before["execution_count"] + 3  # Triton's executions: the lone run and two
+    sizes = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    was = {b["batch_size"]: b["compute_infer"]["count"] for b in before["batch_stats"]}
+    assert sizes[4] >= was.get(4, 0) + 1 and sizes[6] >= was.get(6, 0) + 1  # runs of 1+2+1 and 3+1+2 rows
 
 
 def test_many_concurrent_requests_are_answered_correctly(srv: ServerThread) -> None:
