@@ -159,6 +159,12 @@ def test_int8_writes_the_next_version_with_its_record_and_the_server_serves_it(
     if mode == "static":
         assert rec["settings"]["quant_format"] == "QDQ" and rec["settings"]["calibration_method"] == "minmax"
         assert rec["settings"]["calibration"]["sha256"] == sha256_file(data["npy"])
+        kernels = quantize.int8_kernels()
+        assert rec["settings"]["activation_type"] == kernels["activation_type"]
+        graph = onnx.load(str(repo / "digits" / "2" / "model.onnx")).graph
+        zero_points = [i for i in graph.initializer if i.name.endswith("_zero_point") and i.dims == []]
+        activation = onnx.TensorProto.UINT8 if kernels["activation_type"] == "QUInt8" else onnx.TensorProto.INT8
+        assert zero_points and all(z.data_type == activation for z in zero_points)  # activations: per tensor
     metric = rec["metric"]
     assert metric["name"] == "accuracy" and metric["max_drop"] == 0.01
     assert metric["source"] - metric["optimized"] <= 0.01 and metric["drop"] <= 0.01
@@ -486,3 +492,17 @@ def test_progress_counts_on_a_terminal_and_is_silent_elsewhere() -> None:
     assert piped.getvalue() == ""
     quiet.warn("oclaw: a warning is always shown")
     assert piped.getvalue() == "oclaw: a warning is always shown\n"
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "activation", "reduce_range"),
+    [
+        ("x86_64", {"avx512_vnni", "avx512f"}, "QUInt8", False),  # U8S8: onnxruntime's fast x86 kernels
+        ("x86_64", {"avx2", "fma"}, "QUInt8", True),  # no VNNI: 7-bit weights keep U8S8 sums from saturating
+        ("AMD64", {"avx_vnni"}, "QUInt8", False),
+        ("aarch64", set(), "QInt8", False),  # S8S8 on ARM64 (Graviton)
+        ("arm64", set(), "QInt8", False),
+    ],
+)
+def test_static_int8_kernels_suit_the_cpu(machine: str, flags: set[str], activation: str, reduce_range: bool) -> None:
+    assert quantize.int8_kernels(machine, flags) == {"activation_type": activation, "reduce_range": reduce_range}

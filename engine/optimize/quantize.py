@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import platform
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -127,15 +128,34 @@ def _default_domain(node: Any) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
+def int8_kernels(machine: str | None = None, flags: set[str] | None = None) -> dict[str, Any]:
+    """Activation type and weight range of static INT8 for the CPU the graph is measured (and served) on.
+
+    onnxruntime's x86-64 kernels are fast for unsigned activations and signed weights (U8S8): signed activations
+    (S8S8, quantize_static's default) run slower than fp32 there, and unsigned ones also keep a ReLU's output at
+    full resolution. Without VNNI, U8S8's 16-bit intermediate sums can saturate, so weights keep 7 bits
+    (``reduce_range``), as onnxruntime advises. ARM64 (Graviton) kernels are fastest with S8S8.
+    """
+    machine = machine or platform.machine()
+    if machine.lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return {"activation_type": "QInt8", "reduce_range": False}
+    if flags is None:
+        from engine.optimize.prepare import cpu_fingerprint
+
+        flags = set(cpu_fingerprint().split(":", 1)[1].split("+"))
+    return {"activation_type": "QUInt8", "reduce_range": not flags & {"avx512_vnni", "avx_vnni", "amx_tile"}}
+
+
 def static_family(method: str) -> Family:
-    """Static INT8 in QDQ format, weights per channel, activations calibrated with ``method``."""
+    """Static INT8 in QDQ format, weights per channel, activations calibrated with ``method``; activation type and
+    weight range for this CPU (``int8_kernels``)."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     ops = set(QDQRegistry) | set(QLinearOpsRegistry)
     settings = {
         "quant_format": "QDQ",
         "per_channel": True,
-        "activation_type": "QInt8",
+        **int8_kernels(),
         "weight_type": "QInt8",
         "calibration_method": method,
     }
@@ -183,7 +203,13 @@ def _convert(
     tick: Callable[[], None] | None,
 ) -> None:
     onnx = require_onnx()
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with quiet():
         if family.method == "static":
@@ -200,6 +226,9 @@ def _convert(
                 CalibrationReader(calibration, tick),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                activation_type=QuantType[family.settings["activation_type"]],
+                weight_type=QuantType[family.settings["weight_type"]],
+                reduce_range=family.settings["reduce_range"],
                 calibrate_method=methods[family.settings["calibration_method"]],
                 nodes_to_exclude=list(excluded),
                 calibration_cache_path=str(cache),
