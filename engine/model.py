@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -90,12 +91,15 @@ class LoadedModel:
                 raise ModelLoadError(f"{files.path}: sha256 {actual} does not match the manifest's {expected}")
         start = perf_counter_ns()
         count = manifest.instance_count
-        # each declared instance gets its share of the cores; the default count follows the device
+        # each declared instance gets its share of the cores, and no spinning: an idle instance's threads spinning
+        # after its run would take the cores another instance is running on (onnxruntime's advice for parallel
+        # sessions); the default count follows the device
         threads = max(1, settings.threads // count) if count else None
-        self.session, self.prepared = create_session(files.path, settings, threads)
+        shared = dataclasses.replace(settings, allow_spinning=False) if count and count > 1 else settings
+        self.session, self.prepared = create_session(files.path, shared, threads)
         count = count or default_instance_count(self.session.get_providers())
         #: The sessions (Triton's model instances); a run takes a free one (``run``).
-        self.sessions = [self.session, *(create_session(files.path, settings, threads)[0] for _ in range(count - 1))]
+        self.sessions = [self.session, *(create_session(files.path, shared, threads)[0] for _ in range(count - 1))]
         self._free: queue.SimpleQueue[ort.InferenceSession] | None = None
         if count > 1:
             self._free = queue.SimpleQueue()

@@ -42,6 +42,10 @@ def test_each_instance_is_a_session_with_its_share_of_the_cores(mlp_repo: Path) 
         assert model.load_record()["instances"] == 3 and model.load_record()["device"] == "cpu"
         assert model.instance_group() == {"count": 3, "kind": "KIND_CPU"}
         assert [s.get_session_options().intra_op_num_threads for s in model.sessions] == [2, 2, 2]
+        spinning = [
+            s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") for s in model.sessions
+        ]
+        assert spinning == ["0", "0", "0"]  # an idle instance's spinning threads would take a running one's cores
         single = load(mlp_repo, "one", intra_op_threads=6)
         assert len(single.sessions) == 1 and single.sessions[0].get_session_options().intra_op_num_threads == 6
         single.close()
