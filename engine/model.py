@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import queue
@@ -234,6 +235,13 @@ class LoadedModel:
             }
         if self.manifest.labels:
             cfg["parameters"]["labels"] = {"string_value": str(len(self.manifest.labels))}
+        # the version's `oclaw optimize` record says its precision; a version without one is the fp32 source
+        record = self.path.parent / "optimization.json"
+        try:
+            precision = json.loads(record.read_text()).get("precision") if record.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            precision = None
+        cfg["parameters"]["precision"] = {"string_value": precision if isinstance(precision, str) else "fp32"}
         return cfg
 
     def instance_group(self) -> dict[str, Any]:
