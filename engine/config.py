@@ -25,6 +25,7 @@ _CHOICES = {
     "cloudrun_billing": ("request", "instance"),
     "warmup": ("auto", "true", "false"),
     "cuda_conv_algo_search": ("heuristic", "exhaustive", "default"),
+    "auth": ("auto", "keys", "none"),
 }
 #: Counts and sizes that must be at least 1, and those that may be 0.
 _AT_LEAST_ONE = (
@@ -230,6 +231,11 @@ class Settings:
     otel: bool = False
     #: Prometheus metrics at /metrics on `oclaw serve`.
     metrics: bool = True
+    #: JSON file of API key entries (``oclaw keys create``); with it every route but the health probes needs a key.
+    api_keys: str = ""
+    #: Access control: ``auto`` (keys when OCLAW_API_KEYS is set; `oclaw serve` on a non-loopback address refuses
+    #: to start without them), ``keys`` (always required) or ``none`` (off, logged as a warning).
+    auth: str = "auto"
     #: Request header naming the tenant when no authenticated principal does.
     tenant_header: str = "x-tenant-id"
     #: Records a failing sink could not take are kept here and re-sent on a later flush.

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine import logs
+from engine import auth, logs
 from engine.dataplane import Encoded, infer_bytes, parse_header_length, runs_inline
 from engine.dynbatch import Dropped, batcher_for
 from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLarge, QueueFull
@@ -35,6 +35,8 @@ from handler import v2
 log = logging.getLogger("oclaw.http")
 
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+#: The scope key of the request's authenticated ``auth.Principal`` (absent without access control).
+PRINCIPAL = "oclaw.principal"
 
 
 def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -54,8 +56,34 @@ def error_response(status: int, message: str) -> Response:
 
 def oclaw_error_response(exc: OclawError) -> Response:
     """The error response of an OclawError: its status, and ``Retry-After`` when the client should come back."""
-    headers = {"retry-after": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-    return json_response({"error": exc.message}, int(exc.status), headers)
+    return json_response({"error": exc.message}, int(exc.status), error_headers(exc))
+
+
+def error_headers(exc: OclawError) -> dict[str, str] | None:
+    """The headers an error's response carries: ``Retry-After`` (come back later), ``WWW-Authenticate`` (401)."""
+    if isinstance(exc, QueueFull | auth.RateLimited):
+        return {"retry-after": str(exc.retry_after_s)}
+    if isinstance(exc, auth.Unauthenticated):
+        return {"www-authenticate": 'Bearer realm="oclaw"'}
+    return None
+
+
+def authorize(keys: auth.KeyRing, scope: Scope) -> Response | None:
+    """Check the request's key against the role its route needs (the path as the router sees it): None when it
+    may go on (its principal put in the scope), else the 401/403/429 response."""
+    authorization, api_key = [], []
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization.append(value.decode("latin-1"))
+        elif name == b"x-api-key":
+            api_key.append(value.decode("latin-1"))
+    need = auth.requirement(scope["method"], scope["path"])
+    try:
+        principal = keys.authorize(need, auth.credential(authorization, api_key))
+    except OclawError as exc:
+        return oclaw_error_response(exc)
+    scope[PRINCIPAL] = principal
+    return None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -101,10 +129,14 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
     request_id = headers.get("x-request-id") or runtime.next_request_id()
     logs.request_id.set(request_id)
     logs.correlation_id.set(headers.get("x-correlation-id") or request_id)
+    principal: auth.Principal | None = request.scope.get(PRINCIPAL)
     record = v2.Recorder(
         runtime,
         request_id=request_id,
-        tenant=headers.get(runtime.settings.tenant_header) or "anonymous",
+        # an authenticated key's tenant is the one metered: no header overrides it
+        tenant=principal.tenant
+        if principal is not None
+        else headers.get(runtime.settings.tenant_header) or "anonymous",
         bytes_in=0,
         source="http",
         enqueue_ns=enqueue,
@@ -199,6 +231,9 @@ class ServerApp:
         self._on_ready = on_ready
         self.in_flight = 0
         self.prometheus: Any = None
+        settings = runtime.settings
+        #: The API keys requests are checked against; None: no access control (OCLAW_API_KEYS unset, OCLAW_AUTH).
+        self.keys = auth.keys_for(settings.api_keys, settings.auth)
 
     async def full_app(self) -> ASGIApp:
         """The FastAPI app, built (and imported) on first use."""
@@ -211,6 +246,12 @@ class ServerApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
+        if self.keys is not None and scope["type"] != "lifespan":
+            if scope["type"] != "http":  # no websocket routes: nothing else is served
+                return
+            if (denied := authorize(self.keys, scope)) is not None:
+                await denied(scope, receive, send)
+                return
         if scope["type"] == "http":
             self.in_flight += 1
             try:

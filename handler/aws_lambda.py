@@ -36,7 +36,7 @@ import json  # noqa: E402
 import re  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from engine import aws as aws_clients  # noqa: E402
 from engine import logs  # noqa: E402
@@ -45,6 +45,9 @@ from engine.errors import NotEnoughTime, OclawError, UnsupportedEvent  # noqa: E
 from engine.runtime import Runtime, get_runtime  # noqa: E402
 from engine.tensors import decode_document  # noqa: E402
 from handler import lambda_http, v2  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.auth import KeyRing, Principal
 
 ACCEPTED = (
     "API Gateway REST (v1) or HTTP API (v2) proxy events, Lambda Function URL events, ALB events, "
@@ -107,8 +110,20 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     return runtime, record
 
 
+def _keys(runtime: Runtime) -> KeyRing | None:
+    """The API keys HTTP events are checked against: none unless OCLAW_API_KEYS is set (IAM guards the function)."""
+    settings = runtime.settings
+    if settings.auth == "none" or (settings.auth == "auto" and not settings.api_keys):
+        return None
+    from engine import auth  # only with keys: the cold path without them does not load it
+
+    return auth.keys_for(settings.api_keys, settings.auth)
+
+
 logs.configure(get_runtime().settings.log_level, get_runtime().settings.log_format)
 RUNTIME, COLD_START = _init()
+#: API keys for HTTP events (OCLAW_API_KEYS), read in INIT; None: no key check.
+KEYS = _keys(RUNTIME)
 #: What Lambda bills for INIT (process start to the end of this module's import), carried by the first request.
 INIT_MS = float(COLD_START["phases_ms"]["runtime"] or 0) + float(COLD_START["init_ms"])
 _mangum: Any = None
@@ -152,12 +167,39 @@ def _check_time(context: Any, model: str | None, version: str | None = None) -> 
         raise NotEnoughTime(f"only {left} ms left before the Lambda deadline; this request needs about {need:.0f} ms")
 
 
+def _strip_base(path: str) -> str:
+    base = RUNTIME.settings.api_base_path
+    return (path[len(base) :] or "/") if base and path.startswith(base) else path
+
+
+def _authorize(keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, path: str) -> Principal | None:
+    """Check the event's key against the role its route needs, on every spelling of the path a router here may
+    use (the raw path, decoded, the HTTP API's ``requestContext.http.path`` that Mangum routes on)."""
+    from urllib.parse import unquote
+
+    from engine import auth
+
+    paths = {path, unquote(path)}
+    if ev.source == "apigw-v2":
+        paths.add(_strip_base(str(event["requestContext"]["http"].get("path") or "/")))
+    if ev.source == "alb":
+        paths.add(_strip_base(unquote(str(event.get("path") or "/"))))
+    headers = ev.headers
+    authorization = [headers["authorization"]] if "authorization" in headers else []
+    api_key = [headers["x-api-key"]] if "x-api-key" in headers else []
+    return keys.authorize(auth.requirement_of(ev.method, paths), auth.credential(authorization, api_key))
+
+
 def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
     settings = RUNTIME.settings
     ev = lambda_http.parse(event, source)
-    path = ev.path
-    if settings.api_base_path and path.startswith(settings.api_base_path):
-        path = path[len(settings.api_base_path) :] or "/"
+    path = _strip_base(ev.path)
+    principal = None
+    if KEYS is not None:
+        try:
+            principal = _authorize(KEYS, event, ev, path)
+        except OclawError as exc:
+            return lambda_http.respond(ev, v2.error_reply(exc), settings.lambda_max_body_bytes)
     reply: v2.Reply | None
     match = _INFER_PATH.fullmatch(path) if ev.method == "POST" else None
     record = None
@@ -167,7 +209,7 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         record = v2.Recorder(
             RUNTIME,
             request_id=request_id or RUNTIME.next_request_id(),
-            tenant=tenant_of(event, ev.headers, context),
+            tenant=principal.tenant if principal is not None else tenant_of(event, ev.headers, context),
             bytes_in=0,
             source="lambda-http",
             enqueue_ns=STATE.invocation_start_ns,

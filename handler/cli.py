@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
-from handler import model_commands
+from handler import keys, model_commands
 
 _T0 = perf_counter_ns()
 
@@ -33,12 +33,18 @@ def _serve(args: argparse.Namespace) -> int:
     elif not os.path.isdir(settings.model_repository):
         print(f"oclaw: model repository {settings.model_repository!r} is not a directory", file=sys.stderr)
         return 2
+    from engine import auth
+
+    if (why := keys.refusal(settings, args.host)) is not None:
+        print(f"oclaw: {why}", file=sys.stderr)
+        return 2
+    ring = auth.keys_for(settings.api_keys, settings.auth)  # a bad key file is named now, before any model loads
     from handler.server import bind, serve
 
+    where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"
     try:
         sock = bind(args.host, port)  # before any model loads: a taken port fails now, not once all are warm
     except OSError as exc:
-        where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"
         print(
             f"oclaw: cannot listen on {where}: {exc.strerror or exc} (choose another with --port or PORT)",
             file=sys.stderr,
@@ -47,6 +53,14 @@ def _serve(args: argparse.Namespace) -> int:
     from engine.logs import configure
 
     configure(settings.log_level, settings.log_format, root=True)  # uvicorn's lines too: one format, one stream
+    import logging
+
+    if settings.auth == "none":
+        logging.getLogger("oclaw.auth").warning(
+            "OCLAW_AUTH=none: access control is OFF; anyone who reaches %s may infer, load and unload models", where
+        )
+    elif ring is not None:
+        logging.getLogger("oclaw.auth").info("API keys: %d from %s", len(ring), settings.api_keys)
     return serve(settings, sock=sock, started_ns=_T0)
 
 
@@ -332,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--env", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="extra environment"
     )
     inv.set_defaults(func=_lambda_invoke)
+    keys.add_parser(sub)
     usage = sub.add_parser("usage", help="aggregate metering records (JSON Lines or log lines) into a table or CSV")
     usage.add_argument("files", nargs="+", help="files of metering records (jsonl sink output, or logs)")
     usage.add_argument(

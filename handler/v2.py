@@ -48,8 +48,15 @@ def json_reply(content: object, status: int = 200) -> Reply:
 
 
 def error_reply(exc: OclawError) -> Reply:
-    """The V2 error shape for an OclawError."""
-    return json_reply({"error": exc.message}, int(exc.status))
+    """The V2 error shape for an OclawError (``Retry-After`` when the client should come back, a 401's
+    ``WWW-Authenticate``)."""
+    reply = json_reply({"error": exc.message}, int(exc.status))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        reply.headers["retry-after"] = str(retry_after)
+    if exc.status == 401:
+        reply.headers["www-authenticate"] = 'Bearer realm="oclaw"'
+    return reply
 
 
 def server_metadata() -> Reply:
