@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -333,3 +335,16 @@ def test_async_client_parity(server: ServerThread, image_server: ServerThread) -
             assert "cat" in (await client.predict(IMAGE, "efficientnet_lite0")).topk(1)[0][0]
 
     asyncio.run(main())
+
+
+def test_non_finite_floats_round_trip_as_json_and_binary(sdk: Client) -> None:
+    x = np.array([[np.nan, np.inf, -np.inf, 1.5]], dtype=np.float32)
+    for binary in (True, False):
+        out = sdk.predict({"x": x}, "identity_fp32", ModelConfig(binary=binary)).as_numpy("y")
+        np.testing.assert_array_equal(out, x)
+
+
+def test_the_sdk_imports_neither_the_engine_nor_onnxruntime() -> None:
+    code = "import sys, oclaw_sdk; print(sorted(m for m in ('engine', 'handler', 'onnxruntime') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
