@@ -158,9 +158,13 @@ def _join(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 class Core:
     """Plans for every endpoint, and what they cache (model metadata, the version of each precision)."""
 
-    def __init__(self, *, api_key: str | None, headers: Mapping[str, str] | None, timeout_s: float) -> None:
+    def __init__(
+        self, *, api_key: str | None, headers: Mapping[str, str] | None, timeout_s: float, signed: bool = False
+    ) -> None:
         self.headers = dict(headers or {})
-        if api_key:
+        if api_key and signed:  # Authorization carries the request's signature (SigV4)
+            self.headers["x-api-key"] = api_key
+        elif api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
         self.timeout_s = timeout_s
         self._metadata: dict[tuple[str, str | None], dict[str, Any]] = {}

@@ -68,11 +68,22 @@ class Client:
         self.endpoint = _base_url(endpoint)
         self.retry = retry or RetryPolicy()
         self.max_concurrency = max_concurrency
-        self._core = Core(api_key=api_key, headers=headers, timeout_s=timeout_s)
+        self._core = Core(api_key=api_key, headers=headers, timeout_s=timeout_s, signed=auth is not None)
         self._http = httpx.Client(base_url=self.endpoint, timeout=timeout_s, limits=_limits(max_connections), auth=auth)
         self._transport = transport or self._send_http
         self._threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_lambda(
+        cls, function_name: str, *, qualifier: str | None = None, lambda_client: Any = None, **options: Any
+    ) -> Client:
+        """A client that invokes the function with boto3's ``lambda.invoke`` instead of calling a URL
+        (``lambda_client``: a boto3 Lambda client, default one from boto3's default session)."""
+        from oclaw_sdk.aws import LambdaTransport
+
+        transport = LambdaTransport(function_name, qualifier=qualifier, client=lambda_client)
+        return cls(f"lambda://{function_name}", transport=transport, **options)
 
     # -- API -------------------------------------------------------------------------------------------------
 
@@ -188,11 +199,25 @@ class AsyncClient:
         self.endpoint = _base_url(endpoint)
         self.retry = retry or RetryPolicy()
         self.max_concurrency = max_concurrency
-        self._core = Core(api_key=api_key, headers=headers, timeout_s=timeout_s)
+        self._core = Core(api_key=api_key, headers=headers, timeout_s=timeout_s, signed=auth is not None)
         self._http = httpx.AsyncClient(
             base_url=self.endpoint, timeout=timeout_s, limits=_limits(max_connections), auth=auth
         )
         self._transport = transport or self._send_http
+
+    @classmethod
+    def for_lambda(
+        cls, function_name: str, *, qualifier: str | None = None, lambda_client: Any = None, **options: Any
+    ) -> AsyncClient:
+        """See ``Client.for_lambda``; each invoke runs in a thread (boto3 is synchronous)."""
+        from oclaw_sdk.aws import LambdaTransport
+
+        invoke = LambdaTransport(function_name, qualifier=qualifier, client=lambda_client)
+
+        async def transport(call: Call) -> Reply | OclawError:
+            return await asyncio.to_thread(invoke, call)
+
+        return cls(f"lambda://{function_name}", transport=transport, **options)
 
     async def predict(self, inputs: Inputs, model: str, config: ModelConfig | None = None) -> Result:
         """See ``Client.predict``."""

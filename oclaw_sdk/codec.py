@@ -160,3 +160,26 @@ def decode_response(body: bytes, header_length: int | None = None) -> tuple[dict
             flat = _from_json(out["datatype"], out.get("data", []))
         arrays[out["name"]] = flat.reshape(shape)
     return doc, arrays
+
+
+def json_document(body: bytes, header_length: int | None = None) -> dict[str, Any]:
+    """An encoded infer request as one JSON document: binary inputs inlined as ``data``, JSON outputs asked for."""
+    head = body if header_length is None else body[:header_length]
+    doc: dict[str, Any] = json.loads(head)
+    binary = memoryview(body)[len(head) :]
+    offset = 0
+    for entry in doc.get("inputs", []):
+        params = entry.get("parameters") or {}
+        size = params.pop("binary_data_size", None)
+        if size is not None:
+            flat = _from_binary(entry["datatype"], binary[offset : offset + size], math.prod(entry["shape"]))
+            entry["data"] = _json_data(flat)
+            offset += size
+        if not params:
+            entry.pop("parameters", None)
+    (doc.get("parameters") or {}).pop("binary_data_output", None)
+    if doc.get("parameters") == {}:
+        del doc["parameters"]
+    for out in doc.get("outputs") or []:
+        (out.get("parameters") or {}).pop("binary_data", None)
+    return doc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import shutil
 import subprocess
@@ -11,12 +12,14 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+from handler.local_lambda import LocalLambda
 from oclaw_sdk import (
     APIError,
     AsyncClient,
@@ -27,9 +30,11 @@ from oclaw_sdk import (
     ModelNotFound,
     RetryPolicy,
     TooManyRequests,
+    codec,
 )
+from oclaw_sdk.aws import SigV4
 from oclaw_sdk.retry import retry_after
-from tests.conftest import EXAMPLES, ROOT, ServerThread, free_port, start_server
+from tests.conftest import AWS_ENV, EXAMPLES, ROOT, ServerThread, free_port, start_server
 from tests.modelgen import _save, mlp
 
 
@@ -348,3 +353,115 @@ def test_the_sdk_imports_neither_the_engine_nor_onnxruntime() -> None:
     code = "import sys, oclaw_sdk; print(sorted(m for m in ('engine', 'handler', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+# -- AWS: lambda.invoke and SigV4 ----------------------------------------------------------------------------------
+
+
+class LocalLambdaClient:
+    """boto3's Lambda client at the AWS boundary: ``invoke`` runs the event in a local Lambda environment (the real
+    handler under awslambdaric) and answers as the Invoke API does."""
+
+    def __init__(self, fn: LocalLambda) -> None:
+        self.fn = fn
+        self.events: list[dict[str, Any]] = []
+
+    def invoke(self, *, FunctionName: str, Payload: bytes, Qualifier: str | None = None) -> dict[str, Any]:
+        assert FunctionName == "oclaw-local"
+        self.events.append(json.loads(Payload))
+        result = self.fn.invoke(json.loads(Payload))
+        answer: dict[str, Any] = {"StatusCode": 200, "Payload": io.BytesIO(result.payload or b"")}
+        if result.error is not None:
+            answer["FunctionError"] = "Unhandled"
+            answer["Payload"] = io.BytesIO(json.dumps(result.error).encode())
+        return answer
+
+
+@pytest.fixture(scope="module")
+def local_lambda(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalLambda]:
+    env = {"OCLAW_MODEL_REPOSITORY": str(repo), "OCLAW_PRELOAD": "mlp,add_sub,identity_bytes"}
+    fn = LocalLambda(env=env, cwd=ROOT, log=tmp_path_factory.mktemp("lambda") / "lambda.log").start()
+    fn.wait_init()
+    yield fn
+    fn.stop()
+
+
+def test_lambda_transport_sends_direct_v2_requests(local_lambda: LocalLambda, repo: Path) -> None:
+    boto = LocalLambdaClient(local_lambda)
+    x = np.random.default_rng(5).standard_normal((5, 64)).astype(np.float32)
+    with Client.for_lambda("oclaw-local", lambda_client=boto) as sdk:
+        result = sdk.predict(x, "mlp", ModelConfig(batch_size=2))
+        np.testing.assert_allclose(result.as_numpy("y"), mlp_direct(repo, x), rtol=1e-5, atol=1e-6)
+        a = np.arange(16, dtype=np.float32).reshape(1, 16)
+        both = sdk.predict({"INPUT0": a, "INPUT1": a}, "add_sub", ModelConfig(version=1))
+        np.testing.assert_array_equal(both.as_numpy("OUTPUT1"), np.zeros((1, 16), np.float32))
+        words = sdk.predict({"x": np.array([["é", "b"]], dtype=object)}, "identity_bytes").as_numpy("y")
+        assert words.tolist() == [["é".encode(), b"b"]]
+        with pytest.raises(InvalidInput, match="INPUT1"):
+            sdk.predict({"INPUT0": a}, "add_sub")
+        assert sdk.server_metadata()["name"] == "oclaw"  # not an infer request: sent as a Function URL event
+    direct = [e for e in boto.events if "inputs" in e]
+    assert direct[0]["model_name"] == "mlp" and direct[0]["inputs"][0]["shape"] == [2, 64]
+    assert "data" in direct[0]["inputs"][0] and len(direct) == 3 + 1 + 1 + 1
+    assert (direct[3]["model_name"], direct[3]["model_version"]) == ("add_sub", "1")
+    assert any(e.get("rawPath") == "/v2/models/mlp" for e in boto.events)  # metadata for the unnamed input
+
+    async def main() -> None:
+        async with AsyncClient.for_lambda("oclaw-local", lambda_client=boto) as client:
+            out = await client.predict(x, "mlp", ModelConfig(batch_size=3))
+            np.testing.assert_allclose(out.as_numpy("y"), mlp_direct(repo, x), rtol=1e-5, atol=1e-6)
+
+    asyncio.run(main())
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Records each request (method, path, headers, body) and answers the V2 server metadata."""
+
+    seen: ClassVar[list[tuple[str, str, dict[str, str], bytes]]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _serve(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.seen.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        payload = json.dumps({"name": "oclaw", "version": "0", "extensions": []}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = _serve
+
+
+def test_sigv4_signs_what_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with Client(url, api_key="k1", auth=SigV4(region="us-east-1")) as sdk:
+            sdk.server_metadata()
+            body, length = codec.encode_request({"x": np.ones((1, 4), np.float32)})
+            sdk.predict({"x": np.ones((1, 4), np.float32)}, "m")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    credentials = boto3.Session().get_credentials().get_frozen_credentials()
+    for method, path, headers, sent in Recorder.seen:
+        auth = headers["authorization"]
+        assert auth.startswith("AWS4-HMAC-SHA256 Credential=testing/") and "/us-east-1/lambda/aws4_request" in auth
+        assert headers["x-api-key"] == "k1" and headers["x-amz-security-token"] == "testing"
+        names = auth.split("SignedHeaders=")[1].split(",")[0].split(";")
+        request = AWSRequest(method=method, url=url + path, data=sent, headers={n: headers[n] for n in names})
+        request.context["timestamp"] = headers["x-amz-date"]
+        signer = SigV4Auth(credentials, "lambda", "us-east-1")
+        expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
+        assert auth.endswith(f"Signature={expected}")
+    assert Recorder.seen[-1][3] == body and Recorder.seen[-1][2][codec.HEADER_LENGTH] == str(length)
