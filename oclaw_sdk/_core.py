@@ -25,7 +25,8 @@ from oclaw_sdk.retry import RETRY_STATUSES, RetryPolicy, retry_after
 T = TypeVar("T")
 
 #: What ``predict`` accepts: an array or nested list (the model's one input), image bytes or a path to an image
-#: file (sent as the raw body, for models with image pre-processing), or input name -> array.
+#: file (sent as the raw body, for models with image pre-processing), a list of image bytes or ``Path``s (a BYTES
+#: tensor of encoded images, split by ``batch_size`` like any tensor), or input name -> array.
 Inputs = np.ndarray | Sequence[Any] | bytes | str | os.PathLike[str] | Mapping[str, Any]
 
 #: Leading bytes of the image formats a server's image pre-processing reads, and their Content-Type.
@@ -275,10 +276,16 @@ class Core:
             if len(specs) != 1:
                 raise ValueError(f"model {model!r} has inputs {list(specs)}: pass a dict of input name -> array")
             given = {next(iter(specs)): given[""]}
-        return {
-            name: value if isinstance(value, np.ndarray) and named else codec.as_array(value, specs.get(name))
-            for name, value in given.items()
-        }
+        arrays = {}
+        for name, value in given.items():
+            images = _images(value)
+            if images is not None:
+                arrays[name] = images
+            elif isinstance(value, np.ndarray) and named:
+                arrays[name] = value
+            else:
+                arrays[name] = codec.as_array(value, specs.get(name))
+        return arrays
 
     def _result(self, model: str, replies: list[Reply], config: ModelConfig) -> Result:
         parts, first = [], None
@@ -295,6 +302,17 @@ class Core:
             labels=config.labels,
             parameters=dict(first.get("parameters") or {}),
         )
+
+
+def _images(value: Any) -> np.ndarray | None:
+    """A list of images (encoded bytes or ``Path``s) as a BYTES tensor of shape [N]; None for anything else."""
+    if not isinstance(value, list | tuple) or not value:
+        return None
+    if not all(isinstance(v, os.PathLike) or (isinstance(v, bytes) and image_body(v)) for v in value):
+        return None
+    array = np.empty(len(value), dtype=object)
+    array[:] = [Path(v).read_bytes() if isinstance(v, os.PathLike) else v for v in value]
+    return array
 
 
 def _image_of(inputs: Inputs) -> tuple[bytes, str] | None:

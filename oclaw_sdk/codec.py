@@ -73,7 +73,10 @@ def tensor_bytes(array: np.ndarray) -> bytes:
 
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype.kind in "OSU":
-        return [b.decode("utf-8", errors="replace") for b in _bytes_elements(array)]
+        try:
+            return [b.decode("utf-8") for b in _bytes_elements(array)]
+        except UnicodeDecodeError:
+            raise ValueError("BYTES elements that are not UTF-8 text (e.g. images) need binary tensors") from None
     flat = array.reshape(-1).tolist()
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         return [

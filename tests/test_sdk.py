@@ -465,3 +465,13 @@ def test_sigv4_signs_what_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
         expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
         assert auth.endswith(f"Signature={expected}")
     assert Recorder.seen[-1][3] == body and Recorder.seen[-1][2][codec.HEADER_LENGTH] == str(length)
+
+
+def test_a_list_of_images_is_one_bytes_tensor_split_by_batch_size(image_server: ServerThread) -> None:
+    photo = IMAGE.read_bytes()
+    with Client(image_server.url) as sdk:
+        single = sdk.predict(photo, "efficientnet_lite0").topk(5)
+        result = sdk.predict([photo, IMAGE, photo], "efficientnet_lite0", ModelConfig(batch_size=2))
+        assert result.topk_rows(5) == [single] * 3
+        with pytest.raises(ValueError, match="binary tensors"):
+            sdk.predict([photo], "efficientnet_lite0", ModelConfig(binary=False))
