@@ -250,8 +250,13 @@ class KeyRing:
             raise Unauthenticated(UNAUTHENTICATED)
         return entry
 
-    def authorize(self, need: Need, key: str | None, *, now: float | None = None) -> Principal | None:
-        """The principal allowed ``need`` (None for an open route); Unauthenticated, Forbidden or RateLimited."""
+    def authorize(
+        self, need: Need, key: str | None, *, now: float | None = None, charge: bool = True
+    ) -> Principal | None:
+        """The principal allowed ``need`` (None for an open route); Unauthenticated, Forbidden or RateLimited.
+
+        ``charge=False``: a second check of a request already counted against the key's rate limit.
+        """
         if need.role is None:
             return None
         entry = self.authenticate(key)
@@ -259,7 +264,7 @@ class KeyRing:
             raise Forbidden(f"this API key's role ({entry.role}) may not do this; it needs the {need.role} role")
         if need.model is not None and entry.models and need.model not in entry.models:
             raise Forbidden("this API key is not allowed to use this model")
-        if entry.rate:
+        if entry.rate and charge:
             self._take(entry, time.monotonic() if now is None else now)
         return Principal(entry.id, entry.role, entry.tenant, entry.name)
 

@@ -68,7 +68,7 @@ def error_headers(exc: OclawError) -> dict[str, str] | None:
     return None
 
 
-def authorize(keys: auth.KeyRing, scope: Scope) -> Response | None:
+def authorize(keys: auth.KeyRing, scope: Scope, *, charge: bool = True) -> Response | None:
     """Check the request's key against the role its route needs (the path as the router sees it): None when it
     may go on (its principal put in the scope), else the 401/403/429 response."""
     authorization, api_key = [], []
@@ -79,11 +79,30 @@ def authorize(keys: auth.KeyRing, scope: Scope) -> Response | None:
             api_key.append(value.decode("latin-1"))
     need = auth.requirement(scope["method"], scope["path"])
     try:
-        principal = keys.authorize(need, auth.credential(authorization, api_key))
+        principal = keys.authorize(need, auth.credential(authorization, api_key), charge=charge)
     except OclawError as exc:
         return oclaw_error_response(exc)
     scope[PRINCIPAL] = principal
     return None
+
+
+class KeyCheck:
+    """ASGI middleware of the full app: checks a request no front door checked (the app served alone), or checks
+    again, without counting it twice against the key's rate limit (``charge=False``), one that Mangum re-parsed."""
+
+    def __init__(self, app: ASGIApp, keys: auth.KeyRing, *, charge: bool = True) -> None:
+        self.app, self.keys, self.charge = app, keys, charge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            return  # no websocket routes: nothing is served
+        denied = None
+        if scope["type"] == "http" and PRINCIPAL not in scope:
+            denied = authorize(self.keys, scope, charge=self.charge)
+        if denied is not None:
+            await denied(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

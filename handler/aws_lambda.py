@@ -139,7 +139,7 @@ def _full_app(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
         # lifespan off: Mangum would re-run it on every invocation (Kludex/mangum#342); the pool is process-wide
         _mangum = Mangum(
-            create_app(RUNTIME, preload=False),
+            create_app(RUNTIME, preload=False, checked_before=True),
             lifespan="off",
             api_gateway_base_path=RUNTIME.settings.api_base_path or "/",
         )

@@ -13,19 +13,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import __version__
+from engine import __version__, auth
 from engine.errors import InvalidInput, OclawError, Unsupported
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import loads_json
 from handler import v2
-from handler.asgi import error_response, infer, json_response, oclaw_error_response, read_body, reply_response
+from handler.asgi import (
+    KeyCheck,
+    error_response,
+    infer,
+    json_response,
+    oclaw_error_response,
+    read_body,
+    reply_response,
+)
 
 log = logging.getLogger("oclaw.http")
 
 
-def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app serving ``runtime``; with ``preload`` its lifespan waits for the model pool."""
+def create_app(
+    runtime: Runtime,
+    *,
+    preload: bool = True,
+    on_ready: Callable[[], None] | None = None,
+    checked_before: bool = False,
+) -> FastAPI:
+    """The FastAPI app serving ``runtime``; with ``preload`` its lifespan waits for the model pool.
+
+    With API keys (OCLAW_API_KEYS) every request is checked on the path this app routes on, unless ``oclaw serve``'s
+    front door checked it already; ``checked_before``: requests were counted against their key's rate limit.
+    """
     pool = runtime.pool
 
     @asynccontextmanager
@@ -37,6 +55,9 @@ def create_app(runtime: Runtime, *, preload: bool = True, on_ready: Callable[[],
         yield
 
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    keys = auth.keys_for(runtime.settings.api_keys, runtime.settings.auth)
+    if keys is not None:
+        app.add_middleware(KeyCheck, keys=keys, charge=not checked_before)
 
     # -- inference (the hot path) ----------------------------------------------------------------------
     # A plain Starlette route, registered before every other route: it is matched first (routes are tried

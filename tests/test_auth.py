@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -285,6 +283,21 @@ def test_serve_off_loopback_with_auth_none_warns(small_repo: Path, tmp_path: Pat
         assert proc.terminate() == 0
 
 
+def test_the_fastapi_app_served_alone_checks_keys_too(small_repo: Path, keyed: tuple[Path, dict[str, str]]) -> None:
+    server = start_server(small_repo, fastapi_only=True, api_keys=str(keyed[0]))
+    keys = keyed[1]
+    try:
+        assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+        assert httpx.post(f"{server.url}/v2/models/add_sub/infer", json=INFER_BODY).status_code == 401
+        assert httpx.post(f"{server.url}/v2/warm", headers=bearer(keys["invoker"])).status_code == 403
+        assert httpx.post(f"{server.url}/v2/warm", headers=bearer(keys["admin"])).status_code == 200
+        only = bearer(keys["add_sub_only"])
+        assert httpx.post(f"{server.url}/v2/models/mlp/infer", json=INFER_BODY, headers=only).status_code == 403
+        assert httpx.get(f"{server.url}/openapi.json", headers=bearer(keys["reader"])).status_code == 403
+    finally:
+        server.stop()
+
+
 def test_loopback_without_keys_stays_open(small_repo: Path) -> None:
     server = start_server(small_repo)
     try:
@@ -386,15 +399,3 @@ def test_lambda_meters_the_keys_tenant(keyed_lambda: tuple[LocalLambda, Path], k
 def test_lambda_non_http_events_are_left_to_iam(keyed_lambda: tuple[LocalLambda, Path]) -> None:
     fn, _ = keyed_lambda
     assert "add_sub/1" in fn.invoke({"oclaw": "warm"}).json()["models_warmed"]
-
-
-def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
-    """Send raw bytes to 127.0.0.1:port; the response's status and body (the connection is closed after it)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(request)
-        data = b""
-        deadline = time.monotonic() + 30
-        while (chunk := sock.recv(65536)) and time.monotonic() < deadline:
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
