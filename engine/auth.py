@@ -11,16 +11,20 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 from engine.errors import ConfigError, OclawError
+
+log = logging.getLogger("oclaw.auth")
 
 ROLES = ("reader", "invoker", "admin")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -230,18 +234,38 @@ def credential(authorization: Sequence[str], api_key: Sequence[str]) -> str | No
 
 @dataclass
 class KeyRing:
-    """The keys of one process, found by id; also each key's token bucket (per instance)."""
+    """The keys of one process, found by id; also each key's token bucket (per instance).
+
+    With a ``reload`` (keys in SSM or Secrets Manager), the entries are fetched again ``ttl_s`` after the last
+    fetch, on the request that finds them stale; a failed fetch keeps the entries it has, and is logged.
+    """
 
     entries: Mapping[str, KeyEntry]
     source: str = ""
+    reload: Callable[[], Mapping[str, KeyEntry]] | None = None
+    ttl_s: float = 300.0
     _buckets: dict[str, _Bucket] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fetched: float = field(default_factory=time.monotonic, repr=False)
 
     def __len__(self) -> int:
         return len(self.entries)
 
+    def refresh(self, now: float | None = None) -> None:
+        """Fetch the entries again when they are older than ``ttl_s`` (nothing for a key file)."""
+        now = time.monotonic() if now is None else now
+        if self.reload is None or now - self._fetched < self.ttl_s:
+            return
+        self._fetched = now  # one request fetches; the others go on with the entries there are
+        try:
+            self.entries = self.reload()
+        except Exception as exc:  # noqa: BLE001 - a store that does not answer must not lock every key out
+            log.warning("could not refresh the API keys from %s (the last ones stay): %s", self.source, exc)
+
     def authenticate(self, key: str | None) -> KeyEntry:
         """The entry of a valid key; Unauthenticated (one message for every reason) otherwise."""
+        if self.reload is not None:
+            self.refresh()
         match = _KEY.fullmatch(key) if key is not None else None
         entry = self.entries.get(match["id"]) if match is not None else None
         # hashed and compared even for an unknown id, so the answer takes as long for a key that does not exist
@@ -315,7 +339,50 @@ def load_keys(path: str) -> KeyRing:
     return parse_entries(doc, f"OCLAW_API_KEYS={path}")
 
 
-def keys_for(api_keys: str, mode: str) -> KeyRing | None:
+#: OCLAW_API_KEYS prefixes of the remote stores: the Powertools Parameters provider of each.
+REMOTE = {"ssm:": "SSMProvider", "secretsmanager:": "SecretsProvider"}
+
+
+def remote_keys(api_keys: str, ttl_s: float) -> KeyRing:
+    """Keys kept in an SSM parameter (``ssm:/name``, SecureString decrypted) or a Secrets Manager secret
+    (``secretsmanager:name``), read through Powertools Parameters and fetched again after ``ttl_s``."""
+    prefix = next(p for p in REMOTE if api_keys.startswith(p))
+    name = api_keys[len(prefix) :]
+    try:
+        from aws_lambda_powertools.utilities import parameters
+    except ImportError:  # pragma: no cover - aws-lambda-powertools is in the lambda extra
+        raise ConfigError(
+            f"OCLAW_API_KEYS={api_keys} needs aws-lambda-powertools: pip install 'oclaw[lambda]'"
+        ) from None
+    from engine import aws
+
+    service = "ssm" if prefix == "ssm:" else "secretsmanager"
+    # quick timeouts, one attempt: a refresh runs on a request's path (the event loop, on a server); when the store
+    # does not answer within seconds the keys there are stay, and the next request after the TTL tries again
+    provider = getattr(parameters, REMOTE[prefix])(boto3_client=aws.client(service, quick=True))
+    options = {"decrypt": True} if prefix == "ssm:" else {}
+    where = f"OCLAW_API_KEYS={api_keys}"
+
+    def fetch() -> Mapping[str, KeyEntry]:
+        # the TTL is kept here (KeyRing.refresh), so each fetch asks the store: Powertools' own cache would hold the
+        # old value for up to its max_age again
+        raw = provider.get(name, force_fetch=True, **options)
+        try:
+            doc = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: not JSON: {exc}") from None
+        return parse_entries(doc, where).entries
+
+    try:
+        entries = fetch()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the store's own error, named with the setting
+        raise ConfigError(f"{where}: {type(exc).__name__}: {exc}") from None
+    return KeyRing(entries, where, reload=fetch, ttl_s=ttl_s)
+
+
+def keys_for(api_keys: str, mode: str, ttl_s: float = 300.0) -> KeyRing | None:
     """The KeyRing requests are checked against (None: no access control) for OCLAW_API_KEYS and OCLAW_AUTH."""
     if mode == "none":
         return None
@@ -323,4 +390,18 @@ def keys_for(api_keys: str, mode: str) -> KeyRing | None:
         if mode == "keys":
             raise ConfigError("OCLAW_AUTH=keys needs OCLAW_API_KEYS (a JSON file of entries from `oclaw keys create`)")
         return None
+    if api_keys.startswith(tuple(REMOTE)):
+        return remote_keys(api_keys, ttl_s)
     return load_keys(api_keys)
+
+
+_RINGS: weakref.WeakKeyDictionary[Any, KeyRing | None] = weakref.WeakKeyDictionary()
+_RINGS_LOCK = threading.Lock()
+
+
+def keys_of(owner: Any, api_keys: str, mode: str, ttl_s: float = 300.0) -> KeyRing | None:
+    """``keys_for``, once per ``owner`` (a Runtime): its front doors share one KeyRing, its rate limits, one fetch."""
+    with _RINGS_LOCK:
+        if owner not in _RINGS:
+            _RINGS[owner] = keys_for(api_keys, mode, ttl_s)
+        return _RINGS[owner]

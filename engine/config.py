@@ -44,6 +44,7 @@ _AT_LEAST_ZERO = (
     "lambda_reserve_ms",
     "idle_unload_s",
     "warmer_hold_ms",
+    "api_keys_ttl_s",
     "warmer_traffic_window_s",
     "batch_max_rows",
 )
@@ -231,8 +232,11 @@ class Settings:
     otel: bool = False
     #: Prometheus metrics at /metrics on `oclaw serve`.
     metrics: bool = True
-    #: JSON file of API key entries (``oclaw keys create``); with it every route but the health probes needs a key.
+    #: API key entries (``oclaw keys create``): a JSON file, ``ssm:/parameter`` or ``secretsmanager:secret``; with
+    #: them every route but the health probes needs a key.
     api_keys: str = ""
+    #: Seconds before keys kept in SSM or Secrets Manager are fetched again.
+    api_keys_ttl_s: float = 300.0
     #: Access control: ``auto`` (keys when OCLAW_API_KEYS is set; `oclaw serve` on a non-loopback address refuses
     #: to start without them), ``keys`` (always required) or ``none`` (off, logged as a warning).
     auth: str = "auto"

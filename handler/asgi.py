@@ -252,7 +252,7 @@ class ServerApp:
         self.prometheus: Any = None
         settings = runtime.settings
         #: The API keys requests are checked against; None: no access control (OCLAW_API_KEYS unset, OCLAW_AUTH).
-        self.keys = auth.keys_for(settings.api_keys, settings.auth)
+        self.keys = auth.keys_of(runtime, settings.api_keys, settings.auth, settings.api_keys_ttl_s)
 
     async def full_app(self) -> ASGIApp:
         """The FastAPI app, built (and imported) on first use."""

@@ -117,7 +117,7 @@ def _keys(runtime: Runtime) -> KeyRing | None:
         return None
     from engine import auth  # only with keys: the cold path without them does not load it
 
-    return auth.keys_for(settings.api_keys, settings.auth)
+    return auth.keys_of(runtime, settings.api_keys, settings.auth, settings.api_keys_ttl_s)
 
 
 logs.configure(get_runtime().settings.log_level, get_runtime().settings.log_format)

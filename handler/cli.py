@@ -38,7 +38,9 @@ def _serve(args: argparse.Namespace) -> int:
     if (why := keys.refusal(settings, args.host)) is not None:
         print(f"oclaw: {why}", file=sys.stderr)
         return 2
-    ring = auth.keys_for(settings.api_keys, settings.auth)  # a bad key file is named now, before any model loads
+    ring = auth.keys_for(
+        settings.api_keys, settings.auth, settings.api_keys_ttl_s
+    )  # a bad key file is named now, before any model loads
     from handler.server import bind, serve
 
     where = f"[{args.host}]:{port}" if ":" in args.host else f"{args.host}:{port}"

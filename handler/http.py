@@ -55,7 +55,7 @@ def create_app(
         yield
 
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    keys = auth.keys_for(runtime.settings.api_keys, runtime.settings.auth)
+    keys = auth.keys_of(runtime, runtime.settings.api_keys, runtime.settings.auth, runtime.settings.api_keys_ttl_s)
     if keys is not None:
         app.add_middleware(KeyCheck, keys=keys, charge=not checked_before)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -399,3 +400,58 @@ def test_lambda_meters_the_keys_tenant(keyed_lambda: tuple[LocalLambda, Path], k
 def test_lambda_non_http_events_are_left_to_iam(keyed_lambda: tuple[LocalLambda, Path]) -> None:
     fn, _ = keyed_lambda
     assert "add_sub/1" in fn.invoke({"oclaw": "warm"}).json()["models_warmed"]
+
+
+# -- keys in SSM and Secrets Manager (moto's server stands in for AWS) ------------------------------------------------
+
+
+def entries_json(*entries: auth.KeyEntry) -> str:
+    return json.dumps({"keys": [e.as_dict() for e in entries]})
+
+
+@pytest.mark.parametrize("store", ["ssm", "secretsmanager"])
+def test_keys_from_a_parameter_store_are_fetched_again_after_their_ttl(
+    moto: str, monkeypatch: pytest.MonkeyPatch, store: str
+) -> None:
+    from engine import aws
+    from tests.conftest import use_moto
+
+    use_moto(moto, monkeypatch)
+    first, first_entry = auth.create_key("invoker", "acme")
+    second, second_entry = auth.create_key("admin", "acme")
+    client = aws.client(store)
+    name = f"/oclaw/keys-{first_entry.id}"
+
+    def put(value: str, *, new: bool = False) -> None:
+        if store == "ssm":
+            client.put_parameter(Name=name, Value=value, Type="SecureString", Overwrite=True)
+        elif new:
+            client.create_secret(Name=name, SecretString=value)
+        else:
+            client.put_secret_value(SecretId=name, SecretString=value)
+
+    put(entries_json(first_entry), new=True)
+    ring = auth.keys_for(f"{store}:{name}", "auto", ttl_s=60)
+    assert ring is not None and ring.authorize(auth.Need("invoker"), first) is not None
+    put(entries_json(second_entry))
+    ring.refresh(now=time.monotonic() + 30)  # within the TTL: the keys there are
+    assert ring.authorize(auth.Need("invoker"), first) is not None
+    ring.refresh(now=time.monotonic() + 61)
+    assert ring.authorize(auth.Need("admin"), second) is not None
+    with pytest.raises(auth.Unauthenticated):
+        ring.authorize(auth.Need("invoker"), first)
+    # a store that stops answering keeps the last keys
+    if store == "ssm":
+        client.delete_parameter(Name=name)
+    else:
+        client.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+    ring.refresh(now=time.monotonic() + 200)
+    assert ring.authorize(auth.Need("admin"), second) is not None
+
+
+def test_a_missing_parameter_is_named_at_start(moto: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import use_moto
+
+    use_moto(moto, monkeypatch)
+    with pytest.raises(ConfigError, match="OCLAW_API_KEYS=ssm:/oclaw/none"):
+        auth.keys_for("ssm:/oclaw/none", "auto")
