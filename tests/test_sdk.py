@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -475,3 +476,20 @@ def test_a_list_of_images_is_one_bytes_tensor_split_by_batch_size(image_server: 
         assert result.topk_rows(5) == [single] * 3
         with pytest.raises(ValueError, match="binary tensors"):
             sdk.predict([photo], "efficientnet_lite0", ModelConfig(binary=False))
+
+
+def test_a_server_that_does_not_answer_times_out() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with Client(f"127.0.0.1:{port}", timeout_s=0.2, retry=RetryPolicy(max_retries=0)) as sdk:
+            with pytest.raises(ConnectionFailed, match="ReadTimeout"):
+                sdk.is_live()
+
+            async def main() -> None:
+                async with AsyncClient(f"127.0.0.1:{port}", timeout_s=0.2, retry=RetryPolicy(max_retries=0)) as a:
+                    with pytest.raises(ConnectionFailed, match="ReadTimeout"):
+                        await a.server_metadata()
+
+            asyncio.run(main())
