@@ -52,8 +52,12 @@ def _outcome(call: Call, reply: Reply) -> Reply | OclawError:
 class Client:
     """A client of one oclaw server (or a V2 server alike): ``predict`` and the V2 endpoints.
 
-    ``endpoint`` is the server's URL; ``api_key`` goes as ``Authorization: Bearer``. Requests that fail to
-    connect, or answer 429/502/503/504, are tried again after a backoff (``retry``) or the server's Retry-After.
+    ``endpoint`` is the server's URL (a path prefix is kept); ``api_key`` goes as ``Authorization: Bearer``.
+    Requests that fail to connect, or answer 429/502/503/504, are tried again after a backoff (``retry``) or the
+    server's Retry-After. ``timeout_s`` bounds each phase of a request (connect, write, read, pool wait);
+    ``max_connections`` the keep-alive pool, ``max_concurrency`` the parts of a batch in flight at once; ``auth``
+    an httpx auth (``oclaw_sdk.aws.SigV4``), ``proxy`` a proxy URL (environment variables are not read);
+    ``transport`` replaces HTTP (``for_lambda``).
     """
 
     def __init__(
