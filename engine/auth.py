@@ -274,6 +274,13 @@ class KeyRing:
             raise Unauthenticated(UNAUTHENTICATED)
         return entry
 
+    def identify(self, key: str | None) -> Principal | None:
+        """Whose a well-formed key's id says it is, unchecked: for the audit record of a request refused after
+        its key was authenticated (403, 429); None for a key of another form or an unknown id."""
+        match = _KEY.fullmatch(key) if key is not None else None
+        entry = self.entries.get(match["id"]) if match is not None else None
+        return None if entry is None else Principal(entry.id, entry.role, entry.tenant, entry.name)
+
     def authorize(
         self, need: Need, key: str | None, *, now: float | None = None, charge: bool = True
     ) -> Principal | None:

@@ -244,6 +244,11 @@ class Settings:
     tenant_header: str = "x-tenant-id"
     #: Records a failing sink could not take are kept here and re-sent on a later flush.
     metering_spool: str = "/tmp/oclaw-metering-spool.jsonl"
+    #: Audit log sinks (``engine.audit``), spelt as OCLAW_METERING_SINKS (but ``log:packed`` and ``emf``): one record
+    #: per inference and model operation; ``auto``: ``log`` when access control is on, else ``none``.
+    audit_sinks: tuple[str, ...] = ("auto",)
+    #: Audit records a failing sink could not take are kept here (apart from metering's) and re-sent later.
+    audit_spool: str = "/tmp/oclaw-audit-spool.jsonl"
     #: JSON file of prices: {"lambda-arm64@eu-west-1": {"gb_second": ..., "request": ...}, "cloudrun-request": ...}.
     price_table: str = ""
     #: Region for the price table where the platform does not say (Lambda sets AWS_REGION).
@@ -301,6 +306,14 @@ class Settings:
         if self.warmup == "auto":
             return init_type != "on-demand"
         return self.warmup == "true"
+
+    @property
+    def audit_sink_specs(self) -> tuple[str, ...]:
+        """The audit sinks in force: OCLAW_AUDIT_SINKS with ``auto`` resolved (empty: no audit log)."""
+        if self.audit_sinks != ("auto",):
+            return tuple(spec for spec in self.audit_sinks if spec != "none")
+        keys_on = self.auth == "keys" or (self.auth == "auto" and bool(self.api_keys))
+        return ("log",) if keys_on else ()
 
     @property
     def preload_all(self) -> bool:

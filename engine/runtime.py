@@ -17,6 +17,7 @@ from engine.repository import open_repository
 from engine.repository.local import FetchReport
 
 if TYPE_CHECKING:  # pragma: no cover
+    from engine.audit import Auditor
     from engine.metering.meter import Meter
 
 log = logging.getLogger("oclaw.runtime")
@@ -52,6 +53,15 @@ class Runtime:
         from engine.metering.meter import Meter
 
         return Meter(self.settings, self.instance_id)
+
+    @cached_property
+    def audit(self) -> Auditor | None:
+        """The audit log of this process (sinks from OCLAW_AUDIT_SINKS); None when it is off (nothing imported)."""
+        if not self.settings.audit_sink_specs:
+            return None
+        from engine.audit import Auditor
+
+        return Auditor(self.settings, self.instance_id)
 
     @property
     def fetch_ms(self) -> float:

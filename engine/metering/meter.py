@@ -45,11 +45,28 @@ def detect_platform() -> str:
 class Meter:
     """Builds records (with cost) and sends them to the sinks; failures are retried, then spooled."""
 
-    def __init__(self, settings: Settings, instance_id: str, *, platform_name: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        instance_id: str,
+        *,
+        platform_name: str | None = None,
+        sinks: Sequence[Any] | None = None,
+        spool: str | None = None,
+        record_type: Any = MeteringRecord,
+        name: str = "metering",
+    ) -> None:
+        """``sinks``, ``spool``, ``record_type`` and ``name`` deliver other records (the audit log's) the same way:
+        queued, retried, spooled apart."""
         self.settings = settings
         self.instance_id = instance_id
         self.platform = platform_name or detect_platform()
-        self.sinks = [s for s in (sink_kinds.make_sink(spec) for spec in settings.metering_sinks) if s is not None]
+        self.name = name
+        self.record_type = record_type
+        self.spool_base = settings.metering_spool if spool is None else spool
+        if sinks is None:
+            sinks = [s for s in (sink_kinds.make_sink(spec) for spec in settings.metering_sinks) if s is not None]
+        self.sinks = list(sinks)
         self.price = self._price()
         self.memory_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "0") or 0)
         self.failures = 0
@@ -239,7 +256,7 @@ class Meter:
             while not self._stop.wait(interval_s):
                 self.flush()
 
-        threading.Thread(target=loop, name="oclaw-metering", daemon=True).start()
+        threading.Thread(target=loop, name=f"oclaw-{self.name}", daemon=True).start()
 
     def close(self) -> None:
         """Stop the flusher and send what is left (what was spilled included)."""
@@ -265,7 +282,7 @@ class Meter:
 
     def spool(self, index: int) -> Spool:
         """The spool of the ``index``-th sink."""
-        return Spool(self.settings.metering_spool, index)
+        return Spool(self.spool_base, index, self.record_type)
 
     def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
         """Send queued records (and what a sink refused earlier) to every sink within ``timeout_s``; never raises,
@@ -359,7 +376,7 @@ class Meter:
 
     def _spool(self, index: int, sink: Any, records: Sequence[MeteringRecord], exc: Exception | None) -> None:
         """Keep what a sink could not take in a spool file of its own, re-sent on a later flush."""
-        log.warning("metering sink %s failed (%s); %d records spooled", type(sink).__name__, exc, len(records))
+        log.warning("%s sink %s failed (%s); %d records spooled", self.name, type(sink).__name__, exc, len(records))
         self.spool(index).put(records)
         self.spooled += len(records)
         self._spooled.add(index)
@@ -374,7 +391,7 @@ class Meter:
             self._to_spill.append(taken)
             if self._spiller is not None:  # running: it takes this too before it stops
                 return
-            self._spiller = threading.Thread(target=self._spill_all, name="oclaw-metering-spill", daemon=True)
+            self._spiller = threading.Thread(target=self._spill_all, name=f"oclaw-{self.name}-spill", daemon=True)
             self._spiller.start()
 
     def _spill_all(self) -> None:

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
@@ -46,10 +46,11 @@ class Claim:
 
 
 class Spool:
-    """The spool files of one sink."""
+    """The spool files of one sink; their lines are ``record_type`` records (the audit log's too)."""
 
-    def __init__(self, base: str, index: int) -> None:
+    def __init__(self, base: str, index: int, record_type: Any = MeteringRecord) -> None:
         self.prefix = f"{base}.{index}."
+        self.record_type = record_type
 
     def put(self, records: Sequence[MeteringRecord]) -> None:
         """Keep ``records`` in a new spool file."""
@@ -75,7 +76,8 @@ class Spool:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if os.fstat(handle.fileno()).st_ino != os.stat(path).st_ino:
                     raise FileNotFoundError(path)  # settled (deleted or cut down) between the open and the lock
-                records = [MeteringRecord(**orjson.loads(line)) for line in handle.read().splitlines() if line.strip()]
+                lines = handle.read().splitlines()
+                records = [self.record_type(**orjson.loads(line)) for line in lines if line.strip()]
             except OSError:  # held by a live process (BlockingIOError), or gone
                 handle.close()
                 continue
