@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,24 @@ if TYPE_CHECKING:  # pragma: no cover
 OUTCOMES = ("ok", "error", "denied")
 #: Actions a record names; ``read`` is a refused request for any other route (metadata, statistics, ...).
 ACTIONS = ("infer", "load", "unload", "warm", "publish", "optimize", "read")
+
+
+_PATHS = (
+    ("infer", re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")),
+    ("load", re.compile(r"/v2/repository/models/(?P<model>[^/]+)/load")),
+    ("unload", re.compile(r"/v2/repository/models/(?P<model>[^/]+)/unload")),
+    ("warm", re.compile(r"/v2/warm")),
+)
+
+
+def action_of(path: str) -> tuple[str, str, str]:
+    """(action, model, version) a request path names: ``read`` for the routes that are no audited action."""
+    path = path.rstrip("/") or "/"
+    for action, pattern in _PATHS:
+        if match := pattern.fullmatch(path):
+            found = match.groupdict()
+            return action, found.get("model") or "", found.get("version") or ""
+    return "read", "", ""
 
 
 @dataclass

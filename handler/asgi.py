@@ -14,9 +14,10 @@ import gc
 import logging
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from time import perf_counter_ns
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -30,7 +31,10 @@ from engine.errors import InvalidInput, ModelNotFound, OclawError, PayloadTooLar
 from engine.metering.records import METERING_HEADER
 from engine.model import LoadedModel
 from engine.runtime import Runtime
-from handler import v2
+from handler import lambda_http, v2
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.audit import Auditor
 
 log = logging.getLogger("oclaw.http")
 
@@ -68,9 +72,11 @@ def error_headers(exc: OclawError) -> dict[str, str] | None:
     return None
 
 
-def authorize(keys: auth.KeyRing, scope: Scope, *, charge: bool = True) -> Response | None:
+def authorize(
+    keys: auth.KeyRing, scope: Scope, *, charge: bool = True, runtime: Runtime | None = None
+) -> Response | None:
     """Check the request's key against the role its route needs (the path as the router sees it): None when it
-    may go on (its principal put in the scope), else the 401/403/429 response."""
+    may go on (its principal put in the scope), else the 401/403/429 response (audited with ``runtime``'s log)."""
     authorization, api_key = [], []
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -78,27 +84,100 @@ def authorize(keys: auth.KeyRing, scope: Scope, *, charge: bool = True) -> Respo
         elif name == b"x-api-key":
             api_key.append(value.decode("latin-1"))
     need = auth.requirement(scope["method"], scope["path"])
+    key = auth.credential(authorization, api_key)
     try:
-        principal = keys.authorize(need, auth.credential(authorization, api_key), charge=charge)
+        principal = keys.authorize(need, key, charge=charge)
     except OclawError as exc:
+        if runtime is not None and (audit := runtime.audit) is not None:
+            from engine.audit import action_of
+
+            action, model, version = action_of(scope["path"])
+            audit.record(
+                action,
+                "denied",
+                int(exc.status),
+                model=model,
+                version=version,
+                principal=None if isinstance(exc, auth.Unauthenticated) else keys.identify(key),
+                request_id=_header(scope, b"x-request-id") or runtime.next_request_id(),
+                source=source_of(scope),
+                source_ip=source_ip(scope),
+            )
         return oclaw_error_response(exc)
     scope[PRINCIPAL] = principal
     return None
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    """The first value of a request header (empty when absent)."""
+    return next((value.decode("latin-1") for key, value in scope["headers"] if key == name), "")
+
+
+def source_of(scope: Scope) -> str:
+    """The front door an audit record names: ``lambda-http`` under Mangum, else ``http``."""
+    return "lambda-http" if "aws.event" in scope else "http"
+
+
+def source_ip(scope: Scope) -> str:
+    """The client's address: an HTTP event's ``sourceIp`` under Mangum, else the TCP peer; no forwarded header is
+    trusted (oclaw has no trusted-proxy setting)."""
+    event = scope.get("aws.event")
+    if isinstance(event, dict):
+        return lambda_http.source_ip(event)
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+@contextmanager
+def audited(runtime: Runtime, request: Request, action: str, model: str = "") -> Iterator[dict[str, Any]]:
+    """Audit the operation of the ``with`` body: ``ok`` when it ends (with ``["status"]``, 200 unless the body sets
+    another), ``error`` with the status of what it raised. The body may set ``["version"]``."""
+    audit = runtime.audit
+    details: dict[str, Any] = {"version": "", "status": 200}
+    if audit is None:
+        yield details
+        return
+    status = 200
+    try:
+        yield details
+        status = int(details["status"])
+    except OclawError as exc:
+        status = int(exc.status)
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        scope = request.scope
+        audit.record(
+            action,
+            "ok" if status == 200 else "error",
+            status,
+            model=model,
+            version=details["version"],
+            principal=scope.get(PRINCIPAL),
+            tenant=request.headers.get(runtime.settings.tenant_header) or "anonymous",
+            request_id=request.headers.get("x-request-id") or logs.request_id.get() or runtime.next_request_id(),
+            source=source_of(scope),
+            source_ip=source_ip(scope),
+        )
 
 
 class KeyCheck:
     """ASGI middleware of the full app: checks a request no front door checked (the app served alone), or checks
     again, without counting it twice against the key's rate limit (``charge=False``), one that Mangum re-parsed."""
 
-    def __init__(self, app: ASGIApp, keys: auth.KeyRing, *, charge: bool = True) -> None:
-        self.app, self.keys, self.charge = app, keys, charge
+    def __init__(
+        self, app: ASGIApp, keys: auth.KeyRing, *, charge: bool = True, runtime: Runtime | None = None
+    ) -> None:
+        self.app, self.keys, self.charge, self.runtime = app, keys, charge, runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
             return  # no websocket routes: nothing is served
         denied = None
         if scope["type"] == "http" and PRINCIPAL not in scope:
-            denied = authorize(self.keys, scope, charge=self.charge)
+            denied = authorize(self.keys, scope, charge=self.charge, runtime=self.runtime)
         if denied is not None:
             await denied(scope, receive, send)
             return
@@ -160,15 +239,47 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
         source="http",
         enqueue_ns=enqueue,
     )
+    audit = runtime.audit
     try:
-        return await _infer(runtime, request, model_name, model_version, record)
+        response = await _infer(runtime, request, model_name, model_version, record)
     except Dropped:
-        raise  # never run: never billed
+        if audit is not None:  # never run: never billed, but asked for
+            _audit_infer(audit, request, record, 499, name=model_name, version=model_version)
+        raise
     except OclawError as exc:
         record.failed(model_name, model_version, int(exc.status))
+        if audit is not None:
+            _audit_infer(audit, request, record, int(exc.status), name=model_name, version=model_version)
+        raise
+    except Exception:
+        if audit is not None:
+            _audit_infer(audit, request, record, 500, name=model_name, version=model_version)
         raise
     finally:
         record.release()  # the model's lease: a model the pool unloaded meanwhile is freed at its last release
+    if audit is not None:
+        _audit_infer(audit, request, record, 200, name=model_name, version=model_version)
+    return response
+
+
+def _audit_infer(
+    audit: Auditor, request: Request, record: v2.Recorder, status: int, *, name: str, version: str | None
+) -> None:
+    """The audit record of an inference on the server: the version that served it (else the one asked for)."""
+    if record.lease is not None:
+        version = str(record.lease.model.version)
+    audit.record(
+        "infer",
+        "ok" if status == 200 else "error",
+        status,
+        model=name,
+        version=version or "",
+        principal=request.scope.get(PRINCIPAL),
+        tenant=record.tenant,
+        request_id=record.request_id,
+        source=source_of(request.scope),
+        source_ip=source_ip(request.scope),
+    )
 
 
 async def _infer(
@@ -268,7 +379,7 @@ class ServerApp:
         if self.keys is not None and scope["type"] != "lifespan":
             if scope["type"] != "http":  # no websocket routes: nothing else is served
                 return
-            if (denied := authorize(self.keys, scope)) is not None:
+            if (denied := authorize(self.keys, scope, runtime=self.runtime)) is not None:
                 await denied(scope, receive, send)
                 return
         if scope["type"] == "http":

@@ -47,6 +47,7 @@ from engine.tensors import decode_document  # noqa: E402
 from handler import lambda_http, v2  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
+    from engine.audit import Auditor
     from engine.auth import KeyRing, Principal
 
 ACCEPTED = (
@@ -124,6 +125,8 @@ logs.configure(get_runtime().settings.log_level, get_runtime().settings.log_form
 RUNTIME, COLD_START = _init()
 #: API keys for HTTP events (OCLAW_API_KEYS), read in INIT; None: no key check.
 KEYS = _keys(RUNTIME)
+#: The audit log (OCLAW_AUDIT_SINKS), its sinks made in INIT; None: off (engine.audit not even imported).
+AUDIT = RUNTIME.audit
 #: What Lambda bills for INIT (process start to the end of this module's import), carried by the first request.
 INIT_MS = float(COLD_START["phases_ms"]["runtime"] or 0) + float(COLD_START["init_ms"])
 _mangum: Any = None
@@ -199,6 +202,8 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         try:
             principal = _authorize(KEYS, event, ev, path)
         except OclawError as exc:
+            if AUDIT is not None:
+                _audit_denied(AUDIT, KEYS, event, ev, path=path, exc=exc)
             return lambda_http.respond(ev, v2.error_reply(exc), settings.lambda_max_body_bytes)
     reply: v2.Reply | None
     match = _INFER_PATH.fullmatch(path) if ev.method == "POST" else None
@@ -231,7 +236,46 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
         reply = v2.error_reply(exc)
     if reply is None:
         return _full_app(event, context)
+    if AUDIT is not None and record is not None and match is not None:
+        AUDIT.record(
+            "infer",
+            "ok" if reply.status == 200 else "error",
+            reply.status,
+            model=match["name"],
+            version=str(record.lease.model.version) if record.lease is not None else match["version"] or "",
+            principal=principal,
+            tenant=record.tenant,
+            request_id=record.request_id,
+            source="lambda-http",
+            source_ip=lambda_http.source_ip(event),
+        )
     return lambda_http.respond(ev, reply, settings.lambda_max_body_bytes)
+
+
+def _audit_denied(
+    audit: Auditor, keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, *, path: str, exc: OclawError
+) -> None:
+    """The audit record of an HTTP event refused by access control (401, 403, 429)."""
+    from engine import auth
+    from engine.audit import action_of
+
+    action, model, version = action_of(path)
+    headers = ev.headers
+    key = auth.credential(
+        [headers["authorization"]] if "authorization" in headers else [],
+        [headers["x-api-key"]] if "x-api-key" in headers else [],
+    )
+    audit.record(
+        action,
+        "denied",
+        int(exc.status),
+        model=model,
+        version=version,
+        principal=None if isinstance(exc, auth.Unauthenticated) else keys.identify(key),
+        request_id=lambda_http.request_id(ev) or logs.request_id.get() or RUNTIME.next_request_id(),
+        source="lambda-http",
+        source_ip=lambda_http.source_ip(event),
+    )
 
 
 def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -263,11 +307,29 @@ def _direct(event: dict[str, Any], context: Any) -> dict[str, Any]:
         response = model.infer(request, perf_counter_ns())
         body, _, _ = encode_served(model, response, recorder, show_record=request.parameters.get("metering") is True)
         result: dict[str, Any] = json.loads(body)
+        _audit_direct(recorder, name, response.model_version, 200)
         return result
     except OclawError as exc:
         if isinstance(name, str):
             recorder.failed(name, version, int(exc.status))
+        _audit_direct(recorder, name if isinstance(name, str) else "", version, int(exc.status))
         return {"error": exc.message, "status": int(exc.status)}
+
+
+def _audit_direct(recorder: v2.Recorder, name: str, version: str | None, status: int) -> None:
+    """The audit record of a direct invoke (IAM let the caller in: no key, no address)."""
+    if AUDIT is not None:
+        outcome = "ok" if status == 200 else "error"
+        AUDIT.record(
+            "infer",
+            outcome,
+            status,
+            model=name,
+            version=version or "",
+            tenant=recorder.tenant,
+            request_id=recorder.request_id,
+            source="lambda-direct",
+        )
 
 
 def _handler(event: Any, context: Any) -> Any:
@@ -282,7 +344,10 @@ def _handler(event: Any, context: Any) -> Any:
     finally:
         RUNTIME.cold = False
         # done before the deadline (a sink that does not answer is spooled), not waited on until Lambda times out
-        RUNTIME.meter.flush((_clock(context)() - RUNTIME.settings.lambda_reserve_ms) / 1000)
+        left = _clock(context)
+        RUNTIME.meter.flush((left() - RUNTIME.settings.lambda_reserve_ms) / 1000)
+        if AUDIT is not None:
+            AUDIT.flush((left() - RUNTIME.settings.lambda_reserve_ms) / 1000)
 
 
 def correlation_of(event: Any) -> str | None:
@@ -401,6 +466,8 @@ def _register_snapstart_hooks() -> None:
         import numpy as np
 
         RUNTIME.instance_id = RUNTIME.meter.instance_id = os.urandom(8).hex()
+        if AUDIT is not None:
+            AUDIT.instance_id = RUNTIME.instance_id
         random.seed()
         np.random.seed(int.from_bytes(os.urandom(4), "little"))
         for model in RUNTIME.pool.loaded():

@@ -21,6 +21,7 @@ from engine.tensors import loads_json
 from handler import v2
 from handler.asgi import (
     KeyCheck,
+    audited,
     error_response,
     infer,
     json_response,
@@ -57,7 +58,7 @@ def create_app(
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     keys = auth.keys_of(runtime, runtime.settings.api_keys, runtime.settings.auth, runtime.settings.api_keys_ttl_s)
     if keys is not None:
-        app.add_middleware(KeyCheck, keys=keys, charge=not checked_before)
+        app.add_middleware(KeyCheck, keys=keys, charge=not checked_before, runtime=runtime)
 
     # -- inference (the hot path) ----------------------------------------------------------------------
     # A plain Starlette route, registered before every other route: it is matched first (routes are tried
@@ -104,14 +105,17 @@ def create_app(
         return reply_response(v2.ready(runtime))
 
     @app.post("/v2/warm")
-    async def warm() -> Response:
+    async def warm(request: Request) -> Response:
         """One synthetic inference per loaded model (a scheduled warm ping); 503 while not ready."""
         loop = asyncio.get_running_loop()
         warmed = {}
-        for model in pool.loaded():
-            # on the model's own threads, so a ping queues behind real requests (OCLAW_MODEL_CONCURRENCY)
-            warmed[f"{model.name}/{model.version}"] = round(await loop.run_in_executor(model.executor, model.ping), 3)
-        ok = pool.ready()
+        with audited(runtime, request, "warm") as details:
+            for model in pool.loaded():
+                # on the model's own threads, so a ping queues behind real requests (OCLAW_MODEL_CONCURRENCY)
+                ms = await loop.run_in_executor(model.executor, model.ping)
+                warmed[f"{model.name}/{model.version}"] = round(ms, 3)
+            ok = pool.ready()
+            details["status"] = 200 if ok else 503
         body: dict[str, object] = {
             "instance_id": runtime.instance_id,
             "cold": runtime.cold,
@@ -172,15 +176,19 @@ def create_app(
 
     @app.post("/v2/repository/models/{model_name}/load")
     async def repository_load(model_name: str, request: Request) -> Response:
-        repository_parameters(await read_body(request, 1 << 20), "load", ())
-        await asyncio.to_thread(pool.load, model_name)
+        with audited(runtime, request, "load", model_name) as details:
+            repository_parameters(await read_body(request, 1 << 20), "load", ())
+            await asyncio.to_thread(pool.load, model_name)
+            details["version"] = ",".join(map(str, pool.versions(model_name)))
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload")
     async def repository_unload(model_name: str, request: Request) -> Response:
-        # tritonclient always sends unload_dependents; oclaw has no ensembles, so there are none to unload
-        repository_parameters(await read_body(request, 1 << 20), "unload", ("unload_dependents",))
-        await asyncio.to_thread(pool.unload, model_name)
+        with audited(runtime, request, "unload", model_name) as details:
+            details["version"] = ",".join(map(str, pool.versions(model_name)))
+            # tritonclient always sends unload_dependents; oclaw has no ensembles, so there are none to unload
+            repository_parameters(await read_body(request, 1 << 20), "unload", ("unload_dependents",))
+            await asyncio.to_thread(pool.unload, model_name)
         return json_response({})
 
     return app

@@ -67,6 +67,14 @@ def parse(event: dict[str, Any], source: str) -> HttpEvent:
     )
 
 
+def source_ip(event: Mapping[str, Any]) -> str:
+    """The client's address as API Gateway or the Function URL saw it (``requestContext``'s ``sourceIp``); empty for
+    ALB, whose events carry it only in X-Forwarded-For, a header a client can write."""
+    context = event.get("requestContext") or {}
+    found = (context.get("http") or {}).get("sourceIp") or (context.get("identity") or {}).get("sourceIp")
+    return str(found or "")
+
+
 def request_id(ev: HttpEvent) -> str | None:
     """The client's ``X-Request-Id``, if it sent one (the first, when a multi-value event carries several)."""
     value = ev.headers.get("x-request-id", "")

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.config import Settings
@@ -59,7 +59,32 @@ def prepare_command(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _audit(settings: Settings | None, action: str, code: int, *models: tuple[str, str]) -> int:
+    """Record a model command in the audit log (OCLAW_AUDIT_SINKS; nothing when it is off), one record per
+    (model, version); returns ``code``."""
+    from engine.audit import for_command
+    from engine.config import Settings
+
+    auditor = for_command(settings or Settings.from_env())
+    if auditor is not None:
+        for model, version in models:
+            auditor.command(action, code, model=model, version=version)
+        auditor.close()
+    return code
+
+
 def optimize_command(args: argparse.Namespace) -> int:
+    """``oclaw optimize``, audited."""
+    settings = _local_settings(args)
+    if settings is None:
+        return _audit(None, "optimize", 2, (args.model, args.version or ""))
+    version: list[str] = []
+    code = _optimize(args, settings, version)
+    return _audit(settings, "optimize", code, (args.model, "".join(version) or (args.version or "")))
+
+
+def _optimize(args: argparse.Namespace, settings: Settings, version: list[str]) -> int:
+    """``oclaw optimize``; the version it wrote is appended to ``version``."""
     from pathlib import Path
 
     from engine.errors import ConfigError, InvalidInput, ModelNotFound, OclawError
@@ -67,9 +92,6 @@ def optimize_command(args: argparse.Namespace) -> int:
     from engine.optimize.progress import Progress
     from engine.optimize.report import require_matplotlib, summary, table, write_report
 
-    settings = _local_settings(args)
-    if settings is None:
-        return 2
     options = OptimizeOptions(
         precision=args.precision,
         version=args.version,
@@ -96,6 +118,7 @@ def optimize_command(args: argparse.Namespace) -> int:
     except OclawError as exc:
         print(f"oclaw: {exc.message}; the repository is unchanged", file=sys.stderr)
         return 1
+    version.append(str(outcome.version))
     print(table(outcome))
     if args.report:
         write_report(Path(args.report), outcome)
@@ -180,7 +203,9 @@ def publish_command(args: argparse.Namespace) -> int:
         )
     except OclawError as exc:
         print(f"oclaw: {exc.message}", file=sys.stderr)
-        return 2
+        return _audit(settings, "publish", 2, *[(name, "") for name in args.model or [""]])
+    names = sorted({row["model"] for row in rows})
+    _audit(settings, "publish", 0, *[(name, _published_versions(rows, name)) for name in names])  # before the output
     for row in rows:
         print(json.dumps(row))
     total = sum(row["bytes"] for row in rows)
@@ -188,6 +213,17 @@ def publish_command(args: argparse.Namespace) -> int:
     summary = {"published": models, "files": len(rows), "bytes": total, "mb": round(total / 1e6, 2)}
     print(json.dumps({**summary, "ms": round((perf_counter_ns() - start) / 1e6, 1)}))
     return 0
+
+
+def _published_versions(rows: list[dict[str, Any]], name: str) -> str:
+    """The versions of ``name`` among the uploaded files (``.../<name>/<version>/...``), comma-separated."""
+    found = set()
+    for row in rows:
+        if row["model"] == name and f"/{name}/" in row["uri"]:
+            segment = row["uri"].rsplit(f"/{name}/", 1)[1].split("/", 1)[0]
+            if segment.isdigit():
+                found.add(int(segment))
+    return ",".join(map(str, sorted(found)))
 
 
 def pack_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ without progress, or whose re-invoke failed, fails for Lambda's retries.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -121,9 +122,12 @@ def handle(
         rel = key[len(settings.s3_input_prefix) :]
         model_name = settings.s3_model or rel.split("/", 1)[0]
         job = Job(bucket, key, version, model_name, output_key(runtime, rel))
+        status = 500
         try:
             done.append(_process(env, job))
+            status = 200
         except BadObject as exc:
+            status = 400
             error_key = job.out_key + ".error.json"
             body = {"error": str(exc), "bucket": bucket, "key": key, "version": job.version, "model": job.model_name}
             env.s3.put_object(
@@ -136,9 +140,32 @@ def handle(
             if not is_s3_event(event):
                 raise  # a batch job: its Step Functions task retries Incomplete
             _continue(event, context, continuation, exc)
+            status = 0  # recorded by the invocation that finishes it
             done.append({"key": key, "incomplete": str(exc), CONTINUATION: continuation + 1})
             break  # this object and the event's next ones are the continuation's
+        finally:
+            if status and runtime.audit is not None:
+                _audit(runtime, job, status)
     return {"processed": done}
+
+
+def _audit(runtime: Runtime, job: Job, status: int) -> None:
+    """One audit record per object (not per JSON line): 200 served, 400 reported beside it, 500 left to a retry."""
+    assert runtime.audit is not None
+    version = ""
+    if status == 200:
+        with contextlib.suppress(OclawError):
+            version = str(runtime.pool.get_nowait(job.model_name).version)
+    runtime.audit.record(
+        "infer",
+        "ok" if status == 200 else "error",
+        status,
+        model=job.model_name,
+        version=version,
+        tenant="anonymous",
+        request_id=f"s3://{job.bucket}/{job.key}",
+        source="s3",
+    )
 
 
 def _continue(event: dict[str, Any], context: Any, number: int, stop: Incomplete) -> None:

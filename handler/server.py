@@ -43,6 +43,7 @@ def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
     """Serve on a socket from ``bind`` until SIGTERM/SIGINT; in-flight requests finish first (OCLAW_DRAIN_TIMEOUT_S)."""
     host, port = sock.getsockname()[:2]
     runtime = get_runtime(settings)
+    audit = runtime.audit  # built before any model loads: a bad OCLAW_AUDIT_SINKS stops the start-up here
     runtime.start_preload()  # session creation runs while the web stack imports
     t_imports = perf_counter_ns()
     import uvicorn
@@ -79,6 +80,8 @@ def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
             )
         log.info("serving on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         runtime.meter.start_flusher()
+        if audit is not None:
+            audit.start_flusher()
         # record every model file's sha256 off the cold path (the manifest's checksums were verified at load)
         threading.Thread(target=_hash_models, args=(runtime,), name="oclaw-sha256", daemon=True).start()
 
@@ -109,5 +112,7 @@ def serve(settings: Settings, *, sock: socket.socket, started_ns: int) -> int:
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
     runtime.meter.close()
+    if audit is not None:
+        audit.close()
     runtime.close()
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's own code), e.g. an unreadable repository

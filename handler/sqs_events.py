@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from engine import aws as aws_clients
@@ -23,6 +23,9 @@ from engine.batching import infer_many
 from engine.errors import InvalidInput, OclawError
 from engine.runtime import Runtime
 from engine.tensors import InferRequest, InferResponse, decode_document, encode_response
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.audit import Auditor
 
 log = logging.getLogger("oclaw.sqs")
 
@@ -182,6 +185,8 @@ def handle(
             if item.group is not None:
                 failed_groups.add(item.group)
     _meter(runtime, items, failures, (perf_counter() - started) * 1000)
+    if runtime.audit is not None:
+        _audit(runtime.audit, items, set(failures))
     log.info("SQS batch: %d records, %d failed, %.1f ms", len(items), len(failures), (perf_counter() - started) * 1000)
     return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
 
@@ -216,6 +221,25 @@ def _meter(runtime: Runtime, items: list[Item], failures: list[str], total_ms: f
         )
         runtime.cold = False
         meter.submit(records)
+
+
+def _audit(audit: Auditor, items: list[Item], failed: set[str]) -> None:
+    """One audit record per message: 200 when it was served and delivered, 400 when it is handed back."""
+    for item in items:
+        name, version = item.model or ("", None)
+        if item.result is not None:
+            version = str(item.result.get("model_version") or version or "")
+        status = 400 if item.message_id in failed else 200
+        audit.record(
+            "infer",
+            "ok" if status == 200 else "error",
+            status,
+            model=name,
+            version=version or "",
+            tenant=item.tenant,
+            request_id=item.message_id,
+            source="sqs",
+        )
 
 
 def _known(runtime: Runtime, item: Item) -> bool:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from engine import aws as aws_clients
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, OclawError
 from engine.runtime import Runtime
 
 log = logging.getLogger("oclaw.warmer")
@@ -71,7 +71,30 @@ def _metrics(cold: bool, instances: int) -> None:
 def handle(
     event: dict[str, Any], context: Any, runtime: Runtime, *, cold: bool, last_traffic_s: float | None
 ) -> dict[str, Any]:
-    """Warm every pooled model, fan out when asked, and say which instance answered."""
+    """Warm every pooled model, fan out when asked, and say which instance answered (audited: one record)."""
+    status = 200
+    try:
+        return _warm(event, context, runtime, cold=cold, last_traffic_s=last_traffic_s)
+    except OclawError as exc:
+        status = int(exc.status)
+        raise
+    except Exception:
+        status = 500
+        raise
+    finally:
+        if (audit := runtime.audit) is not None:
+            audit.record(
+                "warm",
+                "ok" if status == 200 else "error",
+                status,
+                request_id=getattr(context, "aws_request_id", None) or runtime.next_request_id(),
+                source="warm",
+            )
+
+
+def _warm(
+    event: dict[str, Any], context: Any, runtime: Runtime, *, cold: bool, last_traffic_s: float | None
+) -> dict[str, Any]:
     settings = runtime.settings
     warmed = {f"{m.name}/{m.version}": round(m.ping(), 3) for m in runtime.pool.loaded()}
     result: dict[str, Any] = {
