@@ -88,3 +88,23 @@ def test_an_on_demand_init_skips_the_warm_up_and_the_modules_no_http_request_nee
     assert record["models"]["tiny_classifier/1"]["warmed_up"] is True
     _, record = _lambda_init(image_only, "provisioned-concurrency", OCLAW_WARMUP="off")
     assert record["models"]["tiny_classifier/1"]["warmed_up"] is False
+
+
+def test_the_audit_log_loads_at_init_only_when_it_is_on(repo: Path) -> None:
+    """Off (no keys, no OCLAW_AUDIT_SINKS), INIT imports nothing of it; on, INIT makes its sinks and still loads no
+    web framework or AWS SDK."""
+    tensor_only = repo.parent / "tensor-only"
+    if not tensor_only.exists():
+        shutil.copytree(repo / "mlp", tensor_only / "mlp")
+    code = (
+        "import json, sys\n"
+        "import handler.aws_lambda as h\n"
+        f"print(json.dumps([m for m in {(*LAMBDA_FORBIDDEN, 'engine.audit')!r} if m in sys.modules]))\n"
+        "print(json.dumps(h.AUDIT is None))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OCLAW_")}
+    base["OCLAW_MODEL_REPOSITORY"] = str(tensor_only)
+    for env, loaded, off in (({}, [], True), ({"OCLAW_AUDIT_SINKS": "log"}, ["engine.audit"], False)):
+        run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=base | env)
+        lines = run.stdout.splitlines()
+        assert (json.loads(lines[-2]), json.loads(lines[-1])) == (loaded, off)
