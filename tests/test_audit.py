@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from handler.local_lambda import LocalLambda
 from tests import optimodels
 from tests.conftest import AWS_ENV, ROOT, ServerProcess, spawn_server, use_moto
 from tests.test_auth import INFER_BODY, MLP_BODY, lambda_event, make_keys, small_repository, with_key
+from tests.test_events_s3_sqs import add_sub_line, jsonl, request_body, s3_event, sqs_record
 
 FIELDS = {
     "event",
@@ -397,26 +396,46 @@ def test_lambda_load_direct_invoke_and_warm_are_recorded(
     )
 
 
-def test_lambda_init_without_audit_does_not_import_it(small_repo: Path) -> None:
-    """With no keys and no OCLAW_AUDIT_SINKS the audit log is off: INIT imports none of it; with a sink, INIT
-    makes it."""
-    code = (
-        "import json, sys\nimport handler.aws_lambda as h\n"
-        "print(json.dumps(['engine.audit' in sys.modules, h.AUDIT is None]))\n"
-    )
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OCLAW_")} | {
-        "OCLAW_MODEL_REPOSITORY": str(small_repo)
+def test_lambda_s3_objects_and_sqs_messages_are_recorded(
+    moto: str, monkeypatch: pytest.MonkeyPatch, small_repo: Path, tmp_path: Path
+) -> None:
+    """One record per S3 object (not per JSON line) and one per SQS message, with the event's own status."""
+    use_moto(moto, monkeypatch)
+    s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
+    bucket = f"audit-events-{os.getpid()}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="input/add_sub/a.jsonl", Body=jsonl([add_sub_line(i) for i in range(3)]))
+    s3.put_object(Bucket=bucket, Key="input/add_sub/b.txt", Body=b"not a tensor")
+    audit_file = tmp_path / "audit.jsonl"
+    env = {
+        "OCLAW_MODEL_REPOSITORY": str(small_repo),
+        "OCLAW_AUDIT_SINKS": f"jsonl:{audit_file}",
+        "OCLAW_AUDIT_SPOOL": str(tmp_path / "spool"),
+        "AWS_ENDPOINT_URL": moto,
+        **AWS_ENV,
     }
-    off = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=base)
-    assert json.loads(off.stdout.splitlines()[-1]) == [False, True]
-    on = subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=base | {"OCLAW_AUDIT_SINKS": "log"},
+    with LocalLambda(env=env, cwd=ROOT, log=tmp_path / "log") as fn:
+        fn.wait_init()
+        event = s3_event("input/add_sub/a.jsonl", "input/add_sub/b.txt", bucket=bucket)
+        assert len(fn.invoke(event).json()["processed"]) == 2
+        good = sqs_record("msg-ok", request_body(1, f"s3://{bucket}/out", tenant="acme"))
+        assert fn.invoke({"Records": [good, sqs_record("msg-bad", "nope")]}).json() == {
+            "batchItemFailures": [{"itemIdentifier": "msg-bad"}]
+        }
+    found = {r["request_id"]: r for r in read_records(audit_file)}
+    assert len(found) == 4
+    jsonl_object = found[f"s3://{bucket}/input/add_sub/a.jsonl"]
+    assert (jsonl_object["source"], jsonl_object["status"], jsonl_object["model"], jsonl_object["version"]) == (
+        "s3",
+        200,
+        "add_sub",
+        "1",
     )
-    assert json.loads(on.stdout.splitlines()[-1]) == [True, False]
+    bad_object = found[f"s3://{bucket}/input/add_sub/b.txt"]
+    assert (bad_object["outcome"], bad_object["status"]) == ("error", 400)
+    assert (found["msg-ok"]["source"], found["msg-ok"]["status"], found["msg-ok"]["tenant"]) == ("sqs", 200, "acme")
+    assert (found["msg-ok"]["model"], found["msg-ok"]["version"]) == ("add_sub", "1")
+    assert (found["msg-bad"]["outcome"], found["msg-bad"]["status"]) == ("error", 400)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------------
