@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from time import perf_counter_ns
 from typing import Any
 
-from handler import keys, model_commands
+from handler import cost_command, keys, model_commands
 
 _T0 = perf_counter_ns()
 
@@ -359,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
     usage.set_defaults(func=_usage)
+    cost_command.add_parser(sub)
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=lambda _: print(json.dumps({"oclaw": __version__})) or 0)
     args = parser.parse_args(argv)
