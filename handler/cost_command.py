@@ -62,7 +62,12 @@ def add_parser(sub: Any) -> None:
     cost.add_argument(
         "--vcpu", type=_ranged(float, 0.08, 8), default=1.0, help="vCPUs of a Cloud Run or always-on instance (1)"
     )
-    cost.add_argument("--concurrency", type=_ranged(int, 1, 1000), default=1, help="Cloud Run containerConcurrency (1)")
+    cost.add_argument(
+        "--concurrency",
+        type=_ranged(int, 1, 1000),
+        default=16,
+        help="requests a Cloud Run instance serves at once (16, as infra/cloudrun/service.yaml)",
+    )
     cost.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64", help="Lambda architecture (x86_64)")
     cost.add_argument("--region", help="price table entries for this region (default: $OCLAW_REGION)")
     cost.add_argument("--init-ms", type=_ranged(float, 0), help="a measured INIT, when the records carry none")
@@ -111,12 +116,13 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.save_records).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         notes.append(
             f"figures: a benchmark of {args.model} ({repository}) as a Lambda function run locally, "
-            f"{args.runs} warm requests of its warm-up input; cold start {breakdown}"
+            f"{args.runs} warm requests of its warm-up input, timed on this machine's CPUs (Lambda gives a function "
+            f"a share of a vCPU in proportion to its memory, 1 vCPU at 1769 MB); cold start {breakdown}"
         )
     else:
         records = read_records(args.records)
         notes.append(f"figures: {len(records)} metering records from {', '.join(args.records)}")
-    work = workload(records, init_ms=args.init_ms, memory_mb=args.memory if args.model is None else args.memory or 1024)
+    work = workload(records, init_ms=args.init_ms, memory_mb=None if args.model else args.memory)
     notes.append(work.source)
     profile = _profile(args.profile, records)
     price = prices(
@@ -141,7 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     sized = planner.smallest_floor(args.max_cold, warmer=False)
     n = args.instances or sized or 1024
     warmer_n = planner.smallest_floor(args.max_cold, warmer=True)
-    bills = planner.bills(n, warmer_n or n)
+    always_n = planner.smallest_floor(args.max_cold, overflow=True) or 1024
+    bills = planner.bills(n, warmer_n or n, always_n)
     out = sys.stderr if args.csv == "-" else sys.stdout  # the notes; stdout holds only the CSV then
     print(
         f"profile: {profile.name}: {profile.description}; {profile.requests * profile.month_factor:,.0f} "
@@ -155,8 +162,10 @@ def _run(args: argparse.Namespace) -> int:
     ]:
         print(line, file=out)
     print(
-        f"simulation: Poisson arrivals, one request per instance, idle lifetime {args.idle_lifetime:g} s, "
-        f"N = {n} ({'given' if args.instances else f'fewest keeping cold starts <= {args.max_cold:g}'})",
+        f"simulation: Poisson arrivals, one request per Lambda instance, up to {args.concurrency} per Cloud Run "
+        f"instance, idle lifetime {args.idle_lifetime:g} s, "
+        f"N = {n} ({'given' if args.instances else f'fewest keeping cold starts <= {args.max_cold:g}'}); "
+        f"always-on N = {always_n} (fewest leaving <= {args.max_cold:g} of requests to find all busy)",
         file=out,
     )
     rows = _rows(bills)
@@ -175,19 +184,25 @@ def _run(args: argparse.Namespace) -> int:
             file=out,
         )
     else:
+        pinged = planner.sim(warmer_n, warmer=True)
+        f = profile.month_factor
         print(
             f"warmer: WarmerConcurrency={warmer_n} WarmerRate=rate({period / 60:g} minutes) keeps cold starts at "
-            f"{warm_bill.cold_share:.3%} (target <= {args.max_cold:.2%}); ${warm_bill.total:,.2f} a month, of which "
-            f"warm pings ${warm_bill.items['warm_pings']:,.2f} and their INITs in init",
+            f"{warm_bill.cold_share:.3%} (target <= {args.max_cold:.2%}): ${warm_bill.total:,.2f} a month, of which "
+            f"${warm_bill.items['warm_pings']:,.2f} for {pinged.pings * f:,.0f} pings "
+            f"({pinged.ping_inits * f:,.0f} of them starting an instance, their INIT in init)",
             file=out,
         )
-    best = min(bills, key=lambda b: b.total)
     base = next(b for b in bills if b.mode == "always-on")
-    print(
-        f"cheapest: {best.mode}{f' N={best.instances}' if best.instances else ''} ${best.total:,.2f} a month, "
-        f"{_versus(best, base)} against always-on (${base.total:,.2f})",
-        file=out,
-    )
+    within = [b for b in bills if b.cold_share <= args.max_cold]
+    for label, pool in (("cheapest", bills), (f"cheapest with cold starts <= {args.max_cold:.2%}", within)):
+        if pool:
+            best = min(pool, key=lambda b: b.total)
+            print(
+                f"{label}: {best.mode}{f' N={best.instances}' if best.instances else ''} ${best.total:,.2f} a month, "
+                f"{_versus(best, base)} against always-on N={base.instances} (${base.total:,.2f})",
+                file=out,
+            )
     for b in bills:
         if b.note:
             print(f"note: {b.mode}: {b.note}", file=out)

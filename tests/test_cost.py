@@ -172,6 +172,18 @@ def test_a_kept_floor_turns_away_erlang_b(floor: int, rate: float, service_s: fl
     assert sim.on_floor + sim.cold == sim.requests
 
 
+def test_always_on_is_sized_by_erlang_b() -> None:
+    """Always-on instances: the fewest that leave <= 1 % of requests finding all busy; B(5, 1.5) = 1.4 %,
+    B(6, 1.5) = 0.35 %: 6. Provisioned concurrency spills to warm on-demand instances: 1 keeps cold starts rare."""
+    work = Workload(150.0, 150.0, (150.0,), 0.0, 150.0, 1024, "")
+    plan = Planner(Profile("p", np.full(100, 10.0), 60), Setup(work, prices("x86_64")))
+    assert erlang_b(5, 1.5) > 0.01 > erlang_b(6, 1.5)
+    assert plan.smallest_floor(0.01, overflow=True) == 6
+    assert plan.smallest_floor(0.01) == 1
+    bill = always_on(plan.setup, plan.sim(6), plan.profile.month_factor)
+    assert bill.instances == 6 and "find all 6 busy and queue" in bill.note
+
+
 def test_erlang_b_formula() -> None:
     assert erlang_b(3, 1.5) == pytest.approx((1.5**3 / 6) / (1 + 1.5 + 1.5**2 / 2 + 1.5**3 / 6))
     assert erlang_b(0, 2.0) == 1.0

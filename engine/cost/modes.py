@@ -39,7 +39,7 @@ class Setup:
     #: How long a fanned-out warm ping holds its instance (``OCLAW_WARMER_HOLD_MS``).
     warmer_hold_ms: float = 75.0
     #: Requests a Cloud Run instance serves at once (containerConcurrency); Lambda's serve one.
-    concurrency: int = 1
+    concurrency: int = 16
     #: A SnapStart restore's duration, read from a Lambda REPORT line (``Restore Duration``); None: unknown.
     restore_ms: float | None = None
 
@@ -120,8 +120,9 @@ def lambda_snapstart(s: Setup, sim: Simulation, factor: float) -> Bill:
         free_tier=_lambda_free(s, compute_gbs, warm + cold),
     )
     latency = None if s.restore_ms is None else s.restore_ms + w.warm_ms
-    note = "" if s.restore_ms is not None else "p99 needs --restore-ms (a REPORT line's Restore Duration on Lambda)"
-    return Bill("lambda-snapstart", 0, items, sim.cold_share, p99(w, sim.cold_share, latency), note)
+    tail = p99(w, sim.cold_share, latency)
+    note = "" if tail is not None else "p99 needs --restore-ms (a REPORT line's Restore Duration on Lambda)"
+    return Bill("lambda-snapstart", 0, items, sim.cold_share, tail, note)
 
 
 def lambda_provisioned(s: Setup, sim: Simulation, factor: float) -> Bill:
@@ -214,13 +215,14 @@ def cloudrun_instance(s: Setup, sim: Simulation, factor: float) -> Bill:
 
 def always_on(s: Setup, sim: Simulation, factor: float) -> Bill:
     """N always-on instances (Fargate): billed every hour; no cold start. The simulation's requests that found
-    the floor's N instances busy would queue: its cold share says how many."""
+    the kept floor's N instances busy would queue here: its overflow share says how many."""
     w, p = s.workload, s.prices
     n = max(1, sim.floor)
     rate_s = (s.vcpu * p.modes.always_on_vcpu_hour + s.gb * p.modes.always_on_gb_hour) / 3600
     busy_s = sim.requests * factor * w.warm_ms / 1000
     items = _items(compute=busy_s * rate_s, idle=(n * MONTH_S - busy_s) * rate_s)
-    note = f"{sim.cold_share:.2%} of requests find all {n} busy (they queue)" if sim.cold else ""
+    share = sim.overflow_share
+    note = f"{share:.2%} of requests find all {n} busy and queue (p99 leaves their wait out)" if share else ""
     return Bill("always-on", n, items, 0.0, p99(w, 0.0, None), note)
 
 
@@ -257,24 +259,33 @@ class Planner:
             )
         return self.runs[key]
 
-    def smallest_floor(self, max_cold: float, *, warmer: bool, limit: int = 1024) -> int | None:
-        """The fewest instances (>= 1) whose simulation keeps the cold share at or under ``max_cold``."""
+    def smallest_floor(
+        self, max_share: float, *, warmer: bool = False, overflow: bool = False, limit: int = 1024
+    ) -> int | None:
+        """The fewest instances (>= 1) whose simulation keeps the cold share (or with ``overflow``, the share of
+        requests finding every kept instance busy) at or under ``max_share``."""
+
+        def over(n: int) -> bool:
+            sim = self.sim(n, warmer=warmer)
+            return (sim.overflow_share if overflow else sim.cold_share) > max_share
+
         high = 1
-        while self.sim(high, warmer=warmer).cold_share > max_cold:
+        while over(high):
             if high >= limit:
                 return None
             high = min(limit, high * 2)
         low = high // 2 + 1 if high > 1 else 1
         while low < high:
             mid = (low + high) // 2
-            if self.sim(mid, warmer=warmer).cold_share > max_cold:
+            if over(mid):
                 low = mid + 1
             else:
                 high = mid
         return high
 
-    def bills(self, n: int, warmer_n: int) -> list[Bill]:
-        """Every mode: those with a floor kept at ``n`` instances, the warmer pinging ``warmer_n``."""
+    def bills(self, n: int, warmer_n: int, always_n: int) -> list[Bill]:
+        """Every mode: those with a floor kept at ``n`` instances, the warmer pinging ``warmer_n``, ``always_n``
+        always-on instances."""
         f, s = self.profile.month_factor, self.setup
         base = self.sim(0)
         kept = self.sim(n)
@@ -288,7 +299,7 @@ class Planner:
             cloudrun_request(s, self.sim(0, concurrency=c), f),
             cloudrun_request(s, self.sim(n, concurrency=c), f),
             cloudrun_instance(s, self.sim(0, concurrency=c), f),
-            always_on(s, kept, f),
+            always_on(s, self.sim(always_n), f),
         ]
 
     def curve(self, points: list[int]) -> list[Bill]:

@@ -55,6 +55,11 @@ class Simulation:
         """The share of requests that met a cold start."""
         return self.cold / self.requests if self.requests else 0.0
 
+    @property
+    def overflow_share(self) -> float:
+        """The share of requests that found every kept instance busy (all of them without a kept floor)."""
+        return 1 - self.on_floor / self.requests if self.requests else 0.0
+
 
 def arrivals(profile: Profile, seed: int = SEED) -> np.ndarray:
     """Poisson arrivals: in each interval a count drawn from its mean, at uniform times; sorted seconds."""
