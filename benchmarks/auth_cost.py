@@ -4,9 +4,10 @@
 
 In-process, each step of the check is timed over many calls: the route table (``auth.requirement``), hash and
 constant-time compare, ``KeyRing.authorize`` (with role and model) and the ASGI check with its header scan. Over
-HTTP, two ``oclaw serve`` processes (metering off) serve the tiny ``add_sub`` model, one without keys, one with a
-key file; one client thread alternates between them round by round (rotated order, keep-alive connections), V2
-JSON requests back to back. Measurements, not tests: the table gives the costs and the ratio keys on / off.
+HTTP, three ``oclaw serve`` processes (metering off) serve the tiny ``add_sub`` model: one without keys, one with a
+key file, one with a key file and the audit log on (``jsonl:/dev/null``); one client thread goes round them round by
+round (rotated order, keep-alive connections), V2 JSON requests back to back. Measurements, not tests: the table
+gives the costs and the ratios to keys off.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def over_http(rounds: int, per_round: int) -> list[list[str]]:
             "keys on": start_server(
                 "oclaw-nometer", repo, model_file, work, "on", env={"OCLAW_API_KEYS": str(keys_file)}
             ),
+            "keys + audit log": start_server(
+                "oclaw-nometer",
+                repo,
+                model_file,
+                work,
+                "audit",
+                env={"OCLAW_API_KEYS": str(keys_file), "OCLAW_AUDIT_SINKS": "jsonl:/dev/null"},
+            ),
         }
         x = np.arange(16, dtype=np.float32).reshape(1, 16)
         body = {
@@ -88,11 +97,10 @@ def over_http(rounds: int, per_round: int) -> list[list[str]]:
                 for n in ("INPUT0", "INPUT1")
             ]
         }
+        auth_header = {"authorization": f"Bearer {key}"}
         clients = {
-            "keys off": httpx.Client(base_url=f"http://127.0.0.1:{servers['keys off'][1]}"),
-            "keys on": httpx.Client(
-                base_url=f"http://127.0.0.1:{servers['keys on'][1]}", headers={"authorization": f"Bearer {key}"}
-            ),
+            name: httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth_header if name != "keys off" else None)
+            for name, (_, port, _) in servers.items()
         }
         lat: dict[str, list[int]] = {name: [] for name in servers}
         try:
@@ -100,7 +108,8 @@ def over_http(rounds: int, per_round: int) -> list[list[str]]:
                 for _ in range(20):
                     client.post(PATH, json=body).raise_for_status()
             for r in range(rounds):
-                for name in list(clients) if r % 2 == 0 else list(reversed(clients)):
+                names = list(clients)
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     for _ in range(per_round):
                         began = time.perf_counter_ns()
                         clients[name].post(PATH, json=body).raise_for_status()
