@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import io
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 from engine.cost import IDLE_LIFETIME_S, CostError
 
 if TYPE_CHECKING:  # numpy and the simulation load when the command runs, not with the CLI
+    from engine.config import Settings
     from engine.cost.modes import Bill
     from engine.cost.profiles import Profile
 
@@ -108,12 +110,13 @@ def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if bool(args.records) == bool(args.model):
         raise CostError("give the per-request figures: --records FILE... (metering records) or --model NAME")
+    profile = None if args.profile == "records" else _profile(args.profile, [])  # named before any benchmark
     notes: list[str] = []
     if args.model:
         repository = args.model_repository or settings.model_repository
         records, breakdown = benchmark(args.model, repository, runs=args.runs, memory_mb=args.memory or 1024)
         if args.save_records:
-            Path(args.save_records).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+            _write(args.save_records, "".join(json.dumps(r) + "\n" for r in records))
         notes.append(
             f"figures: a benchmark of {args.model} ({repository}) as a Lambda function run locally, "
             f"{args.runs} warm requests of its warm-up input, timed on this machine's CPUs (Lambda gives a function "
@@ -124,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         notes.append(f"figures: {len(records)} metering records from {', '.join(args.records)}")
     work = workload(records, init_ms=args.init_ms, memory_mb=None if args.model else args.memory)
     notes.append(work.source)
-    profile = _profile(args.profile, records)
+    profile = profile or _profile(args.profile, records)
     price = prices(
         args.arch,
         region=args.region or settings.region,
@@ -144,8 +147,7 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
     )
     planner = Planner(profile, setup)
-    sized = planner.smallest_floor(args.max_cold, warmer=False)
-    n = args.instances or sized or 1024
+    n = args.instances or planner.smallest_floor(args.max_cold) or 1024
     warmer_n = planner.smallest_floor(args.max_cold, warmer=True)
     always_n = planner.smallest_floor(args.max_cold, overflow=True) or 1024
     bills = planner.bills(n, warmer_n or n, always_n)
@@ -174,8 +176,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _table_out(rows, out)
         if args.csv:
-            with open(args.csv, "w", newline="", encoding="utf-8") as fh:
-                _write_csv(rows, fh)
+            table = io.StringIO()
+            _write_csv(rows, table)
+            _write(args.csv, table.getvalue())
     warm_bill = next(b for b in bills if b.mode == "lambda-warmer")
     if warmer_n is None:
         print(
@@ -210,6 +213,13 @@ def _run(args: argparse.Namespace) -> int:
         points = sorted({1, 2, 4, 8, 16, 32, n, warmer_n or n} & set(range(1, 2 * max(n, warmer_n or n) + 1)))
         _plot(args.plot, [*bills, *planner.curve(points)], profile)
     return 0
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise CostError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _versus(bill: Bill, base: Bill) -> str:
@@ -270,7 +280,7 @@ def _table(path: str) -> dict[str, Any]:
     return table
 
 
-def _overrides(settings: Any) -> dict[str, float]:
+def _overrides(settings: Settings) -> dict[str, float]:
     pairs = (
         ("gb_second", settings.price_gb_second),
         ("vcpu_second", settings.price_vcpu_second),
@@ -295,6 +305,7 @@ def benchmark(model: str, repository: str, *, runs: int, memory_mb: int) -> tupl
             "OCLAW_METERING_SINKS": f"jsonl:{sink}",
             "OCLAW_METRICS": "false",
             "OCLAW_LOG_FORMAT": "json",
+            "OCLAW_AUTH": "none",  # a function of this machine, invoked by this command alone
         }
         with LocalLambda(env=env, memory_mb=memory_mb, log=log) as fn:
             try:
@@ -307,11 +318,22 @@ def benchmark(model: str, repository: str, *, runs: int, memory_mb: int) -> tupl
                 if result.error is not None or status >= 400:
                     raise CostError(f"--model {model}: its warm-up input failed: {result.error or result.json()}")
         records = read_records([str(sink)])
-        phases: dict[str, Any] = next(
-            (json.loads(line) for line in log.read_text().splitlines() if '"cold_start"' in line), {}
-        )
-    breakdown = ", ".join(f"{k} {v} ms" for k, v in phases.get("phases_ms", {}).items() if v is not None)
+        phases: dict[str, Any] = next((r["phases_ms"] for r in _json_lines(log) if r.get("event") == "cold_start"), {})
+    breakdown = ", ".join(f"{k} {v} ms" for k, v in phases.items() if v is not None)
     return records, f"phases: {breakdown or 'not recorded'}"
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects among a log's lines."""
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            value = json.loads(line) if line.startswith("{") else None
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
 
 
 def _warmup_event(model: str, repository: str) -> dict[str, Any]:
@@ -389,5 +411,9 @@ def _plot(path: str, bills: list[Bill], profile: Profile) -> None:
     ax.set_title(f"oclaw cost: {profile.name} (N beside the points)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as exc:  # ValueError: a file suffix matplotlib has no format for
+        raise CostError(f"--plot {path}: {exc}") from None
+    finally:
+        plt.close(fig)

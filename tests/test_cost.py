@@ -335,6 +335,9 @@ def test_records_figures_and_price_overrides(
         (["steady", "--records", "/nonexistent/m.jsonl"], "/nonexistent/m.jsonl: cannot read metering records"),
         (["steady", "--records", "{warm_only}"], "no cold Lambda request carrying INIT"),
         (["{bad_csv}", "--records", "{records}"], "bad.csv:2: requests must be a number >= 0"),
+        (["wavy", "--model", "mlp", "--model-repository", "/nonexistent"], "unknown profile 'wavy'"),
+        (["steady", "--model", "nothere", "--model-repository", "{tmp}"], "--model nothere: "),
+        (["steady", "--records", "{records}", "--csv", "/nonexistent/dir/t.csv"], "t.csv: cannot write"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(
@@ -344,10 +347,36 @@ def test_bad_input_exits_2_with_a_message(
     warm_only.write_text("".join(line + "\n" for line in records_file.read_text().splitlines()[2:]))
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("0,1\n60,lots\n")
-    paths = {"records": str(records_file), "warm_only": str(warm_only), "bad_csv": str(bad_csv)}
+    paths = {"records": str(records_file), "warm_only": str(warm_only), "bad_csv": str(bad_csv), "tmp": str(tmp_path)}
     assert main(["cost", *(a.format(**paths) for a in argv)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_records_profile_price_table_and_region(
+    records_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PROFILE 'records' is the records' own traffic; OCLAW_PRICE_TABLE's region entry applies with --region."""
+    table = tmp_path / "prices.json"
+    table.write_text(json.dumps({"lambda-x86_64@eu-west-1": {"request": 0.0, "source": "eu list"}}))
+    monkeypatch.setenv("OCLAW_PRICE_TABLE", str(table))
+    assert main(["cost", "records", "--records", str(records_file), "--region", "eu-west-1"]) == 0
+    out = capsys.readouterr().out
+    assert "profile: records: 21 metering records over 1 minute(s); 907,200 requests a 30-day month" in out
+    assert "prices: eu list;" in out and _table(out)["lambda-on-demand"]["requests"] == "0.00"
+
+
+def test_cloud_run_instances_serving_several_requests_cost_less() -> None:
+    """Overlapping requests (5 req/s of 150 ms) need several instances at concurrency 1, one at 16."""
+    work = Workload(150.0, 150.0, (150.0,), 300.0, 150.0, 1024, "")
+    one_each, shared = (
+        Planner(Profile("p", np.full(60, 5.0), 60), Setup(work, prices("x86_64"), concurrency=c)).bills(1, 1, 1)
+        for c in (1, 16)
+    )
+    by_mode = {b.mode: (a, b) for a, b in zip(one_each, shared, strict=True)}
+    alone, together = by_mode["cloudrun-instance"]
+    assert together.total < alone.total and together.cold_share < alone.cold_share
+    assert by_mode["lambda-on-demand"][0] == by_mode["lambda-on-demand"][1]  # Lambda serves one at a time anyway
 
 
 def test_bad_csv_through_the_console_exits_2(tmp_path: Path, records_file: Path) -> None:
