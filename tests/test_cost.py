@@ -207,6 +207,18 @@ def test_instances_serving_several_requests_start_fewer() -> None:
     assert burst.cold == 5
 
 
+def test_warmer_pings_keep_instances_only_within_the_idle_lifetime() -> None:
+    none = np.array([])
+    kept = simulate(none, service_s=0.01, init_s=0.5, floor=3, warmer=True, period_s=300, horizon_s=2999)
+    assert (kept.pings, kept.ping_inits) == (30, 3)  # 10 pings of 3; started once, refreshed before reclaimed
+    lapsed = simulate(none, service_s=0.01, init_s=0.5, floor=3, warmer=True, period_s=900, horizon_s=2999)
+    assert (lapsed.pings, lapsed.ping_inits) == (12, 12)  # every 900 s: the 600 s idle instances are gone
+    busy = simulate(np.arange(0, 3000, 10.0), service_s=0.01, init_s=0.5, floor=3, warmer=True, horizon_s=2999)
+    # the first ping, before any request, fans out to 3; then a request within 60 s makes each later ping skip
+    # its fan-out (as handler/warmer.py does): 3 + 9
+    assert busy.pings == 12
+
+
 def test_p99_of_warm_and_cold_mixture() -> None:
     assert p99(WORK, 0.0, 520.0) == pytest.approx(9.0)
     assert p99(WORK, 0.02, 520.0) == 520.0  # over 1 % cold: the 99th percentile is a cold start
