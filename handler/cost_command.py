@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         idle_lifetime_s=args.idle_lifetime,
         warmer_period_s=period,
         warmer_hold_ms=settings.warmer_hold_ms,
+        warmer_window_s=settings.warmer_traffic_window_s,
         restore_ms=args.restore_ms,
         concurrency=args.concurrency,
     )

@@ -15,7 +15,7 @@ import numpy as np
 from engine.cost import IDLE_LIFETIME_S
 from engine.cost.prices import Prices
 from engine.cost.profiles import MONTH_S, Profile
-from engine.cost.simulation import Simulation, arrivals, simulate
+from engine.cost.simulation import WARMER_PERIOD_S, WARMER_TRAFFIC_WINDOW_S, Simulation, arrivals, simulate
 from engine.cost.workload import Workload
 
 #: The items of a bill, in the order they are shown.
@@ -35,9 +35,11 @@ class Setup:
     #: vCPUs of a Cloud Run or always-on instance (Lambda's follow its memory size).
     vcpu: float = 1.0
     idle_lifetime_s: float = IDLE_LIFETIME_S
-    warmer_period_s: float = 300.0
+    warmer_period_s: float = WARMER_PERIOD_S
     #: How long a fanned-out warm ping holds its instance (``OCLAW_WARMER_HOLD_MS``).
     warmer_hold_ms: float = 75.0
+    #: The warmer skips its fan-out after traffic this recent (``OCLAW_WARMER_TRAFFIC_WINDOW_S``).
+    warmer_window_s: float = WARMER_TRAFFIC_WINDOW_S
     #: Requests a Cloud Run instance serves at once (containerConcurrency); Lambda's serve one.
     concurrency: int = 16
     #: A SnapStart restore's duration, read from a Lambda REPORT line (``Restore Duration``); None: unknown.
@@ -255,6 +257,7 @@ class Planner:
                 warmer=warmer,
                 concurrency=concurrency,
                 period_s=self.setup.warmer_period_s,
+                traffic_window_s=self.setup.warmer_window_s,
                 horizon_s=self.profile.seconds,
             )
         return self.runs[key]

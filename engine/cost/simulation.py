@@ -1,11 +1,13 @@
-"""Poisson arrivals played against a pool of instances that serve one request at a time and are reclaimed after
-an idle lifetime; a floor of instances kept (provisioned concurrency, minimum instances) or pinged (the warmer).
+"""Poisson arrivals played against a pool of instances that are reclaimed after an idle lifetime; a floor of
+instances kept (provisioned concurrency, minimum instances) or pinged (the warmer).
 
-Model: an arrival takes a free floor instance, else the idle instance used last, else starts a new one (a cold
-start: busy for INIT plus the request). An idle instance is reclaimed ``idle_lifetime_s`` after its last request.
-With a floor of N kept instances and no reuse (idle lifetime 0) the share of cold starts is Erlang's loss formula
-B(N, λ·s) (an M/G/N/N system: requests the floor cannot take are the lost ones), whatever the service time's
-distribution; ``erlang_b`` computes it for the tests.
+Model: an arrival takes a free kept instance, else one with a free slot (Cloud Run serves up to ``concurrency``
+requests an instance; Lambda one), else the idle instance used last, else starts a new one (a cold start: busy
+for INIT plus the request). An idle instance is reclaimed ``idle_lifetime_s`` after its last request. Closed
+forms the tests hold it to: with N kept instances and no reuse (idle lifetime 0) the share of cold starts is
+Erlang's loss formula B(N, λ·s) (an M/G/N/N system: the requests the kept floor cannot take are its lost ones),
+whatever the service time's distribution (``erlang_b``); a lone instance with rare requests is cold when a gap
+exceeds its idle lifetime, e^(-λ·L) of them.
 """
 
 from __future__ import annotations
