@@ -50,7 +50,6 @@ class Simulation:
     floor_busy_s: float = 0.0
     #: Most instances alive at once.
     peak: int = 0
-    seconds: float = 0.0
 
     @property
     def cold_share(self) -> float:
@@ -96,7 +95,7 @@ def simulate(
     those missing. A ping's own hold of its instance (``OCLAW_WARMER_HOLD_MS``) is not modelled.
     """
     horizon = float(horizon_s if horizon_s is not None else (times[-1] if len(times) else 0.0))
-    sim = Simulation(floor=floor, warmer=warmer, requests=len(times), seconds=horizon)
+    sim = Simulation(floor=floor, warmer=warmer, requests=len(times))
     c = concurrency
     kept_slots = 0 if warmer else floor * c  # free request slots on the kept instances (alike: a count is enough)
     load: dict[int, int] = {}  # requests in flight (or slots blocked by a start) on each other instance
