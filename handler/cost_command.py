@@ -40,7 +40,7 @@ HEADERS = (
 )
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``oclaw cost``."""
     from handler.cli import _ranged
 
@@ -58,9 +58,16 @@ def add_parser(sub: Any) -> None:
     )
     cost.add_argument("--model", metavar="NAME", help="benchmark this model as a Lambda function, locally")
     cost.add_argument("--model-repository", help="repository of --model (default: $OCLAW_MODEL_REPOSITORY or ./models)")
-    cost.add_argument("--runs", type=_ranged(int, 2, 10000), default=50, help="warm requests of the benchmark (50)")
+    cost.add_argument(
+        "--runs", metavar="N", type=_ranged(int, 2, 10000), default=50, help="warm requests of the benchmark (50)"
+    )
     cost.add_argument("--save-records", metavar="FILE", help="keep the benchmark's metering records (for --records)")
-    cost.add_argument("--memory", type=_ranged(int, 128, 10240), help="memory size, MB (default: the records')")
+    cost.add_argument(
+        "--memory",
+        type=_ranged(int, 128, 10240),
+        metavar="MB",
+        help="memory size (default: the records'; 1024 for --model)",
+    )
     cost.add_argument(
         "--vcpu", type=_ranged(float, 0.08, 8), default=1.0, help="vCPUs of a Cloud Run or always-on instance (1)"
     )
@@ -70,13 +77,19 @@ def add_parser(sub: Any) -> None:
         default=16,
         help="requests a Cloud Run instance serves at once (16, as infra/cloudrun/service.yaml)",
     )
-    cost.add_argument("--arch", choices=("x86_64", "arm64"), default="x86_64", help="Lambda architecture (x86_64)")
+    cost.add_argument(
+        "--arch", choices=("x86_64", "arm64"), default="x86_64", help="Lambda architecture priced (x86_64)"
+    )
     cost.add_argument("--region", help="price table entries for this region (default: $OCLAW_REGION)")
-    cost.add_argument("--init-ms", type=_ranged(float, 0), help="a measured INIT, when the records carry none")
-    cost.add_argument("--restore-ms", type=_ranged(float, 0), help="a measured SnapStart restore (REPORT line)")
+    cost.add_argument(
+        "--init-ms", metavar="MS", type=_ranged(float, 0), help="a measured INIT, when the records carry none"
+    )
+    cost.add_argument(
+        "--restore-ms", metavar="MS", type=_ranged(float, 0), help="a measured SnapStart restore (REPORT line)"
+    )
     cost.add_argument("--max-cold", type=_ranged(float, 0, 1), default=0.01, help="target cold-start share (0.01)")
     cost.add_argument(
-        "--instances", type=_ranged(int, 1, 1024), help="N for provisioned/min instances (default: sized)"
+        "--instances", metavar="N", type=_ranged(int, 1, 1024), help="N for provisioned/min instances (default: sized)"
     )
     cost.add_argument(
         "--idle-lifetime",
