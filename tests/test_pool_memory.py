@@ -25,6 +25,7 @@ from engine import memory
 from engine.config import Settings
 from engine.errors import ConfigError
 from engine.logs import find_event
+from engine.metering.metrics import PoolCollector
 from engine.pool import ModelPool, State
 from engine.repository.local import LocalRepository
 from engine.runtime import Runtime
@@ -204,8 +205,8 @@ def test_loads_measure_memory_and_unload_the_least_recently_used(big_repo: Path,
         figures = pool.memory()
         assert figures["evictions"] == {"memory": 1, "idle": 0} and figures["peak_bytes"] <= figures["budget_bytes"]
 
-        registry = CollectorRegistry()  # the pool is a Prometheus collector
-        registry.register(pool)
+        registry = CollectorRegistry()  # the pool's collector, as /metrics registers it
+        registry.register(PoolCollector(pool))
         text = generate_latest(registry).decode()
         assert 'oclaw_model_evictions_total{reason="memory"} 1.0' in text
         assert 'oclaw_model_loads_total{model="big2"} 1.0' in text

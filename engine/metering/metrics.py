@@ -6,11 +6,17 @@ import operator
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -38,6 +44,52 @@ def memory_limit(path: str = "/sys/fs/cgroup/memory.max") -> float:
     except (OSError, ValueError):
         pass
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class _Pool(Protocol):
+    """What the pool's collector reads of ``engine.pool.ModelPool`` (metering does not import the pool)."""
+
+    def memory(self) -> dict[str, Any]: ...
+    def states(self) -> dict[str, dict[str, Any]]: ...
+    def loaded(self) -> list[Any]: ...  # LoadedModel: its name, version, device and sessions
+
+
+class PoolCollector:
+    """The model pool's Prometheus metrics, read at each scrape: loads, unloads by reason, memory held and the
+    budget, sessions per loaded version and device."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+
+    def describe(self) -> list[Metric]:
+        """Nothing: a registry must not collect at registration."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self.pool.memory()
+        evictions = CounterMetricFamily(
+            "oclaw_model_evictions", "Models unloaded by the pool (memory budget, idle)", labels=("reason",)
+        )
+        for reason, count in figures["evictions"].items():
+            evictions.add_metric([reason], count)
+        yield evictions
+        loads = CounterMetricFamily("oclaw_model_loads", "Model loads (reloads included)", labels=("model",))
+        held = GaugeMetricFamily("oclaw_model_memory_bytes", "Memory a loaded model holds", labels=("model",))
+        for name, state in self.pool.states().items():
+            loads.add_metric([name], state["loads"])
+            held.add_metric([name], state["memory_bytes"])
+        yield from (loads, held)
+        instances = GaugeMetricFamily(
+            "oclaw_model_instances", "Sessions of a loaded model version", labels=("model", "version", "device")
+        )
+        for model in self.pool.loaded():
+            instances.add_metric([model.name, str(model.version), model.device], len(model.sessions))
+        yield instances
+        yield GaugeMetricFamily("oclaw_models_memory_bytes", "Memory the models hold", value=figures["used_bytes"])
+        if figures["budget_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "oclaw_models_memory_budget_bytes", "OCLAW_MEMORY_BUDGET_MB in bytes", value=figures["budget_bytes"]
+            )
 
 
 class _Series:
@@ -82,7 +134,7 @@ class PrometheusSink:
         self._cold = 0
         self._lock = threading.Lock()
         ProcessCollector(registry=self.registry)  # RSS, CPU seconds, open fds
-        self.registry.register(runtime.pool)  # loads, unloads by reason, memory held and budget, instances by device
+        self.registry.register(PoolCollector(runtime.pool))
         PlatformCollector(registry=self.registry)
         self.registry.register(self)
         r = self.registry
