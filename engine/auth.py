@@ -217,15 +217,20 @@ class Principal:
 
 
 def credential(authorization: Sequence[str], api_key: Sequence[str]) -> str | None:
-    """The one key a request carries (``Authorization: Bearer`` or ``X-API-Key``), or None when it carries none,
-    several different ones, or one of another form."""
+    """The one key a request carries, or None when it carries none, several different ones, or one of another form.
+
+    ``X-API-Key`` decides when present, and ``Authorization`` is then left to the platform in front (a Cloud Run
+    IAM identity token, the SigV4 signature of an IAM Function URL); otherwise ``Authorization: Bearer``.
+    """
     found = set()
-    for value in authorization:
-        scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        found.add(token.strip())
-    found.update(value.strip() for value in api_key)
+    if api_key:
+        found.update(value.strip() for value in api_key)
+    else:
+        for value in authorization:
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            found.add(token.strip())
     if len(found) != 1:
         return None
     key = found.pop()

@@ -136,6 +136,24 @@ def test_x_api_key_header_is_accepted(srv: ServerThread, keys: dict[str, str]) -
     assert response.status_code == 200
 
 
+@pytest.mark.parametrize(
+    "platform",
+    ["Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln", "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261204/us-east-1/lambda"],
+    ids=["cloud-run-iam-token", "sigv4"],
+)
+def test_x_api_key_decides_beside_the_platforms_authorization(
+    srv: ServerThread, keys: dict[str, str], platform: str
+) -> None:
+    """Behind Cloud Run IAM or an IAM Function URL, Authorization holds the platform's credential: X-API-Key is
+    the key, and Authorization alone is still no key."""
+    url = f"{srv.url}/v2/models/add_sub/infer"
+    both = {"authorization": platform, "x-api-key": keys["invoker"]}
+    assert httpx.post(url, json=INFER_BODY, headers=both).status_code == 200
+    reader = {"authorization": f"Bearer {keys['invoker']}", "x-api-key": keys["reader"]}
+    assert httpx.post(url, json=INFER_BODY, headers=reader).status_code == 403
+    assert httpx.post(url, json=INFER_BODY, headers={"authorization": platform}).status_code == 401
+
+
 def test_unknown_malformed_and_wrong_keys_get_the_same_answer(srv: ServerThread, keys: dict[str, str]) -> None:
     admin = keys["admin"]
     wrong_secret = admin[:19] + ("A" if admin[19] != "A" else "B") + admin[20:]
@@ -361,6 +379,14 @@ def test_lambda_http_events_need_a_key(
     assert results["invoker"]["statusCode"] == 200
     via_x_api_key = fn.invoke(with_key(lambda_event(sample), keys["invoker"], "X-API-Key")).json()
     assert via_x_api_key["statusCode"] == 200
+    # an IAM Function URL's SigV4 signature in Authorization, the key in X-API-Key (what oclaw_sdk sends)
+    signed = with_key(lambda_event(sample), keys["invoker"], "X-API-Key")
+    sigv4 = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261204/us-east-1/lambda"
+    if "multiValueHeaders" in signed:
+        signed["multiValueHeaders"]["Authorization"] = [sigv4]
+    else:
+        signed["headers"]["Authorization"] = sigv4
+    assert fn.invoke(signed).json()["statusCode"] == 200
 
 
 def test_lambda_health_probe_stays_open(keyed_lambda: tuple[LocalLambda, Path]) -> None:

@@ -141,7 +141,10 @@ def credential_tricks(held: dict[str, str]) -> list[tuple[str, list[tuple[str, s
         ("oversized", [("Authorization", "Bearer " + "a" * 8000)]),
         ("oversized-valid-prefix", [("Authorization", f"Bearer {inv}" + "a" * 8000)]),
         ("two-authorizations", [("Authorization", f"Bearer {reader}"), ("Authorization", f"Bearer {inv}")]),
-        ("authorization-and-x-api-key", [("Authorization", f"Bearer {reader}"), ("X-API-Key", inv)]),
+        # X-API-Key decides (Authorization is the platform's then): an invoker's bearer key does not lift a reader's
+        ("x-api-key-decides", [("Authorization", f"Bearer {inv}"), ("X-API-Key", reader)]),
+        ("x-api-key-empty-beside-bearer", [("Authorization", f"Bearer {inv}"), ("X-API-Key", "")]),
+        ("sigv4-without-key", [("Authorization", "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261204/us-east-1/lambda")]),
         ("comma-joined", [("Authorization", f"Bearer {reader}, Bearer {inv}")]),
         ("two-x-api-keys", [("X-API-Key", reader), ("X-API-Key", inv)]),
         ("reader-key", [("Authorization", f"Bearer {reader}")]),
