@@ -253,6 +253,7 @@ def decode_document(doc: Any, binary: memoryview | None = None, *, max_elements:
             if type(k) is not int or k < 0:
                 raise InvalidInput(f"output {item['name']!r}: classification must be a non-negative integer")
             outputs.append(RequestedOutput(item["name"], binary_flag, k))
+        outputs = outputs or None  # an empty list names no output: all of them, as when there is no list (Triton)
     return InferRequest(
         inputs=inputs,
         id=request_id,
