@@ -236,7 +236,7 @@ def decode_document(doc: Any, binary: memoryview | None = None, *, max_elements:
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise InvalidInput("parameters.binary_data_output must be true or false")
-    outputs = None
+    outputs: list[RequestedOutput] | None = None
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
