@@ -134,6 +134,10 @@ class ModelPool(MemoryBudget):
             resident = self._open(entry, files, manifest, fetch_ms)
         except OclawError as exc:
             self._settle(entry, State.UNAVAILABLE, exc.message, None, start)
+            if isinstance(exc, ModelNotFound):  # a name the repository lacks leaves no entry (a 404 later, not a 503)
+                with self._lock:
+                    if self._entries.get(name) is entry and entry.state is State.UNAVAILABLE:
+                        del self._entries[name]
             if isinstance(exc, ModelNotFound | InvalidInput | ModelLoadError):
                 raise
             raise ModelLoadError(f"model {name!r} failed to load: {exc.message}") from exc

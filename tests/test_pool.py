@@ -162,6 +162,8 @@ def test_readiness_index_load_and_unload_over_http(partial_server: ServerThread)
         failed = c.post("/v2/repository/models/broken/load")
         assert failed.status_code == 400 and "broken" in failed.json()["error"]
         assert c.post("/v2/repository/models/nope/load").status_code == 404
+        assert c.post("/v2/models/nope/infer", json=body).status_code == 404  # the failed load left nothing behind
+        assert "nope" not in {r["name"] for r in c.post("/v2/repository/index").json()}
 
         assert c.post("/v2/repository/models/mlp/unload").status_code == 200
         gone = c.post("/v2/models/mlp/infer", json=body)
