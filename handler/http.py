@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from engine.errors import InvalidInput, OclawError, Unsupported
 from engine.model import LoadedModel
 from engine.runtime import Runtime
 from engine.tensors import loads_json
-from handler import v2
+from handler import openapi, v2
 from handler.asgi import (
     KeyCheck,
     audited,
@@ -56,6 +57,7 @@ def create_app(
         yield
 
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = functools.partial(openapi.document, app)  # type: ignore[method-assign]
     keys = auth.keys_of(runtime, runtime.settings.api_keys, runtime.settings.auth, runtime.settings.api_keys_ttl_s)
     if keys is not None:
         app.add_middleware(KeyCheck, keys=keys, charge=not checked_before, runtime=runtime)
