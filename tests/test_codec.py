@@ -259,9 +259,10 @@ def test_per_output_binary_data_and_classification_are_parsed() -> None:
     ]
 
 
-def test_empty_outputs_list_is_an_empty_selection() -> None:
+def test_empty_outputs_list_asks_for_every_output() -> None:
+    """As in Triton: no output named, all of them, as when there is no list."""
     request = decode_request(json_request("x", "FP32", [1], [1.0], outputs=[]))
-    assert request.outputs == []
+    assert request.outputs is None
 
 
 @pytest.mark.parametrize("k", [-1, 1.5, True, "2", None])
