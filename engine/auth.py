@@ -222,7 +222,7 @@ def credential(authorization: Sequence[str], api_key: Sequence[str]) -> str | No
     ``X-API-Key`` decides when present, and ``Authorization`` is then left to the platform in front (a Cloud Run
     IAM identity token, the SigV4 signature of an IAM Function URL); otherwise ``Authorization: Bearer``.
     """
-    found = set()
+    found: set[str] = set()
     if api_key:
         found.update(value.strip() for value in api_key)
     else:
