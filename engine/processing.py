@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -93,9 +94,11 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def classify(scores: np.ndarray, k: int, labels: Sequence[str], *, apply_softmax: bool) -> np.ndarray:
     """Top-k as Triton's classification extension: BYTES ``"value:index[:label]"``, one row per item."""
+    if scores.dtype.kind not in "biuf":
+        raise InvalidInput("classification needs a numeric output, not BYTES")
     arr = np.asarray(scores, dtype=np.float32)
-    rows = arr.reshape(1, -1) if arr.ndim <= 1 else arr.reshape(arr.shape[0], -1)
-    if apply_softmax:
+    rows = arr.reshape(1, -1) if arr.ndim <= 1 else arr.reshape(arr.shape[0], math.prod(arr.shape[1:]))
+    if apply_softmax and rows.shape[1]:  # an empty output has no scores to normalise
         rows = softmax(rows)
     k = min(k, rows.shape[1])
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
