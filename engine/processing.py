@@ -96,7 +96,8 @@ def classify(scores: np.ndarray, k: int, labels: Sequence[str], *, apply_softmax
     """Top-k as Triton's classification extension: BYTES ``"value:index[:label]"``, one row per item."""
     if scores.dtype.kind not in "biuf":
         raise InvalidInput("classification needs a numeric output, not BYTES")
-    arr = np.asarray(scores, dtype=np.float32)
+    with np.errstate(over="ignore"):  # scores past float32's range rank as infinity
+        arr = np.asarray(scores, dtype=np.float32)
     rows = arr.reshape(1, -1) if arr.ndim <= 1 else arr.reshape(arr.shape[0], math.prod(arr.shape[1:]))
     if apply_softmax and rows.shape[1]:  # an empty output has no scores to normalise
         rows = softmax(rows)

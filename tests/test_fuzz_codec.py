@@ -364,6 +364,7 @@ def test_signatures_match_the_models(loaded: dict[str, LoadedModel]) -> None:
 @example(req=Request("add_sub", v2(*good_add_sub_inputs(), outputs=[]), None, "application/json"))
 @example(req=Request("identity_bytes", v2(tensor("x", "BYTES", [1, 1], [""]), outputs=[CLASSIFY]), None, None))
 @example(req=Request("identity_fp32", v2(tensor("x", "FP32", [2, 0], []), outputs=[CLASSIFY]), None, None))
+@example(req=Request("identity_fp64", v2(tensor("x", "FP64", [1, 2], [1e300, 1]), outputs=[CLASSIFY]), None, None))
 def test_documents_in_process(loaded: dict[str, LoadedModel], req: Request) -> None:
     """V2 documents close to the schema: a 4xx with a message, or the right answer."""
     model = loaded[req.model]
