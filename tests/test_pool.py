@@ -13,7 +13,7 @@ import pytest
 from engine.config import Settings
 from engine.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound, ModelNotReady
 from engine.pool import ModelPool, State
-from engine.repository.local import LocalRepository, sha256_file, validate_name
+from engine.repository.local import LocalRepository, parse_version, sha256_file, validate_name
 from engine.repository.manifest import load_manifest
 from engine.session import resolve_providers
 from tests.conftest import ServerThread, start_server
@@ -41,6 +41,14 @@ def test_valid_model_names(name: str) -> None:
 def test_invalid_model_names_are_rejected(name: str) -> None:
     with pytest.raises(InvalidInput, match="invalid model name"):
         validate_name(name)
+
+
+@pytest.mark.parametrize("version", ["²", "\u0661", "9" * 5000, "0", "1.0", "+1"])
+def test_invalid_model_versions_are_rejected(version: str) -> None:
+    """ASCII digits only, and not thousands of them ("²".isdigit() holds but int() refuses it: a 500 before)."""
+    with pytest.raises(InvalidInput, match="invalid model version"):
+        parse_version(version)
+    assert parse_version("12") == 12
 
 
 def test_repository_lists_versions_and_hashes(tmp_path: Path) -> None:

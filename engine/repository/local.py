@@ -37,7 +37,7 @@ def parse_version(version: str | int | None) -> int | None:
     if version is None or version == "":
         return None
     text = str(version)
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) < 1:  # "²".isdigit() too
         raise InvalidInput(f"invalid model version {version!r}: expected a positive integer")
     return int(text)
 
