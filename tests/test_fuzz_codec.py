@@ -135,7 +135,7 @@ def blob_of(datatype: str, values: list[Any]) -> bytes:
 
 @dataclass
 class Tensor:
-    """A generated input entry, its binary section (when sent binary) and what a correct server returns for it."""
+    """A generated input entry and its binary section (when sent binary)."""
 
     entry: Any
     blob: bytes | None = None
@@ -458,11 +458,8 @@ header_text = st.text(alphabet=string.ascii_letters + string.digits + string.pun
 def http_requests(draw: st.DrawFn) -> tuple[Request, dict[str, str], str]:
     """A generated request with its HTTP headers (some odd, some gzip) and its path."""
     req = draw(requests(SIGNATURES) | any_bodies())
-    headers: dict[str, str] = {}
-    if req.content_type is not None:
-        headers["Content-Type"] = req.content_type
-    if req.header_length is not None:
-        headers["Inference-Header-Content-Length"] = req.header_length
+    sent = {"Content-Type": req.content_type, "Inference-Header-Content-Length": req.header_length}
+    headers = {k: v for k, v in sent.items() if v is not None}
     extra = draw(st.sampled_from(["none", "none", "gzip", "gzip-lie", "encoding", "header"]))
     if extra == "gzip":
         req = Request(req.model, gzip.compress(req.body, mtime=0), req.header_length, req.content_type)
@@ -486,7 +483,8 @@ def test_requests_over_http(server: ServerThread, case: tuple[Request, dict[str,
     """Over a real server: a 4xx with a V2 error body, or the right answer."""
     req, headers, path = case
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        resp = client.post(path, content=req.body, headers=headers)
+        wire = {k: v.strip().encode() for k, v in headers.items()}  # as sendable: UTF-8, no outer blanks
+        resp = client.post(path, content=req.body, headers=wire)
     tally("requests_over_http", str(resp.status_code))
     assert resp.status_code < 500, f"{resp.status_code} {resp.text[:500]}"
     if resp.status_code != 200:
