@@ -1,11 +1,12 @@
 """Schema-driven fuzzing of the HTTP API from its own OpenAPI document, with schemathesis.
 
 The app ``oclaw serve`` runs, on a real uvicorn on 127.0.0.1, serves ``/openapi.json``; schemathesis generates
-requests for every operation in it: ones the schema allows and ones that break it, some naming the repository's
-real models so that they get past the model lookup. Each response is checked: no 5xx (except a repository
-parameter oclaw does not act on: the 501 the document declares), the body conforms to the schema declared for its
-status, the content type is one declared. Once without access control and once with an admin key (Authorization
-header). Deterministic (``derandomize=True``, no example database); the module prints how many cases ran.
+requests for every operation in it: ones the schema allows and ones that break it, most naming the repository's
+real models so that they get past the model lookup, and infer requests with a model's real inputs. Each response
+is checked: no 5xx (except a repository parameter oclaw does not act on: the 501 the document declares), the body
+conforms to the schema declared for its status, the content type is one declared. Once without access control and
+once with an admin key (Authorization header). Deterministic (``derandomize=True``, no example database); the
+module prints how many cases ran: 1,688, ~15 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def test_every_operation_of_the_openapi_document(api: tuple[str, ServerThread, d
         assert httpx.get(f"{server.url}/v2/models/add_sub").status_code == 401
     counts = COUNTS.setdefault(mode, Counter())
     failures: list[str] = []
+    answered: set[str] = set()  # operations that got a 200
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == len([m for item in doc["paths"].values() for m in item])
     with requests.Session() as session:
@@ -152,6 +154,8 @@ def test_every_operation_of_the_openapi_document(api: tuple[str, ServerThread, d
             def run(case: schemathesis.Case) -> None:
                 response = case.call(base_url=server.url, session=session, headers=headers, timeout=30)
                 counts[response.status_code] += 1
+                if response.status_code == 200:
+                    answered.add(case.operation.label)
                 repository = "/repository/models/" in case.operation.path
                 checks = CHECKS[1:] if response.status_code == 501 and repository else CHECKS
                 case.validate_response(response, checks=checks, headers=headers)
@@ -161,4 +165,6 @@ def test_every_operation_of_the_openapi_document(api: tuple[str, ServerThread, d
             except (AssertionError, FailureGroup) as exc:
                 failures.append(f"{operation.label}: {exc}")
     assert not failures, "\n\n".join(failures)
-    assert counts[200] > 0 and sum(counts.values()) >= EXAMPLES * len(operations)
+    # every operation was answered at least once, but load and unload (never sent a real model's name)
+    assert {op.label for op in operations if "/repository/models/" not in op.path} <= answered
+    assert sum(counts.values()) >= EXAMPLES * len(operations)
