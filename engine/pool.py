@@ -134,7 +134,9 @@ class ModelPool(MemoryBudget):
             resident = self._open(entry, files, manifest, fetch_ms)
         except OclawError as exc:
             self._settle(entry, State.UNAVAILABLE, exc.message, None, start)
-            if isinstance(exc, ModelNotFound):  # a name the repository lacks leaves no entry (a 404 later, not a 503)
+            if isinstance(exc, ModelNotFound) and name not in self._required:
+                # a name the repository lacks leaves no entry (a 404 later, not a 503), unless the settings name it
+                # (preloaded, required): its state then says why the server is not ready
                 with self._lock:
                     if self._entries.get(name) is entry and entry.state is State.UNAVAILABLE:
                         del self._entries[name]
