@@ -134,35 +134,17 @@ def _invocation_failure(error: dict[str, Any] | None, payload: bytes | None) -> 
     return None
 
 
-def _metering_records(path: str) -> list[dict[str, Any]]:
-    """Metering records in a file: the jsonl sink's lines, or log lines that carry a JSON record (or packed ones)."""
-    from engine.metering.batch import unpack
-
-    records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            start = line.find("{")
-            if start < 0:
-                continue
-            try:
-                record = json.loads(line[start:])
-            except ValueError:
-                continue  # other log lines
-            if isinstance(record, dict) and record.get("event", "metering") == "metering" and "cost_usd" in record:
-                records += unpack(record)  # a record, or a packed line of them
-    return records
-
-
 def _usage(args: argparse.Namespace) -> int:
     import csv
 
+    from engine.metering.batch import read_records
     from engine.metering.records import USAGE_FIELDS, aggregate
 
     records = []
     for path in args.files:
         try:
-            records += _metering_records(path)
-        except OSError as exc:
+            records += read_records(path)
+        except (OSError, ValueError) as exc:
             print(f"oclaw: {exc}", file=sys.stderr)
             return 2
     by = args.by

@@ -320,3 +320,22 @@ def test_usage_command_reads_packed_lines(tmp_path: Path) -> None:
     for record in records:
         want[record.tenant] = want.get(record.tenant, 0) + 1
     assert rows == want and sum(rows.values()) == 300
+
+
+def test_usage_command_names_a_packed_line_that_does_not_add_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    m = meter(tmp_path, "cloudrun")
+    lines = [json.loads(x) for x in packed_lines([m.complete(u) for u in usages(300, seed=9)], "metering").splitlines()]
+    line = next(x for x in lines if "requests" in x)
+    line["requests"] += 1  # the lists hold one request fewer than it says
+    log = tmp_path / "bad.log"
+    log.write_bytes(b"not json\n\xff\xfe binary noise\n" + json.dumps(line).encode() + b"\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "handler.cli", "usage", str(log)], check=False, capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{log}: packed metering line: {line['requests']} requests" in out.stderr

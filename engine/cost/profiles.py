@@ -5,7 +5,6 @@ times of metering records; and the metering records themselves, read as ``oclaw 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -156,31 +155,15 @@ def from_records(records: Sequence[dict[str, Any]], name: str = "records") -> Pr
 
 
 def read_records(paths: Iterable[str]) -> list[dict[str, Any]]:
-    """Metering records in files, as ``oclaw usage`` reads them: the jsonl sink's lines, or log lines that carry
-    a JSON record (packed lines unpacked); other lines are skipped."""
-    from engine.metering.batch import unpack
+    """Metering records in files, as ``oclaw usage`` reads them (``engine.metering.batch.read_records``)."""
+    from engine.metering.batch import read_records as read_file
 
     out: list[dict[str, Any]] = []
     for path in paths:
         try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    start = line.find("{")
-                    if start < 0:
-                        continue
-                    try:
-                        record = json.loads(line[start:])
-                    except ValueError:
-                        continue
-                    if (
-                        isinstance(record, dict)
-                        and record.get("event", "metering") == "metering"
-                        and "cost_usd" in record
-                    ):
-                        try:
-                            out += unpack(record)  # a record, or a packed line of them
-                        except ValueError as exc:
-                            raise CostError(f"{path}: {exc}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CostError(f"{path}: cannot read metering records: {getattr(exc, 'strerror', None) or exc}") from None
+            out += read_file(path)
+        except OSError as exc:
+            raise CostError(f"{path}: cannot read metering records: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise CostError(str(exc)) from None
     return out

@@ -69,3 +69,27 @@ def unpack(line: dict[str, Any]) -> list[dict[str, Any]]:
     if any(len(column) != count for column in columns):
         raise ValueError(f"packed metering line: {count} requests but lists of {[len(c) for c in columns]}")
     return [dict(zip(PACKED_FIELDS, values, strict=True)) | shared for values in zip(*columns, strict=True)]
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The metering records in a file, as ``oclaw usage`` and ``oclaw cost`` read them: the jsonl sink's lines, or
+    log lines that carry a JSON record (packed lines unpacked); other lines are skipped.
+
+    OSError when the file cannot be read; ValueError naming the file for a packed line whose lists do not add up.
+    """
+    records: list[dict[str, Any]] = []
+    with open(path, "rb") as fh:
+        for line in fh:
+            start = line.find(b"{")
+            if start < 0:
+                continue
+            try:
+                record = orjson.loads(line[start:])
+            except orjson.JSONDecodeError:
+                continue  # other log lines
+            if isinstance(record, dict) and record.get("event", "metering") == "metering" and "cost_usd" in record:
+                try:
+                    records += unpack(record)  # a record, or a packed line of them
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {exc}") from None
+    return records
