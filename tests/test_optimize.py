@@ -383,6 +383,22 @@ def test_report_without_matplotlib_fails_first_and_names_the_extra(repo: Path, d
     assert snapshot(repo) == before and not (repo.parent / "report").exists()
 
 
+def test_report_lists_every_configuration_and_plots_them(
+    capsys: pytest.CaptureFixture[str], repo: Path, data: dict[str, Path]
+) -> None:
+    report = repo.parent / "report"
+    code, _, err = optimize(
+        capsys, repo, "digits", "--precision", "fp16", "--evaluation", str(data["npz"]), "--report", str(report)
+    )
+    assert code == 0, err
+    listing = json.loads((report / "configurations.json").read_text())
+    rec = record(repo, "digits", max(int(p.name) for p in (repo / "digits").iterdir() if p.name.isdigit()))
+    assert listing["metric"] == rec["metric"]["name"]
+    assert listing["source"]["value"] == pytest.approx(rec["metric"]["source"], abs=1e-6)
+    assert [t["method"] for t in listing["tried"]] == ["fp16"] and listing["tried"][0]["holds"] is True
+    assert (report / "metric_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_conversion_the_tools_cannot_make_is_named(tmp_path: Path) -> None:
     """onnxruntime's tools raise many types: each becomes one message naming the configuration."""
     (tmp_path / "pre.onnx").write_bytes(b"not a model")
