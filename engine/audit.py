@@ -26,7 +26,8 @@ from engine.metering.meter import FLUSH_TIMEOUT_S, Meter
 from engine.metering.records import _now
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.auth import Principal
+    from engine.auth import KeyRing, Principal
+    from engine.errors import OclawError
 
 #: What a record's ``outcome`` says: served, failed (its status says why), refused by access control.
 OUTCOMES = ("ok", "error", "denied")
@@ -180,6 +181,35 @@ class Auditor:
             user,
         )
         self.delivery.submit((record,))
+
+    def denied(
+        self,
+        path: str,
+        exc: OclawError,
+        keys: KeyRing,
+        key: str | None,
+        *,
+        request_id: str,
+        source: str,
+        source_ip: str,
+    ) -> None:
+        """The record of a request access control refused (401, 403, 429): the action its path names, and the key
+        it carried when that key is known (a 403 or 429; a 401 names no key, not even the id it claimed)."""
+        from engine.auth import Unauthenticated
+
+        action, model, version = action_of(path)
+        principal = None if isinstance(exc, Unauthenticated) else keys.identify(key)
+        self.record(
+            action,
+            "denied",
+            int(exc.status),
+            model=model,
+            version=version,
+            principal=principal,
+            request_id=request_id,
+            source=source,
+            source_ip=source_ip,
+        )
 
     def command(self, action: str, code: int, *, model: str = "", version: str = "") -> None:
         """The record of a CLI command (``publish``, ``optimize``) that ended with exit code ``code``."""

@@ -89,16 +89,11 @@ def authorize(
         principal = keys.authorize(need, key, charge=charge)
     except OclawError as exc:
         if runtime is not None and (audit := runtime.audit) is not None:
-            from engine.audit import action_of
-
-            action, model, version = action_of(scope["path"])
-            audit.record(
-                action,
-                "denied",
-                int(exc.status),
-                model=model,
-                version=version,
-                principal=None if isinstance(exc, auth.Unauthenticated) else keys.identify(key),
+            audit.denied(
+                scope["path"],
+                exc,
+                keys,
+                key,
                 request_id=_header(scope, b"x-request-id") or runtime.next_request_id(),
                 source=source_of(scope),
                 source_ip=source_ip(scope),

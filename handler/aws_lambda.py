@@ -257,21 +257,17 @@ def _audit_denied(
 ) -> None:
     """The audit record of an HTTP event refused by access control (401, 403, 429)."""
     from engine import auth
-    from engine.audit import action_of
 
-    action, model, version = action_of(path)
     headers = ev.headers
     key = auth.credential(
         [headers["authorization"]] if "authorization" in headers else [],
         [headers["x-api-key"]] if "x-api-key" in headers else [],
     )
-    audit.record(
-        action,
-        "denied",
-        int(exc.status),
-        model=model,
-        version=version,
-        principal=None if isinstance(exc, auth.Unauthenticated) else keys.identify(key),
+    audit.denied(
+        path,
+        exc,
+        keys,
+        key,
         request_id=lambda_http.request_id(ev) or logs.request_id.get() or RUNTIME.next_request_id(),
         source="lambda-http",
         source_ip=lambda_http.source_ip(event),
