@@ -90,7 +90,7 @@ def test_fan_out_reaches_n_minus_one_instances(moto_url: str, small_repo: Path, 
 
 
 def test_snapstart_hooks_run_and_restore_gets_a_new_identity(small_repo: Path, tmp_path: Path) -> None:
-    env = {"OCLAW_MODEL_REPOSITORY": str(small_repo)}
+    env = {"OCLAW_MODEL_REPOSITORY": str(small_repo), "OCLAW_AUDIT_SINKS": "log"}
     with LocalLambda(env=env, cwd=ROOT, snap_start=True, log=tmp_path / "log") as fn:
         fn.wait_init()
         assert fn.api.restore_polled.is_set()
@@ -107,6 +107,9 @@ def test_snapstart_hooks_run_and_restore_gets_a_new_identity(small_repo: Path, t
     assert restore["instance_id"] == ping["instance_id"] != init["instance_id"]
     (metered,) = [json.loads(line) for line in log.splitlines() if '"event":"metering"' in line]
     assert metered["instance_id"] == restore["instance_id"]  # records name the restored instance, not the snapshot's
+    audited = [json.loads(line) for line in log.splitlines() if '"event":"audit"' in line]
+    assert {r["action"] for r in audited} == {"warm", "infer"}
+    assert {r["instance_id"] for r in audited} == {restore["instance_id"]}  # the audit log's too
 
 
 def test_failing_after_restore_hook_is_reported(tmp_path: Path) -> None:
