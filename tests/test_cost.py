@@ -281,6 +281,11 @@ def test_price_table_and_overrides() -> None:
     p = prices("x86_64", region="eu-west-1", table=table, overrides={"request": 0.0})
     assert (p.gb_second, p.request, p.modes.always_on_vcpu_hour) == (0.00002, 0.0, 0.05)
     assert prices("x86_64", table=table).gb_second == 0.0000166667  # another region: the list price
+    assert not any("region" in source for source in p.sources)
+    unknown = prices("x86_64", region="mars-1", table=table)  # no entry: the list prices, and the output says so
+    assert unknown.gb_second == 0.0000166667
+    assert "no price-table entry for region mars-1: the prices above are not that region's" in unknown.sources
+    assert not any("region" in source for source in prices("x86_64", region="us-east-1").sources)  # the list's own
     with pytest.raises(CostError, match=r"lambda-x86_64.gb_second must be a number >= 0, got 'cheap'"):
         prices("x86_64", table={"lambda-x86_64": {"gb_second": "cheap"}})
 

@@ -104,6 +104,10 @@ OVERRIDES = {
 }
 
 
+#: The AWS region of the list prices above.
+LIST_REGION = "us-east-1"
+
+
 def prices(
     arch: str = "x86_64",
     *,
@@ -145,6 +149,7 @@ def prices(
     modes = MODE_PRICES[arch]
     modes = replace(modes, **_known(entry(f"modes-{arch}"), (f.name for f in fields(modes))))
     o = dict(overrides or {})
+    unpriced = (f"no price-table entry for region {region}: the prices above are not that region's",)
     return Prices(
         gb_second=o.get("gb_second", lam.gb_second),
         request=o.get("request", lam.request),
@@ -160,6 +165,7 @@ def prices(
             inst.source,
             modes.source,
             *(f"OCLAW_PRICE_{k.upper()}={v:g} ({OVERRIDES[k]})" for k, v in o.items()),
+            *(unpriced if region not in ("", LIST_REGION) and not any(k.endswith(f"@{region}") for k in table) else ()),
         ),
         free=FreeTier() if free_tier else None,
     )
