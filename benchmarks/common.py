@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -237,6 +238,21 @@ def wait_port(proc: subprocess.Popen[bytes], port: int, path: str, timeout: floa
 
 
 # -- statistics ------------------------------------------------------------------------------------
+
+
+def save_atomically(model: Any, path: Path) -> None:
+    """Save an onnx ModelProto to ``path`` through a temporary file beside it, so a cache never holds half a model."""
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def percentiles(values_ns: Sequence[int] | np.ndarray, qs: Sequence[float] = (50, 99)) -> dict[str, float]:

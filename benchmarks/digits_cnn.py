@@ -8,13 +8,13 @@ shuffled digits train, the other 397 are held out.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from benchmarks.common import save_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -222,21 +222,11 @@ def cached_model(cache_dir: Path) -> Path:
     path = cache_dir / f"{VERSION}.onnx"
     if path.is_file():
         return path
-    import onnx
-
     from tests.optimodels import digits
 
     x, y = digits().train
     model = to_onnx(train(x, y))
-    fd, tmp = tempfile.mkstemp(prefix=".digits-cnn-", suffix=".onnx", dir=cache_dir)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomically(model, path)
     return path
 
 

@@ -10,11 +10,11 @@ is ~N(0, 1) per channel and activations stay sane through all 16 residual blocks
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import save_atomically
 
 VERSION = "resnet50-v1.5-he-bncal-seed0-r1"
 SEED = 0
@@ -177,18 +177,8 @@ def cached_model(cache_dir: Path) -> Path:
     path = cache_dir / f"{VERSION}.onnx"
     if path.is_file():
         return path
-    import onnx
-
     model = build()
-    fd, tmp = tempfile.mkstemp(prefix=".resnet50-", suffix=".onnx", dir=cache_dir)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_atomically(model, path)
     return path
 
 
