@@ -160,7 +160,7 @@ class Recorder:
                 response.compute_ns // 1000,
                 (perf_counter_ns() - self.enqueue_ns) // 1000,
                 self.init_ms if process_cold else 0.0,
-                process_cold or (self.lease is not None and self.lease.loaded),
+                process_cold or self.model_loaded,
                 self.source,
                 int(time()),
                 200,
