@@ -308,6 +308,7 @@ def benchmark(model: str, repository: str, *, runs: int, memory_mb: int) -> tupl
     """Metering records of ``runs`` + 1 requests of the model's warm-up input (the first cold) to a Lambda function
     run locally under awslambdaric, and its cold start's phases as its ``cold_start`` record gives them."""
     from engine.cost.profiles import read_records
+    from engine.logs import find_event
     from handler.local_lambda import LocalLambda
 
     event = _warmup_event(model, repository)
@@ -332,22 +333,10 @@ def benchmark(model: str, repository: str, *, runs: int, memory_mb: int) -> tupl
                 if result.error is not None or status >= 400:
                     raise CostError(f"--model {model}: its warm-up input failed: {result.error or result.json()}")
         records = read_records([str(sink)])
-        phases: dict[str, Any] = next((r["phases_ms"] for r in _json_lines(log) if r.get("event") == "cold_start"), {})
+        cold = find_event(log.read_text(encoding="utf-8", errors="replace"), "cold_start")
+        phases: dict[str, Any] = {} if cold is None else cold["phases_ms"]
     breakdown = ", ".join(f"{k} {v} ms" for k, v in phases.items() if v is not None)
     return records, f"phases: {breakdown or 'not recorded'}"
-
-
-def _json_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects among a log's lines."""
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            value = json.loads(line) if line.startswith("{") else None
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            out.append(value)
-    return out
 
 
 def _warmup_event(model: str, repository: str) -> dict[str, Any]:
