@@ -11,8 +11,6 @@ import contextlib
 import io
 import json
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,45 +18,16 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnx
 import pytest
 import tritonclient.http as httpclient
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from engine.dynbatch import Batcher, batcher_for
-from engine.errors import ConfigError
-from engine.model import LoadedModel
-from engine.repository.manifest import load_manifest
+from engine.dynbatch import batcher_for
 from engine.tensors import decode_response, encode_request
 from handler import v2
+from tests.batchkit import BATCHING, batcher_of, counter, held, model_of, outputs, post, queue_up, wait_until, x_body
 from tests.conftest import ServerThread, start_server
-from tests.modelgen import OPSET, _save, fixed_shape, gather, tiny_classifier
-
-BATCHING = {"max_queue_delay_microseconds": 10_000_000, "max_queue_size": 64}
-
-
-def counter() -> onnx.ModelProto:
-    """y = 2x (FP32 [batch, 4]) and n = the run's batch size in every row (INT64 [batch])."""
-    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
-    start, end = (numpy_helper.from_array(np.array([v], dtype=np.int64), n) for n, v in (("s", 0), ("e", 1)))
-    graph = helper.make_graph(
-        [
-            helper.make_node("Mul", ["x", "two"], ["y"]),
-            helper.make_node("Shape", ["x"], ["shape"]),
-            helper.make_node("Slice", ["shape", "s", "e"], ["b"]),
-            helper.make_node("Expand", ["b", "b"], ["n"]),
-        ],
-        "counter",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
-            helper.make_tensor_value_info("n", TensorProto.INT64, ["batch"]),
-        ],
-        [two, start, end],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-
+from tests.modelgen import _save, fixed_shape, gather, tiny_classifier
 
 IMAGE_MANIFEST = {
     "preprocess": {"kind": "image", "size": [8, 8], "crop_fraction": 1.0, "mean": [0, 0, 0], "std": [255] * 3},
@@ -81,19 +50,6 @@ def batch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def srv2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """Two runners per model (OCLAW_MODEL_CONCURRENCY=2)."""
-    repo = tmp_path_factory.mktemp("two-runners")
-    pref = {"max_queue_delay_microseconds": 10_000_000, "preferred_batch_size": [3]}
-    _save(counter(), repo, "counter_pref", 1, {"max_batch_size": 8, "dynamic_batching": pref})
-    delay = {"max_queue_delay_microseconds": 1000}
-    _save(counter(), repo, "counter_delay", 1, {"max_batch_size": 8, "dynamic_batching": delay})
-    server = start_server(repo, model_concurrency=2, inline_run_us=0)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def records_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("metering") / "records.jsonl"
 
@@ -104,71 +60,6 @@ def srv(batch_repo: Path, records_path: Path) -> Iterator[ServerThread]:
     server = start_server(batch_repo, inline_run_us=0, metering_sinks=(f"jsonl:{records_path}",))
     yield server
     server.stop()
-
-
-def model_of(srv: ServerThread, name: str) -> LoadedModel:
-    return srv.runtime.pool.get(name)
-
-
-def batcher_of(srv: ServerThread, name: str) -> Batcher:
-    batcher = batcher_for(model_of(srv, name))
-    assert batcher is not None
-    return batcher
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a state of the server (generous bound: never a measure of speed)."""
-    deadline = time.monotonic() + 30
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def held(model: LoadedModel, threads: int = 1) -> Iterator[None]:
-    """Occupy the model's run threads until the block ends: runs submitted meanwhile wait for them."""
-    gate, started = threading.Event(), threading.Semaphore(0)
-
-    def hold() -> None:
-        started.release()
-        gate.wait(60)
-
-    jobs = [model.executor.submit(hold) for _ in range(threads)]
-    for _ in jobs:
-        assert started.acquire(timeout=30)
-    try:
-        yield
-    finally:
-        gate.set()
-        for job in jobs:
-            job.result(timeout=30)
-
-
-def x_body(
-    x: np.ndarray, *, binary: bool = False, parameters: dict[str, Any] | None = None
-) -> tuple[bytes, dict[str, str]]:
-    body, length = encode_request({"x": x}, binary=binary)
-    if parameters:
-        doc = json.loads(body[:length] if length else body)
-        doc["parameters"] = {**doc.get("parameters", {}), **parameters}
-        head = json.dumps(doc).encode()
-        body = head + (body[length:] if length else b"")
-        length = len(head) if length else None
-    headers = {"content-type": "application/json"}
-    if length is not None:
-        headers["inference-header-content-length"] = str(length)
-    return body, headers
-
-
-def post(srv: ServerThread, model: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-    return httpx.post(f"{srv.url}/v2/models/{model}/infer", content=body, headers=headers, timeout=60)
-
-
-def outputs(resp: httpx.Response) -> dict[str, np.ndarray]:
-    assert resp.status_code == 200, resp.text
-    length = resp.headers.get("inference-header-content-length")
-    return decode_response(resp.content, int(length) if length else None)
 
 
 @contextlib.contextmanager
@@ -182,17 +73,6 @@ def one_in_flight(
         wait_until(lambda: batcher.busy == 1, "the first request is in flight")
         yield lone
     assert lone.result(timeout=30).status_code == 200
-
-
-def queue_up(
-    srv: ServerThread, name: str, pool: ThreadPoolExecutor, sends: list[Callable[[], httpx.Response]]
-) -> list[Future[httpx.Response]]:
-    """Send requests concurrently and wait until each is queued (or answered)."""
-    batcher = batcher_of(srv, name)
-    before = len(batcher.queue)
-    futures = [pool.submit(send) for send in sends]
-    wait_until(lambda: len(batcher.queue) + sum(f.done() for f in futures) == before + len(sends), "all are queued")
-    return futures
 
 
 def records(srv: ServerThread, path: Path) -> dict[str, dict[str, Any]]:
@@ -347,45 +227,6 @@ def test_a_request_whose_timeout_passed_is_dropped_before_it_runs(srv: ServerThr
     assert "late-1" not in records(srv, records_path)
 
 
-def test_a_lone_request_is_never_delayed(srv2: ServerThread) -> None:
-    # two runners and a 10 s max_queue_delay: a request arriving to an idle model runs at once, on its own
-    batcher = batcher_of(srv2, "counter_pref")
-    runs = batcher.runs
-    began = time.monotonic()
-    resp = post(srv2, "counter_pref", *x_body(np.ones((1, 4), np.float32)))
-    assert outputs(resp)["n"].tolist() == [1]
-    assert time.monotonic() - began < 5  # the 10 s max_queue_delay was not waited
-    assert batcher.runs == runs  # served on the path of a model without batching
-
-
-def test_with_a_runner_free_the_queue_waits_for_a_preferred_batch_size(srv2: ServerThread) -> None:
-    model, batcher = model_of(srv2, "counter_pref"), batcher_of(srv2, "counter_pref")
-    body = x_body(np.ones((1, 4), np.float32))
-    with ThreadPoolExecutor(8) as pool:
-        with held(model, threads=2):
-            lone = pool.submit(post, srv2, "counter_pref", *body)
-            wait_until(lambda: batcher.busy == 1, "the first request is in flight")
-            first = queue_up(srv2, "counter_pref", pool, [lambda: post(srv2, "counter_pref", *body)] * 2)
-            assert (batcher.busy, len(batcher.queue)) == (1, 2)  # a runner is free, yet they wait for company
-            third = pool.submit(post, srv2, "counter_pref", *body)
-            wait_until(lambda: batcher.busy == 2 and not batcher.queue, "the preferred batch of 3 started")
-        assert outputs(lone.result(timeout=30))["n"].tolist() == [1]
-        assert [outputs(f.result(timeout=30))["n"].tolist() for f in [*first, third]] == [[3]] * 3
-
-
-def test_with_a_runner_free_the_queue_runs_after_max_queue_delay(srv2: ServerThread) -> None:
-    model, batcher = model_of(srv2, "counter_delay"), batcher_of(srv2, "counter_delay")
-    body = x_body(np.ones((1, 4), np.float32))
-    with ThreadPoolExecutor(4) as pool:
-        with held(model, threads=2):
-            lone = pool.submit(post, srv2, "counter_delay", *body)
-            wait_until(lambda: batcher.busy == 1, "the first request is in flight")
-            queued = pool.submit(post, srv2, "counter_delay", *body)
-            wait_until(lambda: batcher.busy == 2 and not batcher.queue, "the delay ran out and a run started")
-        assert outputs(queued.result(timeout=30))["n"].tolist() == [1]
-        assert lone.result(timeout=30).status_code == 200
-
-
 def test_metering_shares_of_a_batch_add_up_exactly(srv: ServerThread, records_path: Path) -> None:
     rows = [1, 2, 3, 1, 5]
     ids = [f"share-{i}" for i in range(len(rows))]
@@ -472,76 +313,3 @@ def test_the_lambda_path_runs_each_request_alone(srv: ServerThread) -> None:
     assert reply.status == 200
     assert decode_response(reply.body)["n"].tolist() == [2, 2]
     assert batcher.runs == runs
-
-
-# -- the manifest ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("manifest", "message"),
-    [
-        ({"dynamic_batching": {}}, "dynamic_batching needs max_batch_size >= 1"),
-        ({"max_batch_size": 8, "dynamic_batching": []}, "dynamic_batching must be an object"),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_microseconds": -1}},
-            "dynamic_batching.max_queue_delay_microseconds must be a non-negative integer",
-        ),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"max_queue_size": 0}},
-            "dynamic_batching.max_queue_size must be a positive integer",
-        ),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": [4, 16]}},
-            "dynamic_batching.preferred_batch_size 16 exceeds max_batch_size 8",
-        ),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": 4}},
-            "dynamic_batching.preferred_batch_size must be a list",
-        ),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"max_queue_delay_microsecond": 10}},
-            "did you mean 'dynamic_batching.max_queue_delay_microseconds'",
-        ),
-        (
-            {"max_batch_size": 8, "dynamic_batching": {"default_queue_policy": {}}},
-            "unknown key 'dynamic_batching.default_queue_policy'",
-        ),
-    ],
-)
-def test_manifest_errors_name_the_key(tmp_path: Path, manifest: dict[str, Any], message: str) -> None:
-    (tmp_path / "oclaw.json").write_text(json.dumps(manifest))
-    with pytest.raises(ConfigError) as caught:
-        load_manifest(tmp_path)
-    assert message in caught.value.message
-
-
-def test_manifest_reads_tritons_names(tmp_path: Path) -> None:
-    spec = {"max_queue_delay_microseconds": 500, "preferred_batch_size": [8, 4], "max_queue_size": 32}
-    (tmp_path / "oclaw.json").write_text(json.dumps({"max_batch_size": 8, "dynamic_batching": spec}))
-    batching = load_manifest(tmp_path).dynamic_batching
-    assert batching is not None
-    assert (batching.max_queue_delay_microseconds, batching.preferred_batch_size, batching.max_queue_size) == (
-        500,
-        (4, 8),
-        32,
-    )
-    assert load_manifest(tmp_path / "missing").dynamic_batching is None
-
-
-def test_an_unloaded_batched_model_is_freed(tmp_path: Path) -> None:
-    """The batcher does not keep its model alive: a batched model the pool unloads is freed (memory comes back)."""
-    import gc
-    import weakref
-
-    _save(counter(), tmp_path, "counter", 1, {"max_batch_size": 64, "dynamic_batching": BATCHING})
-    server = start_server(tmp_path, inline_run_us=0)
-    try:
-        outputs(post(server, "counter", *x_body(np.ones((2, 4), np.float32))))
-        model = weakref.ref(model_of(server, "counter"))
-        assert batcher_for(model_of(server, "counter")) is not None
-        unload = httpx.post(f"{server.url}/v2/repository/models/counter/unload", json={}, timeout=30)
-        assert unload.status_code == 200, unload.text
-        gc.collect()
-        assert model() is None
-    finally:
-        server.stop()
