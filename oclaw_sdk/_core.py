@@ -186,15 +186,15 @@ class Core:
         (reply,) = yield [Call("POST", path, json.dumps(doc).encode(), headers, self.timeout_s)]
         return reply
 
-    def model_metadata(self, model: str, version: str | None = None) -> Plan[dict[str, Any]]:
+    def model_metadata(self, model: str, version: str | int | None = None) -> Plan[dict[str, Any]]:
         """A model's V2 metadata (cached: signatures do not change while a version is served)."""
-        key = (model, version)
+        key = (model, None if version is None else str(version))
         if key not in self._metadata:
             reply = yield from self.get(model_path(model, version))
             self._metadata[key] = reply.json()
         return self._metadata[key]
 
-    def model_config(self, model: str, version: str | None = None) -> Plan[dict[str, Any]]:
+    def model_config(self, model: str, version: str | int | None = None) -> Plan[dict[str, Any]]:
         """A model version's Triton-style configuration."""
         reply = yield from self.get(model_path(model, version) + "/config")
         config: dict[str, Any] = reply.json()

@@ -122,11 +122,11 @@ class Client:
 
     def model_metadata(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         """A model's name, versions, platform, inputs and outputs."""
-        return self._run(self._core.model_metadata(model, None if version is None else str(version)))
+        return self._run(self._core.model_metadata(model, version))
 
     def model_config(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         """A model version's Triton-style configuration (``parameters.precision`` among others)."""
-        return self._run(self._core.model_config(model, None if version is None else str(version)))
+        return self._run(self._core.model_config(model, version))
 
     def list_models(self, *, ready: bool = False) -> list[dict[str, Any]]:
         """The repository index (``POST /v2/repository/index``): name, version, state, reason of each model."""
@@ -259,11 +259,11 @@ class AsyncClient:
 
     async def model_metadata(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         """See ``Client.model_metadata``."""
-        return await self._run(self._core.model_metadata(model, None if version is None else str(version)))
+        return await self._run(self._core.model_metadata(model, version))
 
     async def model_config(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         """See ``Client.model_config``."""
-        return await self._run(self._core.model_config(model, None if version is None else str(version)))
+        return await self._run(self._core.model_config(model, version))
 
     async def list_models(self, *, ready: bool = False) -> list[dict[str, Any]]:
         """See ``Client.list_models``."""
