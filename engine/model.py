@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import queue
 import threading
-from dataclasses import dataclass
 from functools import cached_property
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
@@ -16,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.config import Settings
-from engine.datatypes import V2_TO_NUMPY, V2_TO_TRITON_CONFIG, ort_datatype
+from engine.datatypes import V2_TO_TRITON_CONFIG
 from engine.errors import InvalidInput, ModelLoadError, OclawError
 from engine.processing import classify, images_to_batch
 from engine.repository.local import ModelFiles, sha256_file
-from engine.repository.manifest import ImagePreprocess, Manifest, TensorOverride, TextPreprocess
+from engine.repository.manifest import ImagePreprocess, Manifest, TextPreprocess
 from engine.session import create_session, default_instance_count, device_of
+from engine.signature import TensorSpec, check_input, raw_tensor, signature
 from engine.stats import ModelStats
 from engine.tensors import InferRequest, InferResponse, InputTensor, OutputTensor
 from engine.textproc import TextModel
@@ -40,40 +39,6 @@ class InferenceFailed(OclawError):
     """The runtime rejected an input that passed signature checks (e.g. an index out of range)."""
 
     status = InvalidInput.status
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, V2 datatype and shape (``-1`` for a variable dimension) of a model input or output."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        """V2 metadata entry."""
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-def _dims(shape: Any) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (shape or ()))
-
-
-def _signature(nodes: Any, overrides: tuple[TensorOverride, ...], what: str) -> tuple[TensorSpec, ...]:
-    by_name = {o.name: o for o in overrides}
-    specs = []
-    for node in nodes:
-        try:
-            datatype = ort_datatype(node.type)
-        except OclawError as exc:
-            raise ModelLoadError(f"{what} {node.name!r}: {exc.message}") from None
-        spec = TensorSpec(node.name, datatype, _dims(node.shape))
-        if (o := by_name.pop(node.name, None)) is not None:
-            spec = TensorSpec(spec.name, o.datatype or spec.datatype, o.shape if o.shape is not None else spec.shape)
-        specs.append(spec)
-    if by_name:
-        raise ModelLoadError(f"manifest names {what}s the model does not have: {sorted(by_name)}")
-    return tuple(specs)
 
 
 class LoadedModel:
@@ -114,8 +79,8 @@ class LoadedModel:
         self.fetch_ms = 0.0
         #: The session's own inputs and outputs; ``inputs``/``outputs`` are what the model serves (for a text
         #: model, one BYTES input of strings; with an embedding post-process, the pooled embedding).
-        self.session_inputs = _signature(self.session.get_inputs(), manifest.inputs, "input")
-        self.session_outputs = _signature(self.session.get_outputs(), manifest.outputs, "output")
+        self.session_inputs = signature(self.session.get_inputs(), manifest.inputs, "input")
+        self.session_outputs = signature(self.session.get_outputs(), manifest.outputs, "output")
         self.inputs, self.outputs = self.session_inputs, self.session_outputs
         self._run_names = [s.name for s in self.session_outputs]
         self.text: TextModel | None = None
@@ -372,51 +337,6 @@ class LoadedModel:
         blobs = [b if isinstance(b, bytes) else str(b).encode() for b in t.array.reshape(-1).tolist()]
         return images_to_batch(blobs, pre, name=t.name, max_pixels=self.settings.max_tensor_elements)
 
-    def _check(self, t: InputTensor) -> np.ndarray:
-        spec = self._inputs.get(t.name)
-        if spec is None:
-            raise InvalidInput(f"model {self.name!r} has no input {t.name!r}; expected inputs: {list(self._inputs)}")
-        if t.datatype != spec.datatype:
-            raise InvalidInput(f"input {t.name!r}: expected datatype {spec.datatype}, got {t.datatype}")
-        if len(t.shape) != len(spec.shape):
-            raise InvalidInput(
-                f"input {t.name!r}: expected rank {len(spec.shape)} (shape {list(spec.shape)}), "
-                f"got shape {list(t.shape)}"
-            )
-        for i, (got, want) in enumerate(zip(t.shape, spec.shape, strict=True)):
-            if want >= 0 and got != want:
-                raise InvalidInput(
-                    f"input {t.name!r}: dimension {i} must be {want} (shape {list(spec.shape)}), "
-                    f"got shape {list(t.shape)}"
-                )
-        mbs = self.manifest.max_batch_size
-        if mbs > 0 and t.shape and t.shape[0] > mbs:
-            raise InvalidInput(f"input {t.name!r}: batch of {t.shape[0]} exceeds max_batch_size {mbs}")
-        if t.datatype == "BYTES":
-            flat = [x.decode("utf-8", errors="replace") for x in t.array.reshape(-1).tolist()]
-            arr = np.empty(len(flat), dtype=object)
-            arr[:] = flat
-            return arr.reshape(t.shape)
-        return t.array
-
-    def _raw_tensor(self, raw: bytes) -> np.ndarray:
-        if len(self.inputs) != 1:
-            raise InvalidInput(f"a raw body needs a model with exactly one input; {self.name!r} has {len(self.inputs)}")
-        spec = self.inputs[0]
-        if spec.datatype == "BYTES":
-            arr = np.empty(1, dtype=object)
-            arr[0] = raw.decode("utf-8", errors="replace")
-            return arr.reshape((1,) * max(1, len(spec.shape)))
-        dims = spec.shape[1:] if spec.shape and spec.shape[0] < 0 else spec.shape
-        if any(d < 0 for d in dims):
-            raise InvalidInput(f"a raw body needs fixed dimensions; input {spec.name!r} has shape {list(spec.shape)}")
-        dtype = V2_TO_NUMPY[spec.datatype]
-        need = math.prod(dims) * dtype.itemsize
-        if len(raw) != need:
-            raise InvalidInput(f"raw body of {len(raw)} bytes; input {spec.name!r} {list(spec.shape)} needs {need}")
-        shape = (1, *dims) if len(dims) < len(spec.shape) else dims
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
     def _feed(self, request: InferRequest) -> tuple[dict[str, np.ndarray], bool]:
         if self.text is not None:
             return self.text.request_feed(request, self.manifest.max_batch_size), False
@@ -424,7 +344,7 @@ class LoadedModel:
             if self.image_input is not None and request.raw_kind != "tensor":
                 img = InputTensor(self.image_input, "BYTES", (1,), np.array([request.raw], dtype=object))
                 return {self.image_input: self._images(img)}, True
-            return {self.inputs[0].name: self._raw_tensor(request.raw)}, False
+            return {self.inputs[0].name: raw_tensor(request.raw, self.inputs, self.name)}, False
         feed: dict[str, np.ndarray] = {}
         image_mode = False
         for t in request.inputs:
@@ -434,7 +354,7 @@ class LoadedModel:
                 feed[t.name] = self._images(t)
                 image_mode = True
             else:
-                feed[t.name] = self._check(t)
+                feed[t.name] = check_input(t, self._inputs, self.name, self.manifest.max_batch_size)
         missing = [n for n in self._inputs if n not in feed]
         if missing:
             raise InvalidInput(f"missing input(s) {missing} for model {self.name!r}")

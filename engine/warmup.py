@@ -24,7 +24,7 @@ MAX_ELEMENTS = 1 << 22
 
 
 class Spec(Protocol):
-    """What the warm-up needs of an input's signature (engine.model.TensorSpec)."""
+    """What the warm-up needs of an input's signature (engine.signature.TensorSpec)."""
 
     @property
     def name(self) -> str: ...
