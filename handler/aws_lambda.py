@@ -175,8 +175,21 @@ def _strip_base(path: str) -> str:
     return (path[len(base) :] or "/") if base and path.startswith(base) else path
 
 
-def _authorize(keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, path: str) -> Principal | None:
-    """Check the event's key against the role its route needs, on every spelling of the path a router here may
+def _credential(ev: lambda_http.HttpEvent) -> str | None:
+    """The one key an HTTP event carries (``auth.credential``), or None."""
+    from engine import auth
+
+    headers = ev.headers
+    return auth.credential(
+        [headers["authorization"]] if "authorization" in headers else [],
+        [headers["x-api-key"]] if "x-api-key" in headers else [],
+    )
+
+
+def _authorize(
+    keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, path: str, key: str | None
+) -> Principal | None:
+    """Check ``key`` against the role the event's route needs, on every spelling of the path a router here may
     use (the raw path, decoded, the HTTP API's ``requestContext.http.path`` that Mangum routes on)."""
     from urllib.parse import unquote
 
@@ -187,10 +200,7 @@ def _authorize(keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, 
         paths.add(_strip_base(str(event["requestContext"]["http"].get("path") or "/")))
     if ev.source == "alb":
         paths.add(_strip_base(unquote(str(event.get("path") or "/"))))
-    headers = ev.headers
-    authorization = [headers["authorization"]] if "authorization" in headers else []
-    api_key = [headers["x-api-key"]] if "x-api-key" in headers else []
-    return keys.authorize(auth.requirement_of(ev.method, paths), auth.credential(authorization, api_key))
+    return keys.authorize(auth.requirement_of(ev.method, paths), key)
 
 
 def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
@@ -199,11 +209,12 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
     path = _strip_base(ev.path)
     principal = None
     if KEYS is not None:
+        key = _credential(ev)
         try:
-            principal = _authorize(KEYS, event, ev, path)
+            principal = _authorize(KEYS, event, ev, path, key)
         except OclawError as exc:
             if AUDIT is not None:
-                _audit_denied(AUDIT, KEYS, event, ev, path=path, exc=exc)
+                _audit_denied(AUDIT, KEYS, event, ev, path=path, key=key, exc=exc)
             return lambda_http.respond(ev, v2.error_reply(exc), settings.lambda_max_body_bytes)
     reply: v2.Reply | None
     match = _INFER_PATH.fullmatch(path) if ev.method == "POST" else None
@@ -253,16 +264,16 @@ def _http(event: dict[str, Any], context: Any, source: str) -> dict[str, Any]:
 
 
 def _audit_denied(
-    audit: Auditor, keys: KeyRing, event: dict[str, Any], ev: lambda_http.HttpEvent, *, path: str, exc: OclawError
+    audit: Auditor,
+    keys: KeyRing,
+    event: dict[str, Any],
+    ev: lambda_http.HttpEvent,
+    *,
+    path: str,
+    key: str | None,
+    exc: OclawError,
 ) -> None:
     """The audit record of an HTTP event refused by access control (401, 403, 429)."""
-    from engine import auth
-
-    headers = ev.headers
-    key = auth.credential(
-        [headers["authorization"]] if "authorization" in headers else [],
-        [headers["x-api-key"]] if "x-api-key" in headers else [],
-    )
     audit.denied(
         path,
         exc,
