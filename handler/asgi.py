@@ -234,27 +234,25 @@ async def infer(runtime: Runtime, request: Request, model_name: str, model_versi
         source="http",
         enqueue_ns=enqueue,
     )
-    audit = runtime.audit
+    status = 0  # stays 0 when cancelled (the client went away): no audit record
     try:
         response = await _infer(runtime, request, model_name, model_version, record)
+        status = 200
+        return response
     except Dropped:
-        if audit is not None:  # never run: never billed, but asked for
-            _audit_infer(audit, request, record, 499, name=model_name, version=model_version)
+        status = 499  # never run: never billed, but audited as asked for
         raise
     except OclawError as exc:
-        record.failed(model_name, model_version, int(exc.status))
-        if audit is not None:
-            _audit_infer(audit, request, record, int(exc.status), name=model_name, version=model_version)
+        status = int(exc.status)
+        record.failed(model_name, model_version, status)
         raise
     except Exception:
-        if audit is not None:
-            _audit_infer(audit, request, record, 500, name=model_name, version=model_version)
+        status = 500
         raise
     finally:
         record.release()  # the model's lease: a model the pool unloaded meanwhile is freed at its last release
-    if audit is not None:
-        _audit_infer(audit, request, record, 200, name=model_name, version=model_version)
-    return response
+        if status and runtime.audit is not None:
+            _audit_infer(runtime.audit, request, record, status, name=model_name, version=model_version)
 
 
 def _audit_infer(
@@ -371,7 +369,7 @@ class ServerApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if self.keys is not None and scope["type"] != "lifespan":
+        if self.keys is not None:
             if scope["type"] != "http":  # no websocket routes: nothing else is served
                 return
             if (denied := authorize(self.keys, scope, runtime=self.runtime)) is not None:
