@@ -17,7 +17,6 @@ from typing import IO, TYPE_CHECKING, Any
 from engine.cost import IDLE_LIFETIME_S, CostError
 
 if TYPE_CHECKING:  # numpy and the simulation load when the command runs, not with the CLI
-    from engine.config import Settings
     from engine.cost.modes import Bill
     from engine.cost.profiles import Profile
 
@@ -119,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine.cost.prices import prices
     from engine.cost.profiles import read_records
     from engine.cost.workload import workload
+    from engine.metering.meter import price_overrides
 
     settings = Settings.from_env()
     if bool(args.records) == bool(args.model):
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         args.arch,
         region=args.region or settings.region,
         table=_table(settings.price_table),
-        overrides=_overrides(settings),
+        overrides=price_overrides(settings),
         free_tier=args.free_tier,
     )
     period = warmer_period(args.idle_lifetime)
@@ -292,16 +292,6 @@ def _table(path: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise CostError(f"OCLAW_PRICE_TABLE {path}: expected a JSON object of price entries")
     return table
-
-
-def _overrides(settings: Settings) -> dict[str, float]:
-    pairs = (
-        ("gb_second", settings.price_gb_second),
-        ("vcpu_second", settings.price_vcpu_second),
-        ("gib_second", settings.price_gib_second),
-        ("request", settings.price_request),
-    )
-    return {k: v for k, v in pairs if v >= 0}
 
 
 def benchmark(model: str, repository: str, *, runs: int, memory_mb: int) -> tuple[list[dict[str, Any]], str]:

@@ -33,6 +33,17 @@ FLUSH_TIMEOUT_S = 5.0
 MAX_QUEUED = 50_000
 
 
+def price_overrides(settings: Settings) -> dict[str, float]:
+    """The single ``OCLAW_PRICE_*`` values that are set (>= 0), by the price field each replaces."""
+    pairs = (
+        ("gb_second", settings.price_gb_second),
+        ("vcpu_second", settings.price_vcpu_second),
+        ("gib_second", settings.price_gib_second),
+        ("request", settings.price_request),
+    )
+    return {k: v for k, v in pairs if v >= 0}
+
+
 def detect_platform() -> str:
     """lambda, cloudrun or local."""
     if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
@@ -128,16 +139,7 @@ class Meter:
                         if k in entry
                     },
                 )
-        overrides: dict[str, Any] = {
-            k: v
-            for k, v in (
-                ("gb_second", s.price_gb_second),
-                ("vcpu_second", s.price_vcpu_second),
-                ("gib_second", s.price_gib_second),
-                ("request", s.price_request),
-            )
-            if v >= 0
-        }
+        overrides: dict[str, Any] = price_overrides(s)
         return replace(base, **overrides) if overrides else base
 
     def bill(self, billed_ms: float, requests: float = 1.0) -> tuple[float, float, float, float]:
