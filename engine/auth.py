@@ -16,7 +16,6 @@ import os
 import re
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -405,15 +404,3 @@ def keys_for(api_keys: str, mode: str, ttl_s: float = 300.0) -> KeyRing | None:
     if api_keys.startswith(tuple(REMOTE)):
         return remote_keys(api_keys, ttl_s)
     return load_keys(api_keys)
-
-
-_RINGS: weakref.WeakKeyDictionary[Any, KeyRing | None] = weakref.WeakKeyDictionary()
-_RINGS_LOCK = threading.Lock()
-
-
-def keys_of(owner: Any, api_keys: str, mode: str, ttl_s: float = 300.0) -> KeyRing | None:
-    """``keys_for``, once per ``owner`` (a Runtime): its front doors share one KeyRing, its rate limits, one fetch."""
-    with _RINGS_LOCK:
-        if owner not in _RINGS:
-            _RINGS[owner] = keys_for(api_keys, mode, ttl_s)
-        return _RINGS[owner]

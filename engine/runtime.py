@@ -18,6 +18,7 @@ from engine.repository.local import FetchReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from engine.audit import Auditor
+    from engine.auth import KeyRing
     from engine.metering.meter import Meter
 
 log = logging.getLogger("oclaw.runtime")
@@ -62,6 +63,17 @@ class Runtime:
         from engine.audit import Auditor
 
         return Auditor(self.settings, self.instance_id)
+
+    @cached_property
+    def keys(self) -> KeyRing | None:
+        """The API keys every front door checks requests against, one KeyRing (its rate limits, one fetch); None:
+        no access control (OCLAW_AUTH=none, or OCLAW_API_KEYS unset), and engine.auth not even imported."""
+        settings = self.settings
+        if settings.auth == "none" or (settings.auth == "auto" and not settings.api_keys):
+            return None
+        from engine.auth import keys_for
+
+        return keys_for(settings.api_keys, settings.auth, settings.api_keys_ttl_s)
 
     @property
     def fetch_ms(self) -> float:

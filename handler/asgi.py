@@ -354,9 +354,8 @@ class ServerApp:
         self._on_ready = on_ready
         self.in_flight = 0
         self.prometheus: Any = None
-        settings = runtime.settings
         #: The API keys requests are checked against; None: no access control (OCLAW_API_KEYS unset, OCLAW_AUTH).
-        self.keys = auth.keys_of(runtime, settings.api_keys, settings.auth, settings.api_keys_ttl_s)
+        self.keys = runtime.keys
 
     async def full_app(self) -> ASGIApp:
         """The FastAPI app, built (and imported) on first use."""

@@ -111,20 +111,10 @@ def _init() -> tuple[Runtime, dict[str, Any]]:
     return runtime, record
 
 
-def _keys(runtime: Runtime) -> KeyRing | None:
-    """The API keys HTTP events are checked against: none unless OCLAW_API_KEYS is set (IAM guards the function)."""
-    settings = runtime.settings
-    if settings.auth == "none" or (settings.auth == "auto" and not settings.api_keys):
-        return None
-    from engine import auth  # only with keys: the cold path without them does not load it
-
-    return auth.keys_of(runtime, settings.api_keys, settings.auth, settings.api_keys_ttl_s)
-
-
 logs.configure(get_runtime().settings.log_level, get_runtime().settings.log_format)
 RUNTIME, COLD_START = _init()
 #: API keys for HTTP events (OCLAW_API_KEYS), read in INIT; None: no key check.
-KEYS = _keys(RUNTIME)
+KEYS = RUNTIME.keys
 #: The audit log (OCLAW_AUDIT_SINKS), its sinks made in INIT; None: off (engine.audit not even imported).
 AUDIT = RUNTIME.audit
 #: What Lambda bills for INIT (process start to the end of this module's import), carried by the first request.

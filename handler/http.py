@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import __version__, auth
+from engine import __version__
 from engine.errors import InvalidInput, OclawError, Unsupported
 from engine.model import LoadedModel
 from engine.runtime import Runtime
@@ -58,9 +58,8 @@ def create_app(
 
     app = FastAPI(title="oclaw", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.openapi = functools.partial(openapi.document, app)  # type: ignore[method-assign]
-    keys = auth.keys_of(runtime, runtime.settings.api_keys, runtime.settings.auth, runtime.settings.api_keys_ttl_s)
-    if keys is not None:
-        app.add_middleware(KeyCheck, keys=keys, charge=not checked_before, runtime=runtime)
+    if runtime.keys is not None:
+        app.add_middleware(KeyCheck, keys=runtime.keys, charge=not checked_before, runtime=runtime)
 
     # -- inference (the hot path) ----------------------------------------------------------------------
     # A plain Starlette route, registered before every other route: it is matched first (routes are tried
